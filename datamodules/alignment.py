@@ -1,0 +1,420 @@
+"""Face alignment: MTCNN detection, a similarity transform onto a landmark template, a cached crop.
+
+facenet-pytorch's MTCNN finds each face and its five landmarks (eyes, nose tip, mouth corners).
+A least-squares similarity transform (Umeyama) maps the landmarks of the chosen face onto a
+fixed template and the face is cropped at ``crop_size``. Alignment runs once, offline: the
+crops of a split go into one uint8 array on disk that every loader worker memory-maps, so the
+pixels are shared between processes instead of copied. The cache is keyed by the manifest, the
+image files and the settings, and written to a temporary folder that is renamed into place only
+when complete, so a killed run never leaves a cache that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from datamodules.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT_VERSION = 1
+# ArcFace's 5-point template for 112x112 crops (eyes, nose tip, mouth corners), in [0, 1].
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+) / 112.0
+# Statuses of a sample in the cache and the report.
+FACE, NO_FACE = "face", "no_face"
+
+
+@dataclass(frozen=True)
+class AlignmentSettings:
+    """How faces are found and cropped. Any change invalidates the cache.
+
+    Args:
+        crop_size: side of the square aligned crop (224 in the paper; smaller for quick runs).
+        face_scale: how much of the crop the template's landmarks span. ArcFace's template
+            (1.0) cuts off brows and chin, which carry AUs 1, 2, 4 and 17; 0.75 keeps them.
+        detect_max_side: images whose longer side exceeds this are detected on a downscaled
+            copy and the landmarks mapped back; this is where most of the speed comes from.
+        min_face_size: smallest face MTCNN looks for, in pixels of the detection copy.
+        thresholds: MTCNN's P-, R- and O-net score thresholds.
+        selection: which face to keep when there are several: ``largest`` or ``confidence``.
+        batch_size: detection copies per MTCNN call (same-shape copies are batched together).
+    """
+
+    crop_size: int = 112
+    face_scale: float = 0.75
+    detect_max_side: int = 320
+    min_face_size: int = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    selection: str = "largest"
+    batch_size: int = 32
+    version: int = ALIGNMENT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("largest", "confidence"):
+            raise ValueError(f"alignment selection must be 'largest' or 'confidence', got {self.selection!r}")
+        if self.crop_size < 16:
+            raise ValueError(f"alignment crop_size must be at least 16, got {self.crop_size}")
+
+    def template(self) -> np.ndarray:
+        """The five target landmarks in crop pixels."""
+        centre = np.array([0.5, 0.5])
+        return (centre + (ARCFACE_TEMPLATE - centre) * self.face_scale) * self.crop_size
+
+    def cache_fields(self) -> dict:
+        """The settings that change the crops (batch size does not)."""
+        d = asdict(self)
+        d.pop("batch_size")
+        d["thresholds"] = list(d["thresholds"])
+        return d
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) taking ``src`` onto ``dst``.
+
+    Umeyama (1991), without reflection. Returns the 2x3 matrix for ``cv2.warpAffine``.
+
+    >>> src = np.array([[0., 0.], [1., 0.], [0., 1.]])
+    >>> np.round(similarity_transform(src, 2 * src + 3), 6)
+    array([[2., 0., 3.],
+           [0., 2., 3.]])
+    """
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    U, S, Vt = np.linalg.svd(cov)
+    sign = np.ones(2)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        sign[-1] = -1
+    R = U @ np.diag(sign) @ Vt
+    scale = (S * sign).sum() / s.var(0).sum()
+    t = mu_d - scale * R @ mu_s
+    return np.hstack([scale * R, t[:, None]])
+
+
+def warp_face(image: np.ndarray, landmarks: np.ndarray, settings: AlignmentSettings) -> np.ndarray:
+    """Crop the face whose 5 landmarks are given onto the template (RGB uint8 in and out)."""
+    M = similarity_transform(landmarks, settings.template())
+    scale = float(np.sqrt(abs(np.linalg.det(M[:, :2]))))
+    if scale < 0.5:
+        # Shrinking a big face straight through warpAffine aliases; area-resize it first.
+        f = min(1.0, 2 * scale)
+        small = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        sx, sy = small.shape[1] / image.shape[1], small.shape[0] / image.shape[0]
+        M = M @ np.array([[1 / sx, 0, 0], [0, 1 / sy, 0], [0, 0, 1]])
+        image = small
+    size = settings.crop_size
+    return cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The fallback when no face is found: the largest centred square, resized."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    return cv2.resize(image[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to RGB uint8, honouring EXIF orientation; raises on any damage."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im.load()  # a truncated file fails here rather than yielding grey pixels
+        return np.asarray(im.convert("RGB"))
+
+
+def detection_copy(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Downscale so the longer side is at most ``max_side``, pad to a multiple of 32 for batching."""
+    h, w = image.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    small = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA) if f < 1 else image
+    sh, sw = small.shape[:2]
+    ph, pw = -(-sh // 32) * 32, -(-sw // 32) * 32
+    if (ph, pw) != (sh, sw):
+        small = cv2.copyMakeBorder(small, 0, ph - sh, 0, pw - sw, cv2.BORDER_CONSTANT, value=0)
+    return np.ascontiguousarray(small), f
+
+
+@dataclass
+class Detection:
+    """All faces found in one image, in the image's own pixel coordinates."""
+
+    boxes: np.ndarray  # (n, 4) x0, y0, x1, y1
+    scores: np.ndarray  # (n,)
+    landmarks: np.ndarray  # (n, 5, 2)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def pick(self, selection: str = "largest") -> int:
+        """Index of the face to keep: the largest box, or the most confident."""
+        if selection == "confidence":
+            return int(np.argmax(self.scores))
+        area = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        return int(np.argmax(area))
+
+
+class FaceDetector:
+    """Batched MTCNN (facenet-pytorch) on downscaled copies, on the GPU when there is one."""
+
+    def __init__(self, settings: AlignmentSettings = AlignmentSettings(), device: str | torch.device | None = None):
+        from facenet_pytorch import MTCNN
+
+        self.settings = settings
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.mtcnn = MTCNN(min_face_size=settings.min_face_size, thresholds=list(settings.thresholds),
+                           keep_all=True, select_largest=False, post_process=False, device=self.device)
+
+    @torch.inference_mode()
+    def detect_copies(self, copies: Sequence[np.ndarray], factors: Sequence[float]) -> list[Detection]:
+        """Detect on same-shape detection copies; landmarks mapped back by their factors."""
+        out = []
+        batch = np.stack(copies)
+        boxes, scores, points = self.mtcnn.detect(batch, landmarks=True)
+        for b, s, p, f in zip(boxes, scores, points, factors):
+            if b is None or len(b) == 0:
+                out.append(Detection(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))))
+            else:
+                out.append(Detection(np.asarray(b, float) / f, np.asarray(s, float), np.asarray(p, float) / f))
+        return out
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detection]:
+        """Detect faces in full-size RGB images of any sizes (grouped by detection shape)."""
+        copies = [detection_copy(im, self.settings.detect_max_side) for im in images]
+        result: list[Detection | None] = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, (c, _) in enumerate(copies):
+            groups.setdefault(c.shape, []).append(i)
+        for idx in groups.values():
+            for j in range(0, len(idx), self.settings.batch_size):
+                part = idx[j:j + self.settings.batch_size]
+                for i, d in zip(part, self.detect_copies([copies[i][0] for i in part], [copies[i][1] for i in part])):
+                    result[i] = d
+        return result  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+class _ImageReader(torch.utils.data.Dataset):
+    """Decodes images and makes their detection copies in loader workers."""
+
+    def __init__(self, paths: Sequence[str], max_side: int):
+        self.paths, self.max_side = list(paths), max_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = read_rgb(self.paths[i])
+        except Exception as e:  # noqa: BLE001 - any decoder failure makes the row unreadable
+            return i, None, None, 1.0, f"{type(e).__name__}: {e}"
+        copy, f = detection_copy(image, self.max_side)
+        return i, image, copy, f, None
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def _iterate_images(paths: Sequence[str], max_side: int, batch_size: int, workers: int) -> Iterator[list]:
+    reader = _ImageReader(paths, max_side)
+    loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_as_list, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    yield from loader
+
+
+def cache_key(manifest: Manifest, settings: AlignmentSettings, root: str | Path | None = None) -> str:
+    """Hash of what the crops depend on: the manifest file, each image's size and mtime, the settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings.cache_fields(), sort_keys=True).encode())
+    h.update(json.dumps(list(manifest.aus)).encode())
+    h.update(Path(manifest.path).read_bytes())
+    for i in range(len(manifest)):
+        p = manifest.resolve(i, root)
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class AlignedSplit:
+    """An opened cache: crops memory-mapped, labels in memory, the report as written."""
+
+    path: Path
+    crops: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    labels: np.ndarray  # (N, K) float32 0/1
+    mask: np.ndarray  # (N, K) bool, True where labelled
+    face_found: np.ndarray  # (N,) bool, False where the centre crop stood in
+    lines: np.ndarray  # (N,) manifest line of each sample
+    report: dict
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "AlignedSplit":
+        path = Path(path)
+        arrays = np.load(path / "samples.npz")
+        return cls(path, np.load(path / "crops.npy", mmap_mode="r"), arrays["labels"], arrays["mask"],
+                   arrays["face_found"], arrays["lines"], json.loads((path / "report.json").read_text()))
+
+
+def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: AlignmentSettings = AlignmentSettings(),
+                   root: str | Path | None = None, name: str | None = None, workers: int = 1,
+                   device: str | None = None, detector: FaceDetector | None = None,
+                   progress: bool = False) -> Path:
+    """Align every image of a manifest into a cache folder; return that folder (reused if present).
+
+    Rows whose image is missing or cannot be decoded are left out and listed in the report; an
+    image without a detectable face gets the centre crop, flagged ``no_face``.
+    """
+    cache_dir = Path(cache_dir)
+    key = cache_key(manifest, settings, root)
+    name = name or Path(manifest.path).stem
+    final = cache_dir / f"{name}-{key[:16]}"
+    if (final / "report.json").is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    try:
+        _write_cache(manifest, tmp, key, settings, root, workers, device, detector, progress)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished the same cache first (e.g. two ranks): theirs is identical.
+            if not (final / "report.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, root, workers: int,
+                 device, detector: FaceDetector | None, progress: bool) -> None:
+    detector = detector or FaceDetector(settings, device)
+    n, size = len(manifest), settings.crop_size
+    crops = np.lib.format.open_memmap(out / "crops.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    keep = np.zeros(n, bool)
+    found = np.zeros(n, bool)
+    records: list[dict | None] = [None] * n
+    unreadable = []
+    paths = [manifest.resolve(i, root) for i in range(n)]
+    start = time.perf_counter()
+    done = 0
+    for items in _iterate_images(paths, settings.detect_max_side, settings.batch_size, workers):
+        good = [it for it in items if it[1] is not None]
+        for i, _, _, _, err in items:
+            if err is not None:
+                unreadable.append({"line": int(manifest.lines[i]), "image": manifest.images[i], "error": err})
+        groups: dict[tuple, list] = {}
+        for it in good:
+            groups.setdefault(it[2].shape, []).append(it)
+        for group in groups.values():
+            dets = detector.detect_copies([it[2] for it in group], [it[3] for it in group])
+            for (i, image, _, _, _), det in zip(group, dets):
+                keep[i] = True
+                rec = {"line": int(manifest.lines[i]), "image": manifest.images[i], "faces": len(det)}
+                if len(det):
+                    j = det.pick(settings.selection)
+                    crops[i] = warp_face(image, det.landmarks[j], settings)
+                    found[i] = True
+                    rec.update(status=FACE, box=det.boxes[j].round(1).tolist(),
+                               landmarks=det.landmarks[j].round(1).tolist(), score=round(float(det.scores[j]), 4))
+                else:
+                    crops[i] = centre_crop(image, size)
+                    rec.update(status=NO_FACE)
+                records[i] = rec
+        done += len(items)
+        if progress:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"\r  aligned {done}/{n} ({rate:.1f} images/s)", end="", flush=True)
+    if progress:
+        print()
+    elapsed = time.perf_counter() - start
+    crops.flush()
+    kept = np.flatnonzero(keep)
+    if len(kept) < n:  # compact: unreadable rows leave no hole in the array
+        compact = np.lib.format.open_memmap(out / "crops.tmp.npy", mode="w+", dtype=np.uint8,
+                                            shape=(len(kept), size, size, 3))
+        for j in range(0, len(kept), 1024):
+            compact[j:j + 1024] = crops[kept[j:j + 1024]]
+        compact.flush()
+        del crops, compact
+        os.replace(out / "crops.tmp.npy", out / "crops.npy")
+    else:
+        del crops
+    np.savez(out / "samples.npz", labels=manifest.labels[kept], mask=manifest.mask[kept],
+             face_found=found[kept], lines=manifest.lines[kept])
+    samples = [records[i] for i in kept]
+    n_face = int(found.sum())
+    report = {
+        "manifest": str(manifest.path),
+        "key": key,
+        "settings": asdict(settings),
+        "aus": list(manifest.aus),
+        "images": n,
+        "aligned": len(kept),
+        "faces_found": n_face,
+        "no_face": len(kept) - n_face,
+        "unreadable": len(unreadable),
+        "face_rate": round(n_face / max(len(kept), 1), 4),
+        "multiple_faces": sum(r["faces"] > 1 for r in samples),
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(n / max(elapsed, 1e-9), 2),
+        "skipped_rows": unreadable,
+        "no_face_rows": [{"line": r["line"], "image": r["image"]} for r in samples if r["status"] == NO_FACE],
+        "samples": samples,
+    }
+    aligned_sheet(AlignedSplit(out, np.load(out / "crops.npy", mmap_mode="r"), manifest.labels[kept],
+                               manifest.mask[kept], found[kept], manifest.lines[kept], report), out / "aligned_sheet.png")
+    (out / "report.json").write_text(json.dumps(report, indent=1))  # last: marks the cache complete
+
+
+def summarize(report: dict) -> str:
+    """One line for a console: what alignment did to a split."""
+    return (f"{Path(report['manifest']).name}: {report['images']} images, {report['faces_found']} faces found "
+            f"({100 * report['face_rate']:.1f}%), {report['no_face']} centre-cropped, "
+            f"{report['unreadable']} unreadable, {report['images_per_second']} images/s")
+
+
+def aligned_sheet(split: AlignedSplit, path: str | Path, n: int = 48, cols: int = 12) -> None:
+    """A grid of aligned crops with the template landmarks drawn; no-face fallbacks in red."""
+    idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
+    tiles = []
+    template = AlignmentSettings(**{k: tuple(v) if k == "thresholds" else v
+                                    for k, v in split.report["settings"].items()}).template()
+    for i in idx:
+        tile = np.ascontiguousarray(split.crops[i][..., ::-1])
+        for p in template:
+            cv2.circle(tile, (int(p[0]), int(p[1])), 1, (0, 255, 0), -1)
+        if not split.face_found[i]:
+            cv2.rectangle(tile, (0, 0), (tile.shape[1] - 1, tile.shape[0] - 1), (0, 0, 255), 2)
+        tiles.append(tile)
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.concatenate([np.concatenate(tiles[i:i + cols], 1) for i in range(0, len(tiles), cols)], 0)
+    cv2.imwrite(str(path), grid)

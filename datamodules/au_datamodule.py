@@ -1,0 +1,217 @@
+"""AUDataModule: manifests -> MTCNN-aligned crop caches -> batches for AU training.
+
+``prepare_data`` (one process per node) generates SynthAU when no manifests are given and
+aligns every split into its cache; ``setup`` opens the caches (memory-mapped, shared by the
+loader workers). Batches are dicts: ``image`` (B,3,S,S), ``labels`` (B,K) 0/1 floats, ``mask``
+(B,K) True where labelled (``999`` is False: never a negative), and ``index``, the sample's
+position in its split, which lets gathered predictions drop DistributedSampler's padding repeats.
+Images travel as uint8 and are normalised after the transfer to the device (4x less to copy).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
+from datamodules.augmentation import AUAugmentation
+from datamodules.manifest import EMOTIONET_AUS, Manifest, read_manifest
+from datamodules.sampling import MultilabelBalancedSampler
+from datamodules.synthetic import SynthAUSettings, generate_synthau
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGES = ("train", "val", "test", "predict")
+
+
+class AlignedFaceDataset(Dataset):
+    """Samples of one aligned split, optionally augmented."""
+
+    def __init__(self, split: AlignedSplit, transform: AUAugmentation | None = None):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        image = np.asarray(self.split.crops[i])  # reads from the shared memory map
+        labels, mask = self.split.labels[i], self.split.mask[i]
+        if self.transform is not None:
+            image, labels, mask = self.transform(image, labels, mask)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "labels": torch.as_tensor(labels, dtype=torch.float32),
+            "mask": torch.as_tensor(mask, dtype=torch.bool),
+            "index": i,
+        }
+
+
+class AUDataModule(L.LightningDataModule):
+    """AU data for training and evaluation.
+
+    Args:
+        train_manifest, val_manifest, test_manifest: EmotioNet-form manifests (TSV/CSV with a
+            header). Leave all three unset to use SynthAU, generated into ``data_root``.
+        predict_manifest: manifest for ``predict``; defaults to the test manifest.
+        image_root: folder that relative image paths start from (default: each manifest's folder).
+        aus: the AUs to model, in order (EmotioNet-2020's 23 by default; DISFA/BP4D lists work).
+        data_root: where SynthAU is generated.
+        synth: SynthAU's size and seed.
+        cache_dir: where aligned crops are cached.
+        alignment: face detection and crop settings.
+        align_workers: image decoding processes while aligning.
+        batch_size: per process (DDP multiplies it by the number of processes).
+        num_workers: loader processes per training process.
+        balanced_sampling: draw training samples with :class:`MultilabelBalancedSampler`.
+        sampling_power: exponent of the inverse AU frequency in the sampling weights.
+        num_samples: samples drawn per epoch when balancing (default: the training set size).
+        augment: flip (with left/right AU swap) and jitter training images.
+        flip_p: probability of the horizontal flip.
+        seed: seed of the balanced draw (each epoch draws with seed + epoch).
+        mean, std: normalisation applied on the device, after the transfer.
+    """
+
+    def __init__(
+        self,
+        train_manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        predict_manifest: str | None = None,
+        image_root: str | None = None,
+        aus: Sequence[int] = EMOTIONET_AUS,
+        data_root: str = "data/synthau",
+        synth: SynthAUSettings = SynthAUSettings(),
+        cache_dir: str = "data/cache",
+        alignment: AlignmentSettings = AlignmentSettings(),
+        align_workers: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        balanced_sampling: bool = False,
+        sampling_power: float = 1.0,
+        num_samples: int | None = None,
+        augment: bool = True,
+        flip_p: float = 0.5,
+        seed: int = 0,
+        pin_memory: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        given = [m is not None for m in (train_manifest, val_manifest, test_manifest)]
+        if any(given) and not all(given):
+            raise ValueError("data: give train_manifest, val_manifest and test_manifest together, "
+                             "or none of them to use SynthAU")
+        self.aus = tuple(int(a) for a in aus)
+        self.synthetic = not any(given)
+        root = Path(data_root)
+        self.manifest_paths = {
+            "train": train_manifest or str(root / "train.tsv"),
+            "val": val_manifest or str(root / "val.tsv"),
+            "test": test_manifest or str(root / "test.tsv"),
+        }
+        self.manifest_paths["predict"] = predict_manifest or self.manifest_paths["test"]
+        self.splits: dict[str, AlignedSplit] = {}
+        self.reports: dict[str, dict] = {}
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- preparation ------------------------------------------------------------------------
+    def manifest(self, stage: str) -> Manifest:
+        return read_manifest(self.manifest_paths[stage], aus=self.aus, root=self.hparams.image_root)
+
+    def _align(self, stage: str) -> Path:
+        return align_manifest(self.manifest(stage), self.hparams.cache_dir, self.hparams.alignment,
+                              root=self.hparams.image_root, name=stage, workers=self.hparams.align_workers,
+                              progress=True)
+
+    def prepare_data(self) -> None:
+        """Generate SynthAU if it is the data and is missing, then align each split once.
+
+        Lightning runs this on one process per node, before ``setup`` on all of them; the caches
+        it writes are what ``setup`` opens.
+        """
+        if self.synthetic:
+            summary = generate_synthau(self.hparams.data_root, self.hparams.synth)
+            log.info("SynthAU at %s: %s", self.hparams.data_root, summary["counts"])
+        stages = ["train", "val", "test"]
+        if self.manifest_paths["predict"] not in [self.manifest_paths[s] for s in stages]:
+            stages.append("predict")
+        for stage in stages:
+            self.reports[stage] = AlignedSplit.open(self._align(stage)).report
+            log.info(summarize(self.reports[stage]))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the caches the stage needs (``fit``: train and val)."""
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        for s in wanted.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
+            if s not in self.splits:
+                self.splits[s] = AlignedSplit.open(self._align(s))
+                self.reports[s] = self.splits[s].report
+
+    # -- loaders ----------------------------------------------------------------------------
+    def dataset(self, stage: str) -> AlignedFaceDataset:
+        augment = stage == "train" and self.hparams.augment
+        return AlignedFaceDataset(self.splits[stage],
+                                  AUAugmentation(self.aus, self.hparams.flip_p) if augment else None)
+
+    def train_sampler(self) -> MultilabelBalancedSampler | None:
+        if not self.hparams.balanced_sampling:
+            return None
+        split = self.splits["train"]
+        shard = {}
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning shards any sampler itself unless told not to (use_distributed_sampler=False);
+            # only then must the sampler take its own share.
+            connector = getattr(trainer, "_accelerator_connector", None)
+            if not getattr(connector, "use_distributed_sampler", True):
+                shard = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+        return MultilabelBalancedSampler(split.labels, split.mask, num_samples=self.hparams.num_samples,
+                                         seed=self.hparams.seed, power=self.hparams.sampling_power, **shard)
+
+    def _loader(self, stage: str, sampler=None, shuffle: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(self.dataset(stage), batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                          drop_last=stage == "train" and len(self.splits[stage]) > self.hparams.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", sampler=self.train_sampler(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """uint8 -> normalised float on the device, where it is cheap."""
+        image = batch["image"]
+        if image.dtype == torch.uint8:
+            if self._norm is None or self._norm[0].device != image.device:
+                mean = torch.tensor(self.hparams.mean, device=image.device).view(1, 3, 1, 1) * 255
+                std = torch.tensor(self.hparams.std, device=image.device).view(1, 3, 1, 1) * 255
+                self._norm = (mean, std)
+            mean, std = self._norm
+            batch["image"] = (image.float() - mean) / std
+        return batch
+
+    # -- facts other parts use ---------------------------------------------------------------
+    def label_frequencies(self, stage: str = "train") -> np.ndarray:
+        """Per-AU positive rate over labelled entries of a split (nan where none is labelled)."""
+        split = self.splits[stage]
+        labelled = split.mask.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(labelled > 0, (split.labels * split.mask).sum(0) / labelled, np.nan)

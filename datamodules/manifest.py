@@ -1,0 +1,379 @@
+"""AU manifests in EmotioNet form: one row per image, an image reference, then 0/1/999 per AU.
+
+``999`` means "not labelled" (EmotioNet leaves many AUs unlabelled). It is carried as a mask,
+never as a negative, so the loss and the metrics can ignore it. Every malformed value is an
+error that names the file, the line and the column, because a silently misread manifest trains
+a model on wrong labels and nobody notices until the scores look odd.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+EMOTIONET_AUS: tuple[int, ...] = (
+    1, 2, 4, 5, 6, 9, 10, 12, 15, 17, 18, 20, 24, 25, 26, 28, 43, 51, 52, 53, 54, 55, 56,
+)
+DISFA_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
+BP4D_AUS: tuple[int, ...] = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
+UNLABELLED = 999
+
+_AU_HEADER = re.compile(r"^(?:au[\s_-]*)?(\d+)$", re.IGNORECASE)
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_FAST_VALUES = {"0": 0, "1": 1, "999": UNLABELLED}
+_ALLOWED = {0.0: 0, 1.0: 1, float(UNLABELLED): UNLABELLED}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as written; the message names file, line and column."""
+
+
+def au_column_name(au: int) -> str:
+    """The canonical column name of an AU, as the project writes manifests.
+
+    >>> au_column_name(12)
+    'AU12'
+    """
+    return f"AU{int(au)}"
+
+
+def is_url(ref: str) -> bool:
+    """True for references with a scheme (``http://``, ``https://``, ``s3://``...): not local files."""
+    return bool(_URL.match(ref))
+
+
+@dataclass
+class SkippedRow:
+    """A row left out by ``check_images``, kept so the user can see what was dropped and why."""
+
+    line: int
+    image: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest; all per-row arrays are aligned with ``images``.
+
+    ``labels`` is float32 0/1 with unlabelled entries set to 0; ``mask`` is False exactly where
+    the file said ``999``, so a consumer that forgets the mask sees negatives, not 999s.
+    ``root`` is the folder relative references are resolved against (None: the manifest's own).
+    """
+
+    path: Path
+    aus: tuple[int, ...]
+    images: list[str]
+    labels: np.ndarray
+    mask: np.ndarray
+    lines: np.ndarray
+    extra: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        n, k = len(self.images), len(self.aus)
+        for name in ("labels", "mask"):
+            shape = getattr(self, name).shape
+            if shape != (n, k):
+                raise ValueError(f"{name} has shape {shape}, expected {(n, k)} ({n} images, {k} AUs)")
+        if self.lines.shape != (n,):
+            raise ValueError(f"lines has shape {self.lines.shape}, expected {(n,)}")
+        for name, values in self.extra.items():
+            if len(values) != n:
+                raise ValueError(f"extra column {name!r} has {len(values)} values, expected {n}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def resolve(self, i: int, root: Path | str | None = None) -> str:
+        """Absolute path of row ``i``'s image; URLs are returned unchanged.
+
+        ``root`` overrides the manifest's root, which defaults to the manifest's folder, so a
+        manifest and its images can be moved together.
+        """
+        return _resolve(self.images[i], self._root(root))
+
+    def subset(self, keep: np.ndarray | Sequence[int] | Sequence[bool]) -> Manifest:
+        """The rows selected by a boolean mask or an index array, everything kept aligned."""
+        keep = np.asarray(keep)
+        if keep.dtype == bool:
+            if keep.shape != (len(self),):
+                raise ValueError(f"boolean mask has shape {keep.shape}, expected {(len(self),)}")
+            idx = np.flatnonzero(keep)
+        else:
+            idx = keep.astype(np.int64, copy=False).reshape(-1)
+        return Manifest(
+            path=self.path,
+            aus=self.aus,
+            images=[self.images[i] for i in idx],
+            labels=self.labels[idx],
+            mask=self.mask[idx],
+            lines=self.lines[idx],
+            extra={name: [values[i] for i in idx] for name, values in self.extra.items()},
+            skipped=list(self.skipped),
+            root=self.root,
+        )
+
+    def positive_rate(self) -> np.ndarray:
+        """Per AU, positives / labelled entries (nan where no entry is labelled)."""
+        labelled = self.mask.sum(0)
+        positives = (self.labels * self.mask).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(labelled > 0, positives / labelled, np.nan)
+
+    def _root(self, root: Path | str | None) -> Path:
+        if root is not None:
+            return Path(root)
+        return self.root if self.root is not None else self.path.parent
+
+
+def _resolve(ref: str, root: Path) -> str:
+    if is_url(ref):
+        return ref
+    p = Path(ref).expanduser()
+    if not p.is_absolute():
+        p = root.expanduser() / p
+    return os.path.abspath(p)
+
+
+def _delimiter(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return "\t" if "\t" in f.readline() else ","
+
+
+def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """Non-blank rows with their 1-based starting line (blank lines still count)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            last = 0
+            try:
+                for row in reader:
+                    start, last = last + 1, reader.line_num
+                    if any(cell.strip() for cell in row):
+                        yield start, row
+            except csv.Error as e:
+                raise ManifestError(f"{path}:{reader.line_num}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _au_value(cell: str, path: Path, line: int, col: int, au: int) -> int:
+    v = _FAST_VALUES.get(cell)
+    if v is not None:
+        return v
+    s = cell.strip()
+    try:
+        return _ALLOWED[float(s)]
+    except (ValueError, KeyError):
+        raise ManifestError(
+            f"{path}:{line}: column {col} ({au_column_name(au)}): value {cell!r} is not 0, 1 or {UNLABELLED}"
+        ) from None
+
+
+def _looks_like_data(row: list[str], image_col: int) -> bool:
+    cells = [c.strip() for j, c in enumerate(row) if j != image_col]
+    return bool(cells) and all(c in _FAST_VALUES for c in cells)
+
+
+def _parse_header(
+    path: Path, line: int, header: list[str], aus: tuple[int, ...], image_column: str | None
+) -> tuple[int, list[int], dict[str, int]]:
+    """Positions of the image column, of each AU in ``aus`` order, and of the other named columns."""
+    names = [h.strip() for h in header]
+    if image_column is None:
+        image_col = 0
+    else:
+        matches = [j for j, h in enumerate(names) if h == image_column.strip()]
+        if not matches:
+            matches = [j for j, h in enumerate(names) if h.lower() == image_column.strip().lower()]
+        if len(matches) != 1:
+            problem = "not found" if not matches else "found more than once"
+            raise ManifestError(f"{path}:{line}: image column {image_column!r} {problem}; columns: {names}")
+        image_col = matches[0]
+
+    found: dict[int, list[int]] = {}
+    for j, h in enumerate(names):
+        m = _AU_HEADER.match(h)
+        if j != image_col and m:
+            found.setdefault(int(m.group(1)), []).append(j)
+
+    missing = [a for a in aus if a not in found]
+    if missing:
+        hint = ""
+        if _looks_like_data(header, image_col):
+            hint = " (the first line looks like data: pass has_header=False for headerless files)"
+        raise ManifestError(
+            f"{path}:{line}: missing AU column(s) {', '.join(au_column_name(a) for a in missing)}; "
+            f"columns found: {names}{hint}"
+        )
+    for a in aus:
+        if len(found[a]) > 1:
+            cols = ", ".join(f"{j + 1} ({names[j]!r})" for j in found[a])
+            raise ManifestError(f"{path}:{line}: {au_column_name(a)} appears in more than one column: {cols}")
+    au_cols = [found[a][0] for a in aus]
+
+    taken = {image_col, *au_cols}
+    extra: dict[str, int] = {}
+    for j, h in enumerate(names):
+        if j in taken:
+            continue
+        if h in extra:
+            raise ManifestError(f"{path}:{line}: column name {h!r} appears more than once (columns {extra[h] + 1} and {j + 1})")
+        extra[h] = j
+    return image_col, au_cols, extra
+
+
+@contextmanager
+def _strict_pil() -> Iterator[None]:
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _image_problem(path: str) -> str | None:
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return f"missing image: {path}"
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+        return f"unreadable image: {e}"
+    return None
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    aus: Sequence[int] = EMOTIONET_AUS,
+    root: str | os.PathLike | None = None,
+    image_column: str | None = None,
+    has_header: bool = True,
+    check_images: bool = False,
+) -> Manifest:
+    """Read a manifest in EmotioNet form.
+
+    The AU set is an argument, not a constant, so DISFA/BP4D users pass their own list. With a
+    header, AU columns are found by name (``AU12``, ``AU 12``, ``au012``, ``12``) and all other
+    columns except the image go to ``extra``; without one (EmotioNet's raw files) the image comes
+    first and then the AUs in the order of ``aus``, with further columns ignored. The delimiter
+    follows the suffix (``.tsv``/``.txt`` tab, ``.csv`` comma), else a tab on the first line.
+
+    ``check_images`` opens and fully decodes every local image, so missing or truncated files
+    are dropped (and listed in ``skipped``) here rather than crashing a worker mid-epoch. URLs
+    are not checked. ``root`` is where relative references live (default: the manifest's folder).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ManifestError`` for anything malformed.
+    """
+    path = Path(path)
+    aus = tuple(int(a) for a in aus)
+    if not aus:
+        raise ValueError("aus is empty: give at least one AU")
+    if len(set(aus)) != len(aus):
+        raise ValueError(f"aus has duplicates: {aus}")
+    if not path.is_file():
+        if path.exists():
+            raise ManifestError(f"{path}: not a file")
+        raise FileNotFoundError(f"manifest not found: {path}")
+
+    rows = _rows(path, _delimiter(path))
+    k = len(aus)
+    if has_header:
+        first = next(rows, None)
+        if first is None:
+            raise ManifestError(f"{path} is empty")
+        header_line, header = first
+        image_col, au_cols, extra_cols = _parse_header(path, header_line, header, aus, image_column)
+        expected = len(header)
+        col_names = [h.strip() for h in header]
+    else:
+        if image_column is not None:
+            raise ValueError("image_column needs a header (has_header=True)")
+        image_col, au_cols, extra_cols = 0, list(range(1, k + 1)), {}
+        expected = k + 1
+        col_names = ["image", *(au_column_name(a) for a in aus)]
+
+    images: list[str] = []
+    values: list[list[int]] = []
+    lines: list[int] = []
+    extra: dict[str, list[str]] = {name: [] for name in extra_cols}
+    for line, row in rows:
+        if len(row) < expected:
+            raise ManifestError(
+                f"{path}:{line}: expected {expected} cells, found {len(row)} "
+                f"(columns: {', '.join(col_names)})"
+            )
+        if has_header and len(row) > expected and any(c.strip() for c in row[expected:]):
+            raise ManifestError(
+                f"{path}:{line}: expected {expected} cells, found {len(row)} (values beyond the header's columns)"
+            )
+        image = row[image_col].strip()
+        if not image:
+            raise ManifestError(f"{path}:{line}: column {image_col + 1} ({col_names[image_col]}): empty image reference")
+        images.append(image)
+        values.append([_au_value(row[j], path, line, j + 1, a) for j, a in zip(au_cols, aus)])
+        lines.append(line)
+        for name, j in extra_cols.items():
+            extra[name].append(row[j].strip())
+
+    if not images:
+        raise ManifestError(f"{path} has a header but no rows" if has_header else f"{path} is empty")
+
+    raw = np.asarray(values, dtype=np.int16).reshape(len(images), k)
+    manifest = Manifest(
+        path=path,
+        aus=aus,
+        images=images,
+        labels=(raw == 1).astype(np.float32),
+        mask=raw != UNLABELLED,
+        lines=np.asarray(lines, dtype=np.int64),
+        extra=extra,
+        root=Path(root) if root is not None else None,
+    )
+    if check_images:
+        manifest = _drop_bad_images(manifest)
+    return manifest
+
+
+def _drop_bad_images(manifest: Manifest) -> Manifest:
+    local = [i for i, ref in enumerate(manifest.images) if not is_url(ref)]
+    paths = [manifest.resolve(i) for i in local]
+    with _strict_pil(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(_image_problem, paths, chunksize=64))
+    skipped = [
+        SkippedRow(line=int(manifest.lines[i]), image=manifest.images[i], reason=reason)
+        for i, reason in zip(local, problems)
+        if reason is not None
+    ]
+    if not skipped:
+        return manifest
+    keep = np.ones(len(manifest), dtype=bool)
+    keep[[i for i, reason in zip(local, problems) if reason is not None]] = False
+    if not keep.any():
+        raise ManifestError(
+            f"{manifest.path}: none of its {len(manifest)} images could be read "
+            f"(first: line {skipped[0].line}: {skipped[0].reason}); is the root right?"
+        )
+    out = manifest.subset(keep)
+    out.skipped = skipped
+    return out

@@ -1,0 +1,185 @@
+"""Alignment: the similarity transform, MTCNN on SynthAU against ground truth, the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from datamodules import alignment
+from datamodules.alignment import (NO_FACE, AlignedSplit, AlignmentSettings, FaceDetector, align_manifest,
+                                   cache_key, centre_crop, detection_copy, read_rgb, similarity_transform,
+                                   warp_face)
+from datamodules.manifest import read_manifest
+from datamodules.synthetic import SynthAUSettings, generate_synthau
+
+from .conftest import SMALL_ALIGNMENT
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_similarity_recovers_a_known_transform():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    angle, scale, t = 0.4, 1.7, np.array([12.0, -5.0])
+    R = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    M = similarity_transform(src, src @ R.T + t)
+    np.testing.assert_allclose(M, np.hstack([R, t[:, None]]), atol=1e-9)
+
+
+def test_similarity_matches_opencv_least_squares():
+    """With noisy points, the same least-squares answer as OpenCV's estimator without outlier rejection."""
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 100, (5, 2))
+    dst = src * 0.8 + 20 + rng.normal(0, 2, src.shape)
+    ours = similarity_transform(src, dst)
+    cv, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.LMEDS, refineIters=50)
+    # LMEDS keeps all 5 points here (small noise); its refinement is the same least-squares problem.
+    np.testing.assert_allclose(ours, cv, atol=0.05)
+    residual = np.linalg.norm(src @ ours[:, :2].T + ours[:, 2] - dst, axis=1).mean()
+    assert residual < 4
+
+
+def test_warp_puts_landmarks_on_the_template():
+    settings = AlignmentSettings(crop_size=96)
+    lm = np.array([[300.0, 200], [360, 205], [330, 240], [305, 275], [355, 278]])
+    image = np.zeros((480, 640, 3), np.uint8)
+    for p in lm:
+        cv2.circle(image, tuple(int(v) for v in p), 3, (255, 255, 255), -1)
+    crop = warp_face(image, lm, settings)
+    assert crop.shape == (96, 96, 3)
+    M = similarity_transform(lm, settings.template())
+    mapped = lm @ M[:, :2].T + M[:, 2]
+    assert np.abs(mapped - settings.template()).max() < 3  # 5 points, 4 degrees of freedom
+    for p in mapped:  # the white dots land where the landmarks are mapped
+        assert crop[int(round(p[1])), int(round(p[0]))].max() > 100
+
+
+def test_big_face_is_detected_on_a_downscaled_copy():
+    image = np.zeros((1200, 1600, 3), np.uint8)
+    copy, f = detection_copy(image, 320)
+    assert f == pytest.approx(0.2)
+    assert copy.shape == (256, 320, 3)  # 240 padded to a multiple of 32 for batching
+
+
+def test_detector_finds_synthau_faces(synthau, truth):
+    """Boxes and landmarks against what the renderer drew: IoU and error in inter-ocular distances."""
+    detector = FaceDetector(AlignmentSettings())
+    m = read_manifest(synthau / "val.tsv")
+    images = [read_rgb(m.resolve(i)) for i in range(len(m))]
+    found, nme = 0, []
+    for ref, det in zip(m.images, detector.detect(images)):
+        gt = truth[ref]["faces"][0]
+        if not len(det):
+            continue
+        j = det.pick("largest")
+        if _iou(det.boxes[j], gt["box"]) > 0.4:
+            found += 1
+            lm = np.array(gt["landmarks"])
+            nme.append(np.linalg.norm(det.landmarks[j] - lm, axis=1).mean() / np.linalg.norm(lm[0] - lm[1]))
+    assert found >= len(m) - 1
+    assert np.median(nme) < 0.15, nme
+
+
+def test_cache_contents(aligned_train, truth):
+    split = aligned_train
+    report = split.report
+    assert split.crops.shape == (96, 64, 64, 3) and split.crops.dtype == np.uint8
+    assert isinstance(split.crops, np.memmap)  # workers share the pages, nothing is copied
+    assert report["images"] == 96 and report["unreadable"] == 0
+    assert report["faces_found"] + report["no_face"] == 96
+    assert report["face_rate"] >= 0.9
+    assert (split.path / "aligned_sheet.png").stat().st_size > 1000
+    # labels follow the manifest row by row
+    m = read_manifest(Path(report["manifest"]))
+    np.testing.assert_array_equal(split.labels, m.labels)
+    np.testing.assert_array_equal(split.mask, m.mask)
+    for rec in report["samples"]:
+        if rec["status"] == "face":  # the largest face is the labelled one, not the distractor
+            gt = truth[rec["image"]]["faces"][0]["box"]
+            assert _iou(rec["box"], gt) > 0.3, rec
+
+
+def test_cache_is_reused_and_keyed(synthau, tmp_path, aligned_train):
+    m = read_manifest(synthau / "val.tsv")
+    first = align_manifest(m, tmp_path, SMALL_ALIGNMENT)
+    mtime = (first / "report.json").stat().st_mtime_ns
+    assert align_manifest(m, tmp_path, SMALL_ALIGNMENT) == first
+    assert (first / "report.json").stat().st_mtime_ns == mtime  # not redone
+    k = cache_key(m, SMALL_ALIGNMENT)
+    assert cache_key(m, AlignmentSettings(crop_size=80)) != k
+    assert cache_key(m, AlignmentSettings(crop_size=64, batch_size=4)) == k  # speed knobs do not matter
+    image = Path(m.resolve(0))
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert cache_key(m, SMALL_ALIGNMENT) != k  # a changed image invalidates
+    finally:
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_bad_images_are_reported_and_skipped(synthau, tmp_path):
+    """A missing file and a truncated JPEG are listed with their lines; a faceless image is centre-cropped."""
+    lines = (synthau / "val.tsv").read_text().splitlines()
+    header, rows = lines[0], lines[1:7]
+    cells = [r.split("\t") for r in rows]
+    good = synthau / cells[2][0]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    blank = tmp_path / "blank.jpg"
+    cv2.imwrite(str(blank), np.full((240, 320, 3), 127, np.uint8))
+    cells[1][0] = str(tmp_path / "missing.jpg")
+    cells[2][0] = str(truncated)
+    cells[4][0] = str(blank)
+    for c in cells:
+        if not os.path.isabs(c[0]):
+            c[0] = str(synthau / c[0])
+    manifest_path = tmp_path / "bad.tsv"
+    manifest_path.write_text("\n".join([header] + ["\t".join(c) for c in cells]) + "\n")
+    m = read_manifest(manifest_path)
+    split = AlignedSplit.open(align_manifest(m, tmp_path / "cache", SMALL_ALIGNMENT))
+    report = split.report
+    skipped = {r["line"]: r for r in report["skipped_rows"]}
+    assert set(skipped) == {3, 4}
+    assert "missing.jpg" in skipped[3]["image"] and "No such file" in skipped[3]["error"]
+    assert "truncated" in skipped[4]["error"].lower() or "broken" in skipped[4]["error"].lower()
+    assert len(split) == 4 and split.lines.tolist() == [2, 5, 6, 7]
+    blank_pos = split.lines.tolist().index(6)
+    assert not split.face_found[blank_pos] and report["no_face_rows"] == [{"line": 6, "image": str(blank)}]
+    assert report["samples"][blank_pos]["status"] == NO_FACE
+    np.testing.assert_array_equal(split.crops[blank_pos], centre_crop(read_rgb(blank), 64))
+    np.testing.assert_array_equal(split.labels, m.labels[[0, 3, 4, 5]])
+
+
+def test_killed_alignment_leaves_no_cache(synthau, tmp_path, monkeypatch):
+    m = read_manifest(synthau / "test.tsv")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alignment, "aligned_sheet", killed)  # dies after the crops, before the report
+    with pytest.raises(KeyboardInterrupt):
+        align_manifest(m, tmp_path, SMALL_ALIGNMENT)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    done = align_manifest(m, tmp_path, SMALL_ALIGNMENT)
+    assert json.loads((done / "report.json").read_text())["images"] == 12
+
+
+@pytest.mark.slow
+def test_detection_rate_at_default_settings(tmp_path):
+    """MTCNN finds the face in at least 95 % of SynthAU scenes (600 scenes, default settings)."""
+    root = tmp_path / "synthau"
+    generate_synthau(root, SynthAUSettings(num_images=600, seed=11, val_fraction=0.0, test_fraction=0.0), workers=2)
+    report = AlignedSplit.open(align_manifest(read_manifest(root / "train.tsv"), tmp_path / "cache")).report
+    print(f"\nface rate {report['face_rate']:.3f} on {report['images']} scenes, {report['images_per_second']} images/s")
+    assert report["face_rate"] >= 0.95
