@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -350,9 +351,13 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
                 records[i] = rec
         done += len(items)
         if progress:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"\r  aligned {done}/{n} ({rate:.1f} images/s)", end="", flush=True)
-    if progress:
+            step = max(1, n // 10)
+            tty = sys.stdout.isatty()
+            if tty or done // step != (done - len(items)) // step or done == n:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                print(f"{chr(13) if tty else ''}  aligned {done}/{n} ({rate:.1f} images/s)", end="" if tty else "\n",
+                      flush=True)
+    if progress and sys.stdout.isatty():
         print()
     elapsed = time.perf_counter() - start
     crops.flush()

@@ -140,7 +140,10 @@ class AUDataModule(L.LightningDataModule):
         """
         if self.synthetic:
             summary = generate_synthau(self.hparams.data_root, self.hparams.synth)
-            log.info("SynthAU at %s: %s", self.hparams.data_root, summary["counts"])
+            log.info("SynthAU in %s: %s, %d AUs under 5%% positive, %d over 20%%, %.1f%% unlabelled; "
+                     "contact sheet %s", self.hparams.data_root, summary["counts"], summary["aus_under_5pct"],
+                     summary["aus_over_20pct"], 100 * summary["unlabelled_share"],
+                     Path(self.hparams.data_root) / "contact_sheet.png")
         stages = ["train", "val", "test"]
         if self.manifest_paths["predict"] not in [self.manifest_paths[s] for s in stages]:
             stages.append("predict")

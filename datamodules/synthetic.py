@@ -163,7 +163,7 @@ class _Projector:
         self.R = rx @ ry
         self.canvas = canvas
         self.scale = canvas / 4.2  # model units -> canvas pixels; the head is about 2.7 units tall
-        self.center = np.array([canvas / 2, canvas / 2 + 0.05 * self.scale])
+        self.center = np.array([(canvas - 1) / 2, canvas / 2 + 0.05 * self.scale])  # mirror-symmetric in pixels
 
     def surface_z(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         b = np.where(y < 0, self.b_up, self.b_low)

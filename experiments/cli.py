@@ -11,6 +11,7 @@ Every option comes from a function signature (jsonargparse), so ``--help`` lists
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -107,6 +108,7 @@ def build_parser() -> ArgumentParser:
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``au-detect``; ``args`` defaults to the command line (tests pass a list)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     cfg = parser.parse_args(list(sys.argv[1:] if args is None else args))
     command = cfg.command

@@ -81,17 +81,18 @@ def test_identities_and_expressions_at_scale():
 
 
 @pytest.mark.parametrize("au", EMOTIONET_AUS)
-def test_every_au_changes_the_face(au):
-    """Each AU alone moves enough pixels to be seen: at least 0.3 % of the canvas changes by >40 levels."""
-    neutral, active = _render({}), _render({au: 1.0})
-    changed = (np.abs(active - neutral).max(-1) > 40).mean()
-    assert changed > 0.003, f"AU{au} changes only {100 * changed:.2f}% of the pixels"
+@pytest.mark.parametrize("identity", [5, 7, 11])  # darker and lighter skin, dark and grey hair
+def test_every_au_changes_the_face(au, identity):
+    """Each AU alone changes a visible patch: >15 grey levels on at least 0.15 % of the canvas (55 px)."""
+    neutral, active = _render({}, identity), _render({au: 1.0}, identity)
+    changed = (np.abs(active - neutral).max(-1) > 15).mean()
+    assert changed > 0.0015, f"AU{au} changes only {100 * changed:.2f}% of the pixels"
 
 
 def test_au_moves_the_right_region():
     """Brow AUs change the upper face, mouth AUs the lower face (canvas rows above/below the nose)."""
     neutral = _render({})
-    for au, upper in ((1, True), (2, True), (4, True), (12, True ^ True), (15, False), (25, False)):
+    for au, upper in ((1, True), (2, True), (4, True), (12, False), (15, False), (25, False)):
         diff = np.abs(_render({au: 1.0}) - neutral).max(-1)
         top, bottom = diff[:96].sum(), diff[96:].sum()
         assert (top > bottom) == upper, f"AU{au}: top {top:.0f}, bottom {bottom:.0f}"
