@@ -275,6 +275,16 @@ class AlignedSplit:
     def __len__(self) -> int:
         return len(self.crops)
 
+    def __getstate__(self) -> dict:
+        # Pickling (spawned loader workers) must not copy the pixels: the worker maps the file again.
+        state = dict(self.__dict__)
+        state["crops"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.crops = np.load(self.path / "crops.npy", mmap_mode="r")
+
     @classmethod
     def open(cls, path: str | Path) -> "AlignedSplit":
         path = Path(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import cv2
@@ -95,6 +96,11 @@ def test_cache_contents(aligned_train, truth):
     report = split.report
     assert split.crops.shape == (96, 64, 64, 3) and split.crops.dtype == np.uint8
     assert isinstance(split.crops, np.memmap)  # workers share the pages, nothing is copied
+    pickled = pickle.dumps(split)
+    assert len(pickled) < split.crops.nbytes / 10  # spawned workers get the path, not the pixels
+    again = pickle.loads(pickled)
+    assert isinstance(again.crops, np.memmap)
+    np.testing.assert_array_equal(again.crops[5], split.crops[5])
     assert report["images"] == 96 and report["unreadable"] == 0
     assert report["faces_found"] + report["no_face"] == 96
     assert report["face_rate"] >= 0.9

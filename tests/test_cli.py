@@ -1,0 +1,60 @@
+"""The au-detect command line, called as users call it (main(args) is the console script)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datamodules.manifest import ManifestError
+from experiments.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+
+
+def test_synth_then_align(tmp_path, capsys):
+    main(["synth", "--root", str(tmp_path / "s"), "--num_images", "30", "--seed", "2", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "SynthAU in" in out and "'train': 24" in out and "contact_sheet.png" in out
+    assert (tmp_path / "s" / "contact_sheet.png").is_file()
+    main(["align", "--manifests", f"[{tmp_path / 's' / 'val.tsv'}]", "--cache_dir", str(tmp_path / "c"),
+          "--alignment.crop_size", "48"])
+    out = capsys.readouterr().out
+    assert "val.tsv: 3 images" in out and "faces found" in out and "aligned_sheet.png" in out
+    (cache,) = (tmp_path / "c").iterdir()
+    assert (cache / "crops.npy").is_file() and cache.name.startswith("val-")
+
+
+def test_prepare_from_the_demo_config(tmp_path, capsys):
+    main(["prepare", "--config", str(DEMO), "--data.data_root", str(tmp_path / "s"),
+          "--data.synth.num_images", "30", "--data.cache_dir", str(tmp_path / "c"),
+          "--data.alignment.crop_size", "48", "--data.num_workers", "0"])
+    out = capsys.readouterr().out
+    for split, n in (("train", 24), ("val", 3), ("test", 3)):
+        assert f"{split}.tsv: {n} images" in out
+    assert len(list((tmp_path / "c").iterdir())) == 3
+
+
+def test_demo_config_prints(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--config", str(DEMO), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["balanced_sampling"] is True
+    assert printed["data"]["alignment"]["crop_size"] == 112
+    assert printed["data"]["aus"][:3] == [1, 2, 4]
+
+
+def test_bad_manifest_names_line_and_column(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("image\tAU1\tAU2\nx.jpg\t0\t7\n")
+    with pytest.raises(ManifestError, match=r"bad\.tsv:2: column 3 \(AU2\): value '7'"):
+        main(["align", "--manifests", f"[{bad}]", "--aus", "[1, 2]", "--cache_dir", str(tmp_path / "c")])
+
+
+def test_unknown_option_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", "--num_imagez", "3"])
+    assert exit_.value.code != 0
+    assert "num_imagez" in capsys.readouterr().err
