@@ -67,7 +67,7 @@ class AUDataModule(L.LightningDataModule):
         synth: SynthAU's size and seed.
         cache_dir: where aligned crops are cached.
         alignment: face detection and crop settings.
-        align_workers: image decoding processes while aligning.
+        align_workers: image decoding processes while aligning (0: in the main process).
         batch_size: per process (DDP multiplies it by the number of processes).
         num_workers: loader processes per training process.
         balanced_sampling: draw training samples with :class:`MultilabelBalancedSampler`.
@@ -91,7 +91,7 @@ class AUDataModule(L.LightningDataModule):
         synth: SynthAUSettings = SynthAUSettings(),
         cache_dir: str = "data/cache",
         alignment: AlignmentSettings = AlignmentSettings(),
-        align_workers: int = 1,
+        align_workers: int = 0,
         batch_size: int = 64,
         num_workers: int = 2,
         balanced_sampling: bool = False,

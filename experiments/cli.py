@@ -53,7 +53,7 @@ def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num
 
 def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str | None = None,
           aus: list[int] = list(EMOTIONET_AUS), alignment: AlignmentSettings = AlignmentSettings(),
-          workers: int = 1, device: str | None = None) -> None:
+          workers: int = 0, device: str | None = None) -> None:
     """Detect, align and cache the faces of one or more manifests.
 
     Args:
@@ -62,7 +62,7 @@ def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str |
         image_root: folder that relative image paths start from (default: the manifest's folder).
         aus: AU columns to read.
         alignment: detection and crop settings.
-        workers: image decoding processes.
+        workers: image decoding processes (0: decode in this process, fastest on a small CPU).
         device: torch device for MTCNN (default: cuda when available).
     """
     for path in manifests:

@@ -189,3 +189,30 @@ def test_detection_rate_at_default_settings(tmp_path):
     report = AlignedSplit.open(align_manifest(read_manifest(root / "train.tsv"), tmp_path / "cache")).report
     print(f"\nface rate {report['face_rate']:.3f} on {report['images']} scenes, {report['images_per_second']} images/s")
     assert report["face_rate"] >= 0.95
+
+
+def test_batched_cascade_agrees_with_facenet(synthau, truth):
+    """The roi_align cascade finds the faces facenet-pytorch's own detect_face finds, in the same
+    places, and its landmarks are as close to the drawn ones."""
+    detector = FaceDetector(AlignmentSettings(min_face_size=20))
+    m = read_manifest(synthau / "val.tsv")
+    copies = [detection_copy(read_rgb(m.resolve(i)), 320) for i in range(len(m))]
+    ours = detector.detect_copies([c for c, _ in copies], [1.0] * len(copies))
+    boxes, scores, points = detector.mtcnn.detect(np.stack([c for c, _ in copies]), landmarks=True)
+    matched, err_ours, err_facenet = 0, [], []
+    for ref, (c, f), d, b, p in zip(m.images, copies, ours, boxes, points):
+        if b is None:
+            continue
+        for box, lm in zip(b, p):  # every face facenet finds, ours finds too
+            best = max(range(len(d)), key=lambda j: _iou(d.boxes[j], box), default=None)
+            assert best is not None and _iou(d.boxes[best], box) > 0.7
+            iod = np.linalg.norm(lm[0] - lm[1])
+            assert np.linalg.norm(d.landmarks[best] - lm, axis=1).mean() < 0.2 * iod
+            matched += 1
+            gt = np.array(truth[ref]["faces"][0]["landmarks"]) * f
+            if _iou(box, np.array(truth[ref]["faces"][0]["box"]) * f) > 0.4:
+                gt_iod = np.linalg.norm(gt[0] - gt[1])
+                err_ours.append(np.linalg.norm(d.landmarks[best] - gt, axis=1).mean() / gt_iod)
+                err_facenet.append(np.linalg.norm(lm - gt, axis=1).mean() / gt_iod)
+    assert matched >= len(m)
+    assert np.median(err_ours) <= np.median(err_facenet) + 0.01

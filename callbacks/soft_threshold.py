@@ -1,0 +1,271 @@
+"""Soft thresholding: fit one decision threshold per AU on the validation predictions.
+
+After each validation epoch :class:`SoftThresholdCallback` gathers the predictions of every
+rank, drops the samples that ``DistributedSampler`` repeated to pad the last batch (by sample
+index), fits the thresholds with :func:`fit_thresholds` and copies them into the module's
+``thresholds`` buffer, which is saved in checkpoints and used by test and predict.
+
+Criteria (decision = ``prob >= threshold``; candidates = the distinct probabilities of the AU's
+labelled entries, so the returned thresholds are probability values and ``probs >= t``
+reproduces the counted decisions exactly):
+
+* ``f1``: maximise F1.
+* ``score``: maximise (accuracy + F1) / 2, the EmotioNet Challenge score of the AU.
+* ``break_even``: the break-even point of precision and recall, min |P - R| (the seed authors'
+  choice); ties go to the higher F1.
+
+Remaining ties go to the threshold closest to 0.5, then to the higher threshold. An AU with no
+labelled entry or no labelled positive keeps 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from lightning_modules.metrics import au_scores
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CRITERIA", "fit_thresholds", "fit_threshold_1d", "dedupe_by_index", "SoftThresholdCallback"]
+
+CRITERIA = ("f1", "score", "break_even")
+DEFAULT_THRESHOLD = 0.5
+_KEYS = ("probs", "labels", "mask", "index")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown threshold criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    return criterion
+
+
+def fit_threshold_1d(probs: np.ndarray, positive: np.ndarray, criterion: str = "f1") -> float:
+    """The best threshold for one AU, given its labelled entries only (1-D arrays).
+
+    Sorting once gives every candidate's counts by cumulative sums; tied probabilities are one
+    candidate that takes in all of them (the last position of each run of equal values).
+
+    >>> fit_threshold_1d(np.array([0.9, 0.8, 0.8, 0.3, 0.1]), np.array([1, 1, 0, 1, 0]), "f1")
+    0.3
+    >>> fit_threshold_1d(np.array([0.9, 0.8, 0.8, 0.3, 0.1]), np.array([1, 1, 0, 1, 0]), "break_even")
+    0.8
+    """
+    _check_criterion(criterion)
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(positive).ravel().astype(bool)
+    n = p.size
+    n_pos = int(y.sum())
+    if n == 0 or n_pos == 0:
+        return DEFAULT_THRESHOLD
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    tp_all = np.cumsum(ys, dtype=np.int64)
+    fp_all = np.arange(1, n + 1, dtype=np.int64) - tp_all
+    # candidate = last entry of each run of equal probabilities: predicting prob >= ps[i] takes
+    # in exactly the entries 0..i
+    last = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
+    t = ps[last]
+    tp = tp_all[last]
+    fp = fp_all[last]
+    fn = n_pos - tp
+    tn = (n - n_pos) - fp
+    # every value is one division of exact integers, so equal rationals give equal floats (exact ties)
+    f1_den = 2 * tp + fp + fn  # > 0 since n_pos > 0
+    f1 = 2 * tp / f1_den
+    if criterion == "f1":
+        primary = f1
+    elif criterion == "score":
+        # ((tp+tn)/n + 2tp/f1_den) / 2 as one fraction
+        primary = ((tp + tn) * f1_den + 2 * tp * n) / (2 * n * f1_den)
+    else:  # break_even: -|P - R| = -tp |fn - fp| / ((tp+fp)(tp+fn)); P = R = 0 (TP = 0) is no break-even
+        diff = tp * np.abs(fn - fp) / ((tp + fp) * n_pos)
+        primary = np.where(tp > 0, -diff, -np.inf)
+    best = primary == primary.max()
+    if criterion == "break_even":
+        best &= f1 == f1[best].max()
+    idx = np.flatnonzero(best)
+    dist = np.abs(t[idx] - 0.5)
+    idx = idx[dist == dist.min()]
+    return float(t[idx].max())
+
+
+def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "f1") -> np.ndarray:
+    """One threshold per AU on (N, K) predictions; see the module docstring for the criteria.
+
+    Args:
+        probs: (N, K) probabilities (numpy or torch).
+        labels: (N, K), positive when > 0.5.
+        mask: (N, K) bool, True = labelled; ``None``: labelled where the label is 0 or 1.
+        criterion: ``"f1"``, ``"score"`` or ``"break_even"``.
+
+    Returns:
+        (K,) float64 thresholds; 0.5 for an AU with no labelled entry or no labelled positive.
+    """
+    _check_criterion(criterion)
+    p = _numpy(probs)
+    y = _numpy(labels)
+    if p.ndim == 1:
+        p, y = p.reshape(-1, 1), y.reshape(-1, 1)
+    m = ((y == 0) | (y == 1)) if mask is None else _numpy(mask).astype(bool).reshape(p.shape)
+    if p.shape != y.shape:
+        raise ValueError(f"probs {p.shape} and labels {y.shape} must have the same (N, K) shape")
+    pos = y > 0.5
+    return np.array([fit_threshold_1d(p[m[:, k], k], pos[m[:, k], k], criterion) for k in range(p.shape[1])],
+                    dtype=np.float64)
+
+
+def dedupe_by_index(index: Any, *arrays: Any) -> tuple:
+    """Keep the first occurrence of each sample index; return ``(index, *arrays)`` ordered by index.
+
+    ``DistributedSampler`` pads the validation set by repeating samples so that every rank gets
+    the same number; the gathered predictions must drop the repeats. Works on numpy arrays and
+    torch tensors (each output has its input's type).
+
+    >>> dedupe_by_index(np.array([2, 0, 1, 2]), np.array([20., 0., 10., 21.]))
+    (array([0, 1, 2]), array([ 0., 10., 20.]))
+    """
+    idx = _numpy(index).reshape(-1)
+    unique, first = np.unique(idx, return_index=True)
+    out: list[Any] = [torch.as_tensor(unique) if isinstance(index, torch.Tensor) else unique]
+    for a in arrays:
+        if len(a) != len(idx):
+            raise ValueError(f"array of length {len(a)} does not match the index's {len(idx)}")
+        if isinstance(a, torch.Tensor):
+            out.append(a[torch.as_tensor(first, device=a.device)])
+        else:
+            out.append(np.asarray(a)[first])
+    return tuple(out)
+
+
+def _au_name(au: Any) -> str:
+    return f"AU{int(au)}"
+
+
+class SoftThresholdCallback(pl.Callback):
+    """Fit per-AU thresholds on the (gathered, de-duplicated) validation predictions.
+
+    Contract with the LightningModule: ``thresholds`` is a (K,) float buffer (updated in place),
+    ``aus`` names the K outputs, and ``validation_step`` returns a dict with ``probs`` (B, K),
+    ``labels`` (B, K), ``mask`` (B, K) bool and ``index`` (B,) (position in the validation set).
+
+    Logs ``val/f1_fitted``, ``val/accuracy_fitted``, ``val/score_fitted`` and, with
+    ``log_per_au``, ``val/f1_fitted/AU<n>`` (AUs with labelled entries) and
+    ``val/threshold/AU<n>``. Keeps for other callbacks: ``thresholds`` (np array),
+    ``last_scores`` (:func:`au_scores` at the fitted thresholds), ``last_scores_default``
+    (at 0.5) and ``last_predictions`` = (probs, labels, mask, index) numpy arrays.
+    """
+
+    def __init__(self, criterion: str = "f1", log_per_au: bool = True) -> None:
+        super().__init__()
+        self.criterion = _check_criterion(criterion)
+        self.log_per_au = log_per_au
+        self.thresholds: np.ndarray | None = None
+        self.last_scores: dict | None = None
+        self.last_scores_default: dict | None = None
+        self.last_predictions: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._outputs: list[dict[str, torch.Tensor]] = []
+
+    # -- collection --------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._outputs = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx != 0 or trainer.sanity_checking:
+            return
+        if not isinstance(outputs, dict) or any(k not in outputs for k in _KEYS):
+            raise KeyError(f"SoftThresholdCallback needs validation_step to return a dict with {_KEYS}; "
+                           f"got {type(outputs).__name__}"
+                           + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else ""))
+        self._outputs.append({k: torch.as_tensor(outputs[k]).detach().cpu() for k in _KEYS})
+
+    def _local(self, num_aus: int) -> dict[str, torch.Tensor]:
+        """This rank's predictions concatenated, in the dtypes used for gathering."""
+        if self._outputs:
+            cat = {k: torch.cat([o[k] for o in self._outputs]) for k in _KEYS}
+        else:
+            cat = {"probs": torch.zeros(0, num_aus), "labels": torch.zeros(0, num_aus),
+                   "mask": torch.zeros(0, num_aus, dtype=torch.bool), "index": torch.zeros(0, dtype=torch.long)}
+        return {"probs": cat["probs"].float(), "labels": cat["labels"].float(),
+                "mask": cat["mask"].to(torch.uint8),  # uint8: every backend gathers it
+                "index": cat["index"].long().reshape(-1)}
+
+    @staticmethod
+    def _gather(pl_module: pl.LightningModule, local: dict[str, torch.Tensor],
+                world_size: int) -> dict[str, torch.Tensor]:
+        """All ranks' predictions, rank by rank; robust to ranks holding different counts."""
+        if world_size <= 1:
+            return local
+        n = local["index"].shape[0]
+        sizes = pl_module.all_gather(torch.tensor([n], dtype=torch.long))
+        sizes = [int(s) for s in torch.as_tensor(sizes).reshape(-1).cpu()]
+        longest = max(sizes)
+        padded = {k: torch.cat([v, v.new_zeros((longest - n, *v.shape[1:]))]) for k, v in local.items()}
+        gathered = pl_module.all_gather(padded)  # each (world, longest, ...)
+        return {k: torch.cat([v.cpu()[r, :sizes[r]] for r in range(len(sizes))]) for k, v in gathered.items()}
+
+    # -- fitting -----------------------------------------------------------------------------
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._outputs = []
+            return
+        buffer = pl_module.thresholds
+        k = int(buffer.shape[0])
+        data = self._gather(pl_module, self._local(k), trainer.world_size)
+        self._outputs = []
+        index, probs, labels, mask = dedupe_by_index(data["index"].numpy(), data["probs"].numpy(),
+                                                     data["labels"].numpy(), data["mask"].numpy().astype(bool))
+        if len(index) == 0:
+            log.warning("SoftThresholdCallback: no validation predictions; thresholds left unchanged")
+            return
+        thresholds = fit_thresholds(probs, labels, mask, self.criterion)
+        with torch.no_grad():
+            buffer.copy_(torch.as_tensor(thresholds, dtype=buffer.dtype, device=buffer.device))
+        self.thresholds = thresholds
+        self.last_predictions = (probs, labels, mask, index)
+        self.last_scores_default = au_scores(probs, labels, mask, DEFAULT_THRESHOLD)
+        self.last_scores = au_scores(probs, labels, mask, thresholds)
+        self._log(pl_module, self.last_scores, thresholds)
+
+    def _log(self, pl_module: pl.LightningModule, scores: dict, thresholds: np.ndarray) -> None:
+        # values are already global (gathered) and identical on every rank: no sync
+        metrics = {"val/f1_fitted": scores["mean_f1"], "val/accuracy_fitted": scores["mean_accuracy"],
+                   "val/score_fitted": scores["score"]}
+        if self.log_per_au:
+            aus = getattr(pl_module, "aus", None) or range(len(thresholds))
+            for i, au in enumerate(aus):
+                if np.isfinite(scores["f1"][i]):
+                    metrics[f"val/f1_fitted/{_au_name(au)}"] = float(scores["f1"][i])
+                metrics[f"val/threshold/{_au_name(au)}"] = float(thresholds[i])
+        for name, value in metrics.items():
+            pl_module.log(name, float(value), sync_dist=False)
+
+    # -- resuming ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion,
+                "thresholds": None if self.thresholds is None else [float(t) for t in self.thresholds]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("criterion", self.criterion)
+        if saved != self.criterion:
+            log.warning("SoftThresholdCallback: checkpoint fitted thresholds by %r, this run uses %r",
+                        saved, self.criterion)
+        thresholds = state_dict.get("thresholds")
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)

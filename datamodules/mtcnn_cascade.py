@@ -1,0 +1,115 @@
+"""MTCNN's three-stage cascade over a batch, with every crop taken in one ``roi_align`` call.
+
+facenet-pytorch ships the trained P-, R- and O-nets and the box arithmetic of the original
+MTCNN (Zhang et al., 2016); its ``detect_face`` crops each candidate box with its own resize
+call, thousands of small calls per batch of scenes. Here the candidates of a whole batch are
+cropped and resampled at once with ``torchvision.ops.roi_align`` (adaptive sampling averages
+each output cell like an area resize; outside the image it reads zeros, MTCNN's original
+padding). The networks, thresholds, pyramid and NMS settings are facenet-pytorch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from facenet_pytorch.models.utils.detect_face import bbreg, generateBoundingBox, rerec
+from torch.nn.functional import interpolate
+from torchvision.ops import batched_nms, roi_align
+
+
+def _pyramid(h: int, w: int, min_face_size: int, factor: float) -> list[float]:
+    m = 12.0 / min_face_size
+    minl = min(h, w) * m
+    scales, scale = [], m
+    while minl >= 12:
+        scales.append(scale)
+        scale *= factor
+        minl *= factor
+    return scales
+
+
+def _crops(imgs: torch.Tensor, boxes: torch.Tensor, image_inds: torch.Tensor, size: int) -> torch.Tensor:
+    """Square boxes (x0, y0, x1, y1 in pixel-index convention) -> (n, 3, size, size), normalised."""
+    b = boxes[:, :4].trunc()
+    # Pixel columns x0-1 .. x1-1 as in MTCNN's 1-based crops; aligned=True puts pixel i on [i, i+1).
+    rois = torch.stack([image_inds.to(b), b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], 1)
+    out = roi_align(imgs, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return (out - 127.5) * 0.0078125
+
+
+def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """NMS whose overlap is intersection over the smaller box (MTCNN's last stage), per image."""
+    order = scores.argsort(descending=True)
+    keep = []
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        xx1 = torch.maximum(boxes[i, 0], boxes[:, 0])
+        yy1 = torch.maximum(boxes[i, 1], boxes[:, 1])
+        xx2 = torch.minimum(boxes[i, 2], boxes[:, 2])
+        yy2 = torch.minimum(boxes[i, 3], boxes[:, 3])
+        inter = (xx2 - xx1 + 1).clamp(min=0) * (yy2 - yy1 + 1).clamp(min=0)
+        overlap = inter / torch.minimum(area[i], area)
+        suppressed |= (overlap > threshold) & (idxs == idxs[i])
+    return torch.as_tensor(keep, dtype=torch.long, device=boxes.device)
+
+
+@torch.inference_mode()
+def detect_batch(imgs: torch.Tensor, pnet, rnet, onet, min_face_size: int = 20,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+    """Faces in a batch of same-size images (B, H, W, 3) uint8/float on the nets' device.
+
+    Returns per image: boxes (n, 4), scores (n,), landmarks (n, 5, 2), as CPU float tensors.
+    """
+    imgs = imgs.permute(0, 3, 1, 2).float()
+    b, _, h, w = imgs.shape
+    empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
+    # Stage 1: P-net over the pyramid.
+    all_boxes, all_inds = [], []
+    level = imgs
+    for scale in _pyramid(h, w, min_face_size, factor):
+        # Each level is area-resized from the previous one, not from the full image: same
+        # pyramid up to resampling, a fraction of the work.
+        level = interpolate(level, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
+        reg, probs = pnet((level - 127.5) * 0.0078125)
+        boxes, inds = generateBoundingBox(reg, probs[:, 1], scale, thresholds[0])
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.5)
+        all_boxes.append(boxes[keep])
+        all_inds.append(inds[keep])
+    boxes, inds = torch.cat(all_boxes), torch.cat(all_inds)
+    if len(boxes) == 0:
+        return [empty] * b
+    keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+    boxes, inds = boxes[keep], inds[keep]
+    regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
+                         boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]], 1)
+    boxes = rerec(boxes)
+    # Stage 2: R-net on 24x24 crops of every candidate at once.
+    reg, score = rnet(_crops(imgs, boxes, inds, 24))
+    score = score[:, 1]
+    ok = score > thresholds[1]
+    boxes = torch.cat([boxes[ok, :4], score[ok, None]], 1)
+    inds, reg = inds[ok], reg[ok]
+    if len(boxes) == 0:
+        return [empty] * b
+    keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+    boxes, inds, reg = boxes[keep], inds[keep], reg[keep]
+    boxes = rerec(bbreg(boxes, reg))
+    # Stage 3: O-net on 48x48 crops: final boxes, scores and the five landmarks.
+    reg, points, score = onet(_crops(imgs, boxes, inds, 48))
+    score = score[:, 1]
+    ok = score > thresholds[2]
+    boxes = torch.cat([boxes[ok, :4], score[ok, None]], 1)
+    inds, reg, points = inds[ok], reg[ok], points[ok]
+    if len(boxes) == 0:
+        return [empty] * b
+    bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+    bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+    landmarks = torch.stack([bw * points[:, :5] + boxes[:, :1] - 1, bh * points[:, 5:] + boxes[:, 1:2] - 1], 2)
+    boxes = bbreg(boxes, reg)
+    keep = _nms_min(boxes[:, :4], boxes[:, 4], inds, 0.7)
+    boxes, inds, landmarks = boxes[keep].cpu(), inds[keep].cpu(), landmarks[keep].cpu()
+    return [(boxes[inds == i, :4], boxes[inds == i, 4], landmarks[inds == i]) for i in range(b)]

@@ -1,0 +1,239 @@
+"""The dual-transfer AU detector: two ResNet branches, fused features, a linear head over the AUs.
+
+One branch starts from a face-recognition model (identity-discriminative features around the
+landmarks where AUs happen), the other from a facial-expression model (AUs co-occur in
+emotions): the seed paper's "multiple transfer learning". Their pooled features are
+concatenated and a linear head predicts every AU. Each branch may also have an auxiliary head;
+an optional penalty keeps the two auxiliary heads' weights apart (orthogonal), so the branches
+are pushed to contribute different evidence.
+
+:class:`AUNet` is the plain ``nn.Module`` (what MLflow stores and serves); :class:`AUDetector`
+is the LightningModule around it (loss, metrics, optimisation).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from datamodules.manifest import EMOTIONET_AUS, au_column_name
+from lightning_modules.backbones import create_backbone
+from lightning_modules.losses import build_loss
+from lightning_modules.metrics import AUMetrics
+
+log = logging.getLogger(__name__)
+
+BRANCHES = ("face", "emotion")
+
+
+class AUNet(nn.Module):
+    """Branches -> concatenated pooled features -> AU logits (plus auxiliary logits per branch).
+
+    ``thresholds`` (a buffer, so it travels with the weights) turns probabilities into decisions;
+    ``aus`` names the outputs.
+    """
+
+    def __init__(self, aus: Sequence[int] = EMOTIONET_AUS, backbone: str = "resnet50",
+                 branches: Sequence[str] = BRANCHES, weights: dict[str, str | None] | None = None,
+                 aux_heads: bool = False, dropout: float = 0.0, allow_missing: bool = False):
+        super().__init__()
+        unknown = set(branches) - set(BRANCHES)
+        if unknown or not branches:
+            raise ValueError(f"model branches must be a non-empty subset of {BRANCHES}, got {list(branches)}")
+        self.aus = tuple(int(a) for a in aus)
+        weights = weights or {}
+        self.branches = nn.ModuleDict()
+        self.load_reports = {}
+        for name in branches:
+            net, report = create_backbone(backbone, weights.get(name), allow_missing=allow_missing)
+            self.branches[name] = net
+            self.load_reports[name] = str(report) if report else "random initialisation"
+        dims = [b.num_features for b in self.branches.values()]
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(sum(dims), len(self.aus))
+        self.aux = nn.ModuleDict({n: nn.Linear(d, len(self.aus)) for n, d in zip(branches, dims)}) if aux_heads \
+            else nn.ModuleDict()
+        self.register_buffer("thresholds", torch.full((len(self.aus),), 0.5))
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        feats = {n: b(x) for n, b in self.branches.items()}
+        logits = self.head(self.dropout(torch.cat(list(feats.values()), 1)))
+        aux = {n: head(self.dropout(feats[n])) for n, head in self.aux.items()}
+        return logits, aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B,3,S,S) -> AU logits (B,K)."""
+        return self.forward_all(x)[0]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and decisions at the stored thresholds."""
+        probs = torch.sigmoid(self(x))
+        return probs, probs >= self.thresholds
+
+
+def orthogonality_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between every row of ``a`` and every row of ``b`` (0 when orthogonal)."""
+    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).pow(2).mean()
+
+
+class AUDetector(L.LightningModule):
+    """Training, evaluation and prediction of :class:`AUNet`.
+
+    Args:
+        aus: AUs predicted, in the data's order (linked from ``data.aus`` by the CLI).
+        backbone: timm ResNet name (resnet18 ... resnet152).
+        branches: which transfer branches to use (``face``, ``emotion`` or both).
+        face_weights, emotion_weights: weight source of each branch: a checkpoint path,
+            ``timm`` for timm's pretrained weights, or null for a random start.
+        allow_missing: accept a checkpoint that lacks some backbone tensors.
+        aux_heads: add an auxiliary AU head on each branch.
+        aux_weight: weight of the auxiliary heads' losses.
+        orthogonality: weight of the penalty keeping the two auxiliary heads apart.
+        loss: ``selective`` (selective learning), ``bce`` (masked) or ``weighted_bce``.
+        target_rate: selective learning's target positive rate (one value or one per AU).
+        max_drop, max_weight: selective learning's caps on dropping and up-weighting.
+        pos_weight: per-AU positive weights for ``weighted_bce``.
+        dropout: before the heads.
+        backbone_lr_factor: backbone learning rate relative to the heads' (transferred
+            features are refined slowly, the new heads learn fast).
+        optimizer, scheduler: from the config, as class paths with their arguments.
+        scheduler_interval: step the scheduler each ``epoch`` or each ``step``.
+        loss_seed: seed of selective learning's random drops.
+    """
+
+    def __init__(
+        self,
+        aus: Sequence[int] = EMOTIONET_AUS,
+        backbone: str = "resnet50",
+        branches: Sequence[str] = BRANCHES,
+        face_weights: str | None = None,
+        emotion_weights: str | None = None,
+        allow_missing: bool = False,
+        aux_heads: bool = False,
+        aux_weight: float = 0.3,
+        orthogonality: float = 0.0,
+        loss: str = "selective",
+        target_rate: float | list[float] = 0.5,
+        max_drop: float = 1.0,
+        max_weight: float | None = None,
+        pos_weight: list[float] | None = None,
+        dropout: float = 0.0,
+        backbone_lr_factor: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        loss_seed: int | None = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if orthogonality and not (aux_heads and len(branches) == 2):
+            raise ValueError("model.orthogonality needs aux_heads: true and both branches")
+        self.net = AUNet(aus, backbone, branches, {"face": face_weights, "emotion": emotion_weights},
+                         aux_heads=aux_heads, dropout=dropout, allow_missing=allow_missing)
+        if orthogonality and len({h.in_features for h in self.net.aux.values()}) != 1:
+            raise ValueError("model.orthogonality needs branches of equal feature width")
+        self.aus = self.net.aus
+        if loss == "selective":
+            self.criterion = build_loss(loss, target_rate=target_rate, max_drop=max_drop, max_weight=max_weight,
+                                        seed=loss_seed)
+        elif loss == "weighted_bce":
+            self.criterion = build_loss(loss, pos_weight=pos_weight)
+        else:
+            self.criterion = build_loss(loss)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        k = len(self.aus)
+        self.train_metrics = AUMetrics(k)
+        self.val_metrics = AUMetrics(k)
+        self.test_metrics = AUMetrics(k)
+        self.test_metrics_default = AUMetrics(k)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Per-AU decision thresholds; fitted by SoftThresholdCallback, saved in checkpoints."""
+        return self.net.thresholds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        logits, aux = self.net.forward_all(batch["image"])
+        labels, mask = batch["labels"], batch["mask"]
+        parts = {"main": self.criterion(logits, labels, mask)}
+        for name, aux_logits in aux.items():
+            parts[f"aux_{name}"] = self.hparams.aux_weight * self.criterion(aux_logits, labels, mask)
+        if self.hparams.orthogonality:
+            heads = list(self.net.aux.values())
+            parts["orthogonality"] = self.hparams.orthogonality * orthogonality_penalty(heads[0].weight, heads[1].weight)
+        return sum(parts.values()), logits, parts
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logits, parts = self.model_step(batch)
+        self.train_metrics.update(torch.sigmoid(logits.detach()), batch["labels"], batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        if len(parts) > 1:
+            self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, batch_size=len(logits))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_scores("train", self.train_metrics.compute(), per_au=False)
+        self.train_metrics.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, logits, _ = self.model_step(batch)
+        probs = torch.sigmoid(logits)
+        self.val_metrics.update(probs, batch["labels"], batch["mask"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        # SoftThresholdCallback gathers these to fit the thresholds.
+        return {"probs": probs, "labels": batch["labels"], "mask": batch["mask"], "index": batch["index"]}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val", self.val_metrics.compute())
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss, logits, _ = self.model_step(batch)
+        probs = torch.sigmoid(logits)
+        self.test_metrics.update(probs, batch["labels"], batch["mask"], thresholds=self.thresholds)
+        self.test_metrics_default.update(probs, batch["labels"], batch["mask"])
+        self.log("test/loss", loss, sync_dist=True, batch_size=len(logits))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test", self.test_metrics.compute())  # at the fitted thresholds
+        self._log_scores("test", self.test_metrics_default.compute(), suffix="_default", per_au=False)
+        self.test_metrics.reset()
+        self.test_metrics_default.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        probs = torch.sigmoid(self(batch["image"]))
+        return {"probs": probs, "decisions": probs >= self.thresholds, "index": batch["index"]}
+
+    def _log_scores(self, stage: str, scores: dict, suffix: str = "", per_au: bool = True) -> None:
+        self.log_dict({f"{stage}/f1{suffix}": scores["mean_f1"], f"{stage}/accuracy{suffix}": scores["mean_accuracy"],
+                       f"{stage}/score{suffix}": scores["score"]}, prog_bar=stage == "val")
+        if per_au:
+            for i, au in enumerate(self.aus):
+                name = au_column_name(au)
+                if torch.isfinite(scores["f1"][i]):
+                    self.log(f"{stage}/f1{suffix}/{name}", scores["f1"][i])
+                    self.log(f"{stage}/accuracy{suffix}/{name}", scores["accuracy"][i])
+
+    def configure_optimizers(self):
+        backbone = [p for p in self.net.branches.parameters() if p.requires_grad]
+        heads = [p for n, p in self.net.named_parameters() if not n.startswith("branches.") and p.requires_grad]
+        factor = self.hparams.backbone_lr_factor
+        optimizer = self.optimizer_factory([{"params": heads}, {"params": backbone, "lr_factor": factor}])
+        for group in optimizer.param_groups:  # the factory set one lr; scale the backbone's group
+            group["lr"] = group["lr"] * group.pop("lr_factor", 1.0)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval,
+                                                          "monitor": "val/loss"}}

@@ -1,0 +1,182 @@
+"""EmotioNet Challenge metrics for AU detection.
+
+Per AU, over the *labelled* entries only (``mask`` True; EmotioNet's ``999`` is unlabelled and
+never counts): accuracy = (TP + TN) / N and F1 = 2PR / (P + R), with F1 = 0 when TP = 0
+(scikit-learn's ``f1_score(zero_division=0)``). The final score is
+(mean accuracy + mean F1) / 2 over the AUs; an AU with no labelled entry is reported as ``nan``
+and left out of the means.
+
+A decision is positive when ``prob >= threshold`` (one threshold for all AUs, or one per AU).
+
+* :func:`au_confusion` and :func:`au_scores` are pure functions (numpy or torch in, numpy out).
+* :class:`AUMetrics` is the torchmetrics version for a LightningModule: it accumulates per-AU
+  TP/FP/TN/FN as sum states, so torchmetrics' own state sync makes it exact under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchmetrics
+
+__all__ = ["au_confusion", "au_scores", "scores_from_counts", "AUMetrics"]
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _as_2d(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, 1) if x.ndim == 1 else x
+
+
+def _default_mask(labels: np.ndarray) -> np.ndarray:
+    """Labelled = the label is 0 or 1 (so ``999`` and ``nan`` are unlabelled)."""
+    return (labels == 0) | (labels == 1)
+
+
+def au_confusion(probs: Any, labels: Any, mask: Any = None,
+                 thresholds: Any = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-AU confusion counts over the labelled entries.
+
+    Args:
+        probs: (N, K) probabilities.
+        labels: (N, K) labels, positive when > 0.5 (values under a False mask are ignored).
+        mask: (N, K) bool, True = labelled. ``None``: labelled where the label is 0 or 1.
+        thresholds: a scalar or (K,); decision = ``probs >= thresholds``.
+
+    Returns:
+        ``(tp, fp, tn, fn)``, each a (K,) int64 array.
+    """
+    p = _as_2d(_numpy(probs))
+    y = _as_2d(_numpy(labels))
+    m = _default_mask(y) if mask is None else _as_2d(_numpy(mask)).astype(bool)
+    if not (p.shape == y.shape == m.shape):
+        raise ValueError(f"probs {p.shape}, labels {y.shape} and mask {m.shape} must have the same (N, K) shape")
+    t = _numpy(thresholds)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != p.shape[1]):
+        raise ValueError(f"thresholds must be a scalar or have shape ({p.shape[1]},), got {t.shape}")
+    pred = p >= t
+    pos = y > 0.5
+    tp = (pred & pos & m).sum(0).astype(np.int64)
+    fp = (pred & ~pos & m).sum(0).astype(np.int64)
+    tn = (~pred & ~pos & m).sum(0).astype(np.int64)
+    fn = (~pred & pos & m).sum(0).astype(np.int64)
+    return tp, fp, tn, fn
+
+
+def scores_from_counts(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, Any]:
+    """The challenge scores from per-AU confusion counts (see :func:`au_scores` for the keys)."""
+    tp, fp, tn, fn = (_numpy(c).astype(np.int64) for c in (tp, fp, tn, fn))
+    support = tp + fp + tn + fn
+    positives = tp + fn
+    labelled = support > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = np.where(labelled, (tp + tn) / np.maximum(support, 1), np.nan)
+        precision = np.where(labelled, np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0), np.nan)
+        recall = np.where(labelled, np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0), np.nan)
+        # 2PR/(P+R) == 2TP/(2TP+FP+FN); 0 when TP == 0 (zero_division=0)
+        f1 = np.where(labelled, np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0), np.nan)
+    if labelled.any():
+        mean_f1 = float(f1[labelled].mean())
+        mean_accuracy = float(accuracy[labelled].mean())
+        score = (mean_f1 + mean_accuracy) / 2
+    else:
+        mean_f1 = mean_accuracy = score = float("nan")
+    return {"f1": f1, "accuracy": accuracy, "precision": precision, "recall": recall,
+            "support": support, "positives": positives,
+            "mean_f1": mean_f1, "mean_accuracy": mean_accuracy, "score": score}
+
+
+def au_scores(probs: Any, labels: Any, mask: Any = None, thresholds: Any = 0.5) -> dict[str, Any]:
+    """EmotioNet Challenge scores per AU and overall, over the labelled entries only.
+
+    Returns a dict: ``f1``, ``accuracy``, ``precision``, ``recall`` (K,) float (``nan`` for an
+    AU with no labelled entry), ``support`` (K,) labelled entries, ``positives`` (K,) labelled
+    positives, and the floats ``mean_f1``, ``mean_accuracy`` (over AUs with a labelled entry)
+    and ``score`` = (mean_accuracy + mean_f1) / 2.
+
+    Two AUs, four samples, one unlabelled entry (EmotioNet's ``999``). AU a: decisions
+    [1, 0, 0, 0] vs labels [1, 1, 0, 0]: TP=1, FN=1, TN=2, so accuracy 3/4, P=1, R=1/2,
+    F1=2/3. AU b (3 labelled): decisions [0, 1, 1] vs [0, 1, 0]: TP=1, FP=1, TN=1, so
+    accuracy 2/3, P=1/2, R=1, F1=2/3. Score = ((3/4 + 2/3)/2 + 2/3) / 2 = 0.6875.
+
+    >>> probs = np.array([[0.9, 0.2], [0.4, 0.7], [0.3, 0.6], [0.2, 0.8]])
+    >>> labels = np.array([[1, 0], [1, 1], [0, 0], [0, 999]])
+    >>> s = au_scores(probs, labels, labels != 999)
+    >>> s["accuracy"].round(4), s["f1"].round(4), s["support"]
+    (array([0.75  , 0.6667]), array([0.6667, 0.6667]), array([4, 3]))
+    >>> s["precision"], s["recall"]
+    (array([1. , 0.5]), array([0.5, 1. ]))
+    >>> round(s["mean_accuracy"], 4), round(s["mean_f1"], 4), s["score"]
+    (0.7083, 0.6667, 0.6875)
+
+    At per-AU thresholds (0.95 for a predicts nothing: F1 = 0 by zero_division=0):
+
+    >>> au_scores(probs, labels, labels != 999, thresholds=[0.95, 0.65])["f1"]
+    array([0., 1.])
+    """
+    return scores_from_counts(*au_confusion(probs, labels, mask, thresholds))
+
+
+class AUMetrics(torchmetrics.Metric):
+    """EmotioNet Challenge metrics accumulated over batches (DDP-correct through state sync).
+
+    ``update(probs, labels, mask, thresholds=None)`` adds per-AU TP/FP/TN/FN over the labelled
+    entries (``thresholds`` None: the constructor's ``threshold``); ``compute()`` returns the
+    :func:`au_scores` dict as tensors (``mean_f1``, ``mean_accuracy``, ``score`` 0-dim).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_aus: int, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_aus = int(num_aus)
+        self.threshold = float(threshold)
+        for name in ("tp", "fp", "tn", "fn"):
+            self.add_state(name, default=torch.zeros(self.num_aus, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
+               thresholds: Any = None) -> None:
+        probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+        if probs.ndim != 2 or probs.shape[1] != self.num_aus or labels.shape != probs.shape:
+            raise ValueError(f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} must be (N, {self.num_aus})")
+        labels = labels.to(probs.device)
+        if mask is None:
+            mask = (labels == 0) | (labels == 1)
+        mask = torch.as_tensor(mask, device=probs.device).bool()
+        if mask.shape != probs.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must be (N, {self.num_aus})")
+        thr = torch.as_tensor(self.threshold if thresholds is None else thresholds, device=probs.device)
+        if not thr.is_floating_point():
+            thr = thr.float()
+        if thr.ndim > 1 or (thr.ndim == 1 and thr.shape[0] != self.num_aus):
+            raise ValueError(f"thresholds must be a scalar or ({self.num_aus},), got {tuple(thr.shape)}")
+        # compare in the wider dtype so a threshold taken from the probabilities is not rounded
+        dtype = torch.promote_types(probs.dtype, thr.dtype) if probs.is_floating_point() else thr.dtype
+        pred = probs.to(dtype) >= thr.to(dtype).expand(self.num_aus)
+        pos = labels > 0.5
+        self.tp += (pred & pos & mask).sum(0)
+        self.fp += (pred & ~pos & mask).sum(0)
+        self.tn += (~pred & ~pos & mask).sum(0)
+        self.fn += (~pred & pos & mask).sum(0)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        scores = scores_from_counts(self.tp, self.fp, self.tn, self.fn)
+        device = self.tp.device
+        out = {}
+        for key, value in scores.items():
+            if key in ("support", "positives"):
+                out[key] = torch.as_tensor(value, dtype=torch.long, device=device)
+            else:
+                out[key] = torch.as_tensor(value, dtype=torch.float32, device=device)
+        return out
