@@ -106,6 +106,10 @@ class AUDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Under LightningCLI, hparams hold the config as given (mappings): keep the objects apart.
+        self.synth = synth if isinstance(synth, SynthAUSettings) else SynthAUSettings(**dict(synth))
+        self.alignment = alignment if isinstance(alignment, AlignmentSettings) else AlignmentSettings(
+            **{k: tuple(v) if k == "thresholds" else v for k, v in dict(alignment).items()})
         given = [m is not None for m in (train_manifest, val_manifest, test_manifest)]
         if any(given) and not all(given):
             raise ValueError("data: give train_manifest, val_manifest and test_manifest together, "
@@ -128,7 +132,7 @@ class AUDataModule(L.LightningDataModule):
         return read_manifest(self.manifest_paths[stage], aus=self.aus, root=self.hparams.image_root)
 
     def _align(self, stage: str) -> Path:
-        return align_manifest(self.manifest(stage), self.hparams.cache_dir, self.hparams.alignment,
+        return align_manifest(self.manifest(stage), self.hparams.cache_dir, self.alignment,
                               root=self.hparams.image_root, name=stage, workers=self.hparams.align_workers,
                               progress=True)
 
@@ -139,7 +143,7 @@ class AUDataModule(L.LightningDataModule):
         it writes are what ``setup`` opens.
         """
         if self.synthetic:
-            summary = generate_synthau(self.hparams.data_root, self.hparams.synth)
+            summary = generate_synthau(self.hparams.data_root, self.synth)
             log.info("SynthAU in %s: %s, %d AUs under 5%% positive, %d over 20%%, %.1f%% unlabelled; "
                      "contact sheet %s", self.hparams.data_root, summary["counts"], summary["aus_under_5pct"],
                      summary["aus_over_20pct"], 100 * summary["unlabelled_share"],

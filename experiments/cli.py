@@ -1,12 +1,15 @@
 """``au-detect``: the command line of the project.
 
-Data commands:
+Training (Lightning CLI, one config for all):
+    au-detect fit --config experiments/demo.yaml      train, fit thresholds, track in MLflow
+    au-detect validate|test|predict --config ... --ckpt_path CKPT
+Data:
     au-detect synth    render SynthAU (images, EmotioNet-form manifests, contact sheet)
     au-detect align    align the faces of manifests into crop caches, with a report
-    au-detect prepare  what a training run prepares from a config: generate, align, report
+    au-detect prepare  what a training config prepares: generate, align, report
 
-Every option comes from a function signature (jsonargparse), so ``--help`` lists them all and
-``--config file.yaml`` takes them from YAML.
+Every option comes from a class or function signature (jsonargparse), so ``--help`` lists them
+all, ``--config file.yaml`` takes them from YAML and ``--print_config`` shows the result.
 """
 
 from __future__ import annotations
@@ -14,9 +17,17 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks.mlflow_artifacts import MLflowArtifacts, mlflow_logger, run_id_from_checkpoint
+from callbacks.soft_threshold import SoftThresholdCallback
+from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+from lightning_modules.au_detector import AUDetector
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
 from datamodules.au_datamodule import AUDataModule
@@ -80,6 +91,9 @@ def prepare(data: AUDataModule) -> None:
         _print_report(report, data.splits[stage].path if stage in data.splits else None)
 
 
+DATA_COMMANDS = {"synth": synth, "align": align, "prepare": prepare}
+
+
 def _print_report(report: dict, folder: Path | None) -> None:
     print(summarize(report))
     if folder is not None:
@@ -88,6 +102,105 @@ def _print_report(report: dict, folder: Path | None) -> None:
         print(f"  skipped line {row['line']}: {row['image']}: {row['error']}")
     if len(report["skipped_rows"]) > 10:
         print(f"  ... {len(report['skipped_rows']) - 10} more in report.json")
+
+
+class AUDetectCLI(LightningCLI):
+    """LightningCLI for :class:`AUDetector` on :class:`AUDataModule`, tracked in MLflow.
+
+    The soft-threshold, checkpoint and MLflow-artifact callbacks are always there, each with its
+    own config section. Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets
+    ``trainer.logger`` itself. Lightning's SaveConfigCallback is replaced by logging the resolved
+    config to the MLflow run (params and ``config.yaml``), which works for any tracking URI.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs):
+        super().__init__(AUDetector, AUDataModule, save_config_callback=None, auto_configure_optimizers=False,
+                         args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.aus", "model.aus")
+        parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/score_fitted", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
+                             "checkpoint.filename": "epoch{epoch:02d}-score{val/score_fitted:.4f}"})
+        parser.add_lightning_class_args(MLflowArtifacts, "mlflow_artifacts")
+        parser.add_argument("--mlflow", type=str, default="mlflow.yaml", help="MLflow settings (tracking URI, ...)")
+        parser.add_argument("--run_name", type=Optional[str], default=None, help="MLflow run name")
+
+    def _subconfig(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._subconfig()
+        if config.trainer.get("logger") is None and "logger" not in kwargs:
+            ckpt = config.get("ckpt_path")
+            run_id = run_id_from_checkpoint(ckpt) if ckpt and Path(ckpt).is_file() else None
+            self.tracking = TrackingSettings.read(config.mlflow)
+            kwargs["logger"] = self.tracking.logger(config.run_name, run_id)
+            self.resumed_run = run_id
+        return super().instantiate_trainer(**kwargs)
+
+    def _log_config(self) -> None:
+        logger = mlflow_logger(self.trainer)
+        if logger is None or not self.trainer.is_global_zero:
+            return
+        config = self._subconfig()
+        text = self._parser(self.subcommand).dump(config, skip_none=False)
+        client, run_id = logger.experiment, logger.run_id
+        client.log_text(run_id, text, "config.yaml")
+        params = flatten_config(yaml.safe_load(text), skip=("ckpt_path", "config", "mlflow", "run_name"))
+        existing = client.get_run(run_id).data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
+        if new:
+            logger.log_hyperparams(new)
+        for k, v in changed.items():  # a resumed run may change e.g. max_epochs: params are immutable
+            client.set_tag(run_id, f"resumed_with/{k}", v[:5000])
+        client.set_tag(run_id, "au_detect.command", self.subcommand or "")
+
+    def before_fit(self) -> None:
+        self._log_config()
+        logger = mlflow_logger(self.trainer)
+        if logger is not None and self.trainer.is_global_zero:
+            print(f"MLflow run {logger.run_id} in experiment '{self.tracking.experiment_name}' at "
+                  f"{self.tracking.tracking_uri}" + (" (resumed)" if self.resumed_run else ""))
+
+    def after_fit(self) -> None:
+        logger = mlflow_logger(self.trainer)
+        if logger is not None and self.trainer.is_global_zero:
+            metrics = self.trainer.callback_metrics
+            score = {k: round(float(metrics[k]), 4) for k in ("val/f1_fitted", "val/score_fitted", "val/f1")
+                     if k in metrics}
+            print(f"Done: {score}. Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
+            uri = self.tracking.tracking_uri
+            where = f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "mlflow ui"
+            print(f"See the run: {where}  (then open http://127.0.0.1:5000, experiment "
+                  f"'{self.tracking.experiment_name}', run {logger.run_id})")
+
+    def before_validate(self) -> None:
+        self._log_config()
+
+    def before_test(self) -> None:
+        self._log_config()
+
+
+def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Nested config -> ``{"model.backbone": "resnet50", ...}`` as MLflow params (values as text).
+
+    >>> flatten_config({"model": {"lr": 0.1, "aus": [1, 2]}, "ckpt_path": None}, skip=("ckpt_path",))
+    {'model.lr': '0.1', 'model.aus': '[1, 2]'}
+    """
+    out = {}
+    for key, value in config.items():
+        if not prefix and key in skip:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{name}.", skip))
+        else:
+            out[name] = str(value)[:6000]
+    return out
 
 
 def build_parser() -> ArgumentParser:
@@ -100,21 +213,37 @@ def build_parser() -> ArgumentParser:
         commands.add_subcommand(name, sub, help=fn.__doc__.splitlines()[0])
     # prepare reads the same YAML as training: its data section builds the AUDataModule.
     sub = ArgumentParser(description=prepare.__doc__)
-    sub.add_argument("--config", action=ActionConfigFile, help="a training config with a data section")
     sub.add_class_arguments(AUDataModule, "data")
     commands.add_subcommand("prepare", sub, help=prepare.__doc__.splitlines()[0])
     return parser
 
 
+def _data_section(args: list[str]) -> list[str]:
+    """``prepare --config train.yaml``: keep the config's data section only."""
+    if "--config" not in args:
+        return args
+    i = args.index("--config")
+    section = (yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("data")
+    if section is None:
+        raise SystemExit(f"{args[i + 1]}: no 'data' section")
+    return args[:i] + ["--data", yaml.safe_dump(section.get("init_args", section))] + args[i + 2:]
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``au-detect``; ``args`` defaults to the command line (tests pass a list)."""
+    args = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args or args[0] not in DATA_COMMANDS:
+        AUDetectCLI(args=args)
+        return
+    if args[0] == "prepare":
+        args = ["prepare"] + _data_section(args[1:])
     parser = build_parser()
-    cfg = parser.parse_args(list(sys.argv[1:] if args is None else args))
+    cfg = parser.parse_args(args)
     command = cfg.command
     init = parser.instantiate_classes(cfg)[command]
     init.pop("config", None)
-    {"synth": synth, "align": align, "prepare": prepare}[command](**init)
+    DATA_COMMANDS[command](**init)
 
 
 if __name__ == "__main__":

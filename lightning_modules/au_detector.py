@@ -24,7 +24,7 @@ from torch import nn
 
 from datamodules.manifest import EMOTIONET_AUS, au_column_name
 from lightning_modules.backbones import create_backbone
-from lightning_modules.losses import build_loss
+from lightning_modules.losses import MaskedBCEWithLogits, build_loss
 from lightning_modules.metrics import AUMetrics
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ class AUDetector(L.LightningModule):
             self.criterion = build_loss(loss, pos_weight=pos_weight)
         else:
             self.criterion = build_loss(loss)
+        self.eval_criterion = MaskedBCEWithLogits()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         k = len(self.aus)
@@ -186,8 +187,14 @@ class AUDetector(L.LightningModule):
         self._log_scores("train", self.train_metrics.compute(), per_au=False)
         self.train_metrics.reset()
 
+    def evaluation_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and plain masked BCE: deterministic (selective learning drops at random) and the
+        same yardstick whatever loss a run trains with, so runs compare."""
+        logits = self.net(batch["image"])
+        return self.eval_criterion(logits, batch["labels"], batch["mask"]), logits
+
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        loss, logits, _ = self.model_step(batch)
+        loss, logits = self.evaluation_step(batch)
         probs = torch.sigmoid(logits)
         self.val_metrics.update(probs, batch["labels"], batch["mask"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
@@ -199,7 +206,7 @@ class AUDetector(L.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        loss, logits, _ = self.model_step(batch)
+        loss, logits = self.evaluation_step(batch)
         probs = torch.sigmoid(logits)
         self.test_metrics.update(probs, batch["labels"], batch["mask"], thresholds=self.thresholds)
         self.test_metrics_default.update(probs, batch["labels"], batch["mask"])

@@ -1,0 +1,90 @@
+"""Figures a run shows in MLflow: label frequencies, PR curves per AU, sample grids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training machines have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from datamodules.manifest import au_column_name  # noqa: E402
+
+
+def label_frequency_figure(aus: Sequence[int], raw: np.ndarray, sampled: np.ndarray | None = None):
+    """Per-AU positive rate in the raw training data and, with balanced sampling, as drawn."""
+    names = [au_column_name(a) for a in aus]
+    x = np.arange(len(aus))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(aus)), 3.6))
+    width = 0.4 if sampled is not None else 0.8
+    ax.bar(x - (width / 2 if sampled is not None else 0), raw, width, label="raw")
+    if sampled is not None:
+        ax.bar(x + width / 2, sampled, width, label="balanced sampling (expected)")
+    ax.set_xticks(x, names, rotation=60, fontsize=8)
+    ax.set_ylabel("positive rate (labelled entries)")
+    ax.set_title("AU label frequencies")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def precision_recall(probs: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and thresholds over every distinct score, highest threshold first."""
+    order = np.argsort(-probs, kind="stable")
+    p, y = probs[order], positive[order].astype(float)
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # the last entry of each tied score
+    tp = np.cumsum(y)[last]
+    fp = (last + 1) - tp
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / max(y.sum(), 1)
+    return precision, recall, p[last]
+
+
+def pr_curves_figure(aus: Sequence[int], probs: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                     thresholds: np.ndarray | None = None, cols: int = 6):
+    """One precision-recall curve per AU (labelled entries only); the fitted threshold marked."""
+    k = len(aus)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= k:
+            ax.axis("off")
+            continue
+        m = mask[:, i].astype(bool)
+        y = labels[m, i] > 0.5
+        ax.set_title(f"{au_column_name(aus[i])}  (n+={int(y.sum())})", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=6)
+        if y.sum() == 0:
+            ax.text(0.5, 0.5, "no positive", ha="center", fontsize=7)
+            continue
+        precision, recall, cut = precision_recall(probs[m, i], y)
+        ax.plot(recall, precision, lw=1)
+        ax.axhline(y.mean(), color="grey", lw=0.6, ls="--")  # a constant predictor's precision
+        if thresholds is not None:
+            j = int(np.argmin(np.abs(cut - thresholds[i])))
+            ax.plot(recall[j], precision[j], "o", ms=4, color="red")
+    fig.suptitle("Precision-recall per AU (validation); dot: fitted threshold, dashed: prior", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid_figure(images: np.ndarray, labels: np.ndarray, mask: np.ndarray, aus: Sequence[int],
+                       cols: int = 8, title: str = "training batch"):
+    """Images (N,H,W,3 uint8) captioned with their positive AUs (``?`` counts unlabelled AUs)."""
+    n = len(images)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i])
+        pos = [str(a) for a, y, m in zip(aus, labels[i], mask[i]) if m and y > 0.5]
+        ax.set_title((",".join(pos) or "-") + f"  ?{int((~mask[i].astype(bool)).sum())}", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,42 @@
+"""``mlflow.yaml``: where runs are tracked. This is the only place that reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.loggers import MLFlowLogger
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class TrackingSettings:
+    """The contents of ``mlflow.yaml``."""
+
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment_name: str = "au-detect"
+    artifact_location: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    registered_model_name: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "TrackingSettings":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"MLflow settings {path} not found: pass --mlflow PATH (see mlflow.yaml)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        settings = cls(**raw)
+        settings.tags = {str(k): str(v) for k, v in (settings.tags or {}).items()}
+        return settings
+
+    def logger(self, run_name: str | None = None, run_id: str | None = None) -> MLFlowLogger:
+        # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
+        # longer takes by default: the URI is always explicit.
+        return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, tags=self.tags,
+                            artifact_location=self.artifact_location, run_name=run_name, run_id=run_id,
+                            log_model=False)
