@@ -205,6 +205,9 @@ def _log_pytorch_model(tracking_uri: str, run_id: str, net: torch.nn.Module, tra
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=example.numpy())
+            # Pickled, not torch.export'ed (MLflow 3's default): the loaded model keeps predict(),
+            # the thresholds and the AU names, not only forward().
+            mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=example.numpy(),
+                                     serialization_format="pickle")
     finally:
         mlflow.set_tracking_uri(previous)

@@ -213,6 +213,7 @@ def build_parser() -> ArgumentParser:
         commands.add_subcommand(name, sub, help=fn.__doc__.splitlines()[0])
     # prepare reads the same YAML as training: its data section builds the AUDataModule.
     sub = ArgumentParser(description=prepare.__doc__)
+    sub.add_argument("--config", action=ActionConfigFile, help="a training config: its data section is used")
     sub.add_class_arguments(AUDataModule, "data")
     commands.add_subcommand("prepare", sub, help=prepare.__doc__.splitlines()[0])
     return parser

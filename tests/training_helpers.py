@@ -1,0 +1,76 @@
+"""Shared by the training tests: small overrides of the demo config, and reading a run back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from datamodules.alignment import AlignedSplit
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "demo.yaml"
+
+
+def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detect-test") -> Path:
+    path.write_text(yaml.safe_dump({"tracking_uri": tracking_uri, "experiment_name": experiment,
+                                    "tags": {"suite": "tests"}}))
+    return path
+
+
+def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epochs: int = 2,
+                   train_batches: int = 3) -> list[str]:
+    """The demo config, shrunk: the session's 120-scene SynthAU at 64 px, a few batches."""
+    return ["--config", str(DEMO), "--data.data_root", str(synthau), "--data.synth.num_images", "120",
+            "--data.synth.seed", "3", "--data.cache_dir", str(cache), "--data.alignment.crop_size", "64",
+            "--data.num_workers", "0", "--data.batch_size", "16", "--trainer.max_epochs", str(epochs),
+            "--trainer.limit_train_batches", str(train_batches), "--trainer.default_root_dir", str(out),
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--model.scheduler.init_args.T_max", str(epochs), "--mlflow", str(mlflow_yaml),
+            "--mlflow_artifacts.sample_grid", "8"]
+
+
+def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
+    """Everything a fit run must hold; returns the run's facts for further checks."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    run_id = run.info.run_id
+    params, metrics = run.data.params, run.data.metrics
+    assert params["model.backbone"] == "resnet18" and params["data.balanced_sampling"] == "True"
+    assert params["model.loss"] == "selective" and params["soft_threshold.criterion"] == "f1"
+    assert run.data.tags["suite"] == "tests"
+    for name in ("val/f1", "val/accuracy", "val/score", "val/f1_fitted", "val/score_fitted", "train/loss",
+                 "val/f1/AU12", "val/accuracy/AU25", "val/threshold/AU12"):
+        assert name in metrics, name
+    assert 0 <= metrics["val/f1_fitted"] <= 1
+    files = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "thresholds.json", "au_report.csv", "au_report.md", "best.json", "plots",
+            "checkpoints", "data"} <= files, files
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/label_frequencies.png", "plots/pr_curves.png", "plots/sample_grid.png"} <= plots
+    config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml")).read_text())
+    assert config["model"]["backbone"] == "resnet18" and config["data"]["alignment"]["crop_size"] == crop
+    thresholds = json.loads(Path(client.download_artifacts(run_id, "thresholds.json")).read_text())
+    assert len(thresholds["thresholds"]) == 23 and "AU12" in thresholds["thresholds"]
+    (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
+    state = torch.load(client.download_artifacts(run_id, ckpt), map_location="cpu", weights_only=False)
+    assert state["mlflow_run_id"] == run_id
+    # The logged model: a working AUNet with the thresholds of the best epoch inside.
+    mlflow.set_tracking_uri(tracking_uri)
+    net = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    np.testing.assert_allclose(net.thresholds.numpy(), list(thresholds["thresholds"].values()), atol=1e-6)
+    np.testing.assert_allclose(net.thresholds.numpy(), state["state_dict"]["net.thresholds"].numpy(), atol=1e-6)
+    x = torch.randn(4, 3, crop, crop)
+    with torch.no_grad():
+        probs, decisions = net.predict(x)
+    assert probs.shape == (4, 23) and decisions.dtype == torch.bool
+    assert torch.equal(decisions, probs >= net.thresholds)
+    report = Path(client.download_artifacts(run_id, "au_report.csv")).read_text().splitlines()
+    assert report[0].startswith("AU,support,positives,threshold,f1@0.5,f1@fitted") and len(report) == 25
+    return {"run_id": run_id, "metrics": metrics, "client": client}
