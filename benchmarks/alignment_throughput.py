@@ -25,16 +25,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest  # noqa: E402
+from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, box_iou  # noqa: E402
 from datamodules.manifest import read_manifest  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def baseline(paths: list[str], truth: list[list[float]]) -> tuple[float, float]:
@@ -47,7 +40,7 @@ def baseline(paths: list[str], truth: list[list[float]]) -> tuple[float, float]:
         boxes, _, _ = mtcnn.detect(Image.open(path).convert("RGB"), landmarks=True)
         if boxes is not None:
             largest = max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-            hits += iou(largest, gt) > 0.4
+            hits += box_iou(largest, gt) > 0.4
     return len(paths) / (time.perf_counter() - start), hits / len(paths)
 
 
@@ -57,7 +50,7 @@ def ours(manifest, truth: list[list[float]], settings: AlignmentSettings, worker
         split = AlignedSplit.open(align_manifest(manifest, cache, settings, workers=workers))
         rate = len(manifest) / (time.perf_counter() - start)
         by_line = {int(l): i for i, l in enumerate(manifest.lines)}
-        hits = sum(r["status"] == "face" and iou(r["box"], truth[by_line[r["line"]]]) > 0.4
+        hits = sum(r["status"] == "face" and box_iou(r["box"], truth[by_line[r["line"]]]) > 0.4
                    for r in split.report["samples"])
     return rate, hits / len(manifest)
 

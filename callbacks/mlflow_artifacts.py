@@ -44,6 +44,18 @@ def run_id_from_checkpoint(path: str | Path) -> str | None:
     return ckpt.get(RUN_ID_KEY)
 
 
+def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
+    """Mean F1 of the prior predictor: a constant score per AU, so at best "always positive"
+    (F1 = 2p / (1 + p) at positive rate p). The reference a trained model must beat.
+
+    >>> round(prior_f1(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), np.ones((4, 2), bool)), 4)  # (0.4 + 0.667) / 2
+    0.5333
+    """
+    labelled = mask.sum(0)
+    p = (labels * mask).sum(0) / np.maximum(labelled, 1)
+    return float(np.mean((2 * p / (1 + p))[labelled > 0]))
+
+
 def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray) -> list[dict]:
     """One row per AU: what the model does at 0.5 and at its fitted threshold."""
     rows = []
@@ -134,6 +146,9 @@ class MLflowArtifacts(L.Callback):
                                                          batch["mask"][:n].numpy(), aus,
                                                          title="training batch (augmented, as the model sees it)"),
                              "plots/sample_grid.png")
+            if "val" in data.splits:
+                client, run_id = self._client(trainer)
+                client.log_metric(run_id, "val/f1_prior", prior_f1(data.splits["val"].labels, data.splits["val"].mask))
             for stage, report in getattr(data, "reports", {}).items():
                 summary = {k: v for k, v in report.items() if k not in ("samples", "no_face_rows", "skipped_rows")}
                 self._text(trainer, json.dumps(summary, indent=1), f"data/alignment_{stage}.json")

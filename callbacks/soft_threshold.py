@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from lightning_modules.metrics import au_scores
+from lightning_modules.metrics import as_numpy, au_scores
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ __all__ = ["CRITERIA", "fit_thresholds", "fit_threshold_1d", "dedupe_by_index", 
 CRITERIA = ("f1", "score", "break_even")
 DEFAULT_THRESHOLD = 0.5
 _KEYS = ("probs", "labels", "mask", "index")
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.dtype in (torch.bfloat16, torch.float16):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
 
 
 def _check_criterion(criterion: str) -> str:
@@ -116,11 +107,11 @@ def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "
         (K,) float64 thresholds; 0.5 for an AU with no labelled entry or no labelled positive.
     """
     _check_criterion(criterion)
-    p = _numpy(probs)
-    y = _numpy(labels)
+    p = as_numpy(probs)
+    y = as_numpy(labels)
     if p.ndim == 1:
         p, y = p.reshape(-1, 1), y.reshape(-1, 1)
-    m = ((y == 0) | (y == 1)) if mask is None else _numpy(mask).astype(bool).reshape(p.shape)
+    m = ((y == 0) | (y == 1)) if mask is None else as_numpy(mask).astype(bool).reshape(p.shape)
     if p.shape != y.shape:
         raise ValueError(f"probs {p.shape} and labels {y.shape} must have the same (N, K) shape")
     pos = y > 0.5
@@ -138,7 +129,7 @@ def dedupe_by_index(index: Any, *arrays: Any) -> tuple:
     >>> dedupe_by_index(np.array([2, 0, 1, 2]), np.array([20., 0., 10., 21.]))
     (array([0, 1, 2]), array([ 0., 10., 20.]))
     """
-    idx = _numpy(index).reshape(-1)
+    idx = as_numpy(index).reshape(-1)
     unique, first = np.unique(idx, return_index=True)
     out: list[Any] = [torch.as_tensor(unique) if isinstance(index, torch.Tensor) else unique]
     for a in arrays:

@@ -155,6 +155,18 @@ def detection_copy(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]
     return np.ascontiguousarray(small), f
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes.
+
+    >>> box_iou([0, 0, 2, 2], [1, 0, 3, 2])
+    0.3333333333333333
+    """
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 @dataclass
 class Detection:
     """All faces found in one image, in the image's own pixel coordinates."""

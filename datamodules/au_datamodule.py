@@ -74,6 +74,7 @@ class AUDataModule(L.LightningDataModule):
         sampling_power: exponent of the inverse AU frequency in the sampling weights.
         num_samples: samples drawn per epoch when balancing (default: the training set size).
         augment: flip (with left/right AU swap) and jitter training images.
+        augment_strength: scales the photometric and geometric jitter (0: flips only).
         flip_p: probability of the horizontal flip.
         seed: seed of the balanced draw (each epoch draws with seed + epoch).
         mean, std: normalisation applied on the device, after the transfer.
@@ -98,6 +99,7 @@ class AUDataModule(L.LightningDataModule):
         sampling_power: float = 1.0,
         num_samples: int | None = None,
         augment: bool = True,
+        augment_strength: float = 1.0,
         flip_p: float = 0.5,
         seed: int = 0,
         pin_memory: bool = True,
@@ -167,7 +169,8 @@ class AUDataModule(L.LightningDataModule):
     def dataset(self, stage: str) -> AlignedFaceDataset:
         augment = stage == "train" and self.hparams.augment
         return AlignedFaceDataset(self.splits[stage],
-                                  AUAugmentation(self.aus, self.hparams.flip_p) if augment else None)
+                                  AUAugmentation(self.aus, self.hparams.flip_p, self.hparams.augment_strength)
+                                  if augment else None)
 
     def train_sampler(self) -> MultilabelBalancedSampler | None:
         if not self.hparams.balanced_sampling:

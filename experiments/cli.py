@@ -232,10 +232,11 @@ def _data_section(args: list[str]) -> list[str]:
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``au-detect``; ``args`` defaults to the command line (tests pass a list)."""
+    given = args
     args = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args or args[0] not in DATA_COMMANDS:
-        AUDetectCLI(args=args)
+        AUDetectCLI(args=None if given is None else args)  # None: Lightning reads sys.argv itself
         return
     if args[0] == "prepare":
         args = ["prepare"] + _data_section(args[1:])

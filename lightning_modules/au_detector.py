@@ -152,9 +152,10 @@ class AUDetector(L.LightningModule):
         self.scheduler_factory = scheduler
         k = len(self.aus)
         self.train_metrics = AUMetrics(k)
-        self.val_metrics = AUMetrics(k)
-        self.test_metrics = AUMetrics(k)
-        self.test_metrics_default = AUMetrics(k)
+        # Evaluation counts each sample once even when DDP's sampler pads the set with repeats.
+        self.val_metrics = AUMetrics(k, dedupe_by_index=True)
+        self.test_metrics = AUMetrics(k, dedupe_by_index=True)
+        self.test_metrics_default = AUMetrics(k, dedupe_by_index=True)
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -196,7 +197,7 @@ class AUDetector(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits = self.evaluation_step(batch)
         probs = torch.sigmoid(logits)
-        self.val_metrics.update(probs, batch["labels"], batch["mask"])
+        self.val_metrics.update(probs, batch["labels"], batch["mask"], index=batch["index"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
         # SoftThresholdCallback gathers these to fit the thresholds.
         return {"probs": probs, "labels": batch["labels"], "mask": batch["mask"], "index": batch["index"]}
@@ -208,8 +209,9 @@ class AUDetector(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss, logits = self.evaluation_step(batch)
         probs = torch.sigmoid(logits)
-        self.test_metrics.update(probs, batch["labels"], batch["mask"], thresholds=self.thresholds)
-        self.test_metrics_default.update(probs, batch["labels"], batch["mask"])
+        self.test_metrics.update(probs, batch["labels"], batch["mask"], thresholds=self.thresholds,
+                                 index=batch["index"])
+        self.test_metrics_default.update(probs, batch["labels"], batch["mask"], index=batch["index"])
         self.log("test/loss", loss, sync_dist=True, batch_size=len(logits))
 
     def on_test_epoch_end(self) -> None:

@@ -24,7 +24,8 @@ import torchmetrics
 __all__ = ["au_confusion", "au_scores", "scores_from_counts", "AUMetrics"]
 
 
-def _numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
+    """Tensors (any device, half precision too) or array-likes as a numpy array."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         if x.dtype in (torch.bfloat16, torch.float16):
@@ -55,12 +56,12 @@ def au_confusion(probs: Any, labels: Any, mask: Any = None,
     Returns:
         ``(tp, fp, tn, fn)``, each a (K,) int64 array.
     """
-    p = _as_2d(_numpy(probs))
-    y = _as_2d(_numpy(labels))
-    m = _default_mask(y) if mask is None else _as_2d(_numpy(mask)).astype(bool)
+    p = _as_2d(as_numpy(probs))
+    y = _as_2d(as_numpy(labels))
+    m = _default_mask(y) if mask is None else _as_2d(as_numpy(mask)).astype(bool)
     if not (p.shape == y.shape == m.shape):
         raise ValueError(f"probs {p.shape}, labels {y.shape} and mask {m.shape} must have the same (N, K) shape")
-    t = _numpy(thresholds)
+    t = as_numpy(thresholds)
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != p.shape[1]):
         raise ValueError(f"thresholds must be a scalar or have shape ({p.shape[1]},), got {t.shape}")
     pred = p >= t
@@ -74,7 +75,7 @@ def au_confusion(probs: Any, labels: Any, mask: Any = None,
 
 def scores_from_counts(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, Any]:
     """The challenge scores from per-AU confusion counts (see :func:`au_scores` for the keys)."""
-    tp, fp, tn, fn = (_numpy(c).astype(np.int64) for c in (tp, fp, tn, fn))
+    tp, fp, tn, fn = (as_numpy(c).astype(np.int64) for c in (tp, fp, tn, fn))
     support = tp + fp + tn + fn
     positives = tp + fn
     labelled = support > 0
@@ -132,21 +133,30 @@ class AUMetrics(torchmetrics.Metric):
     ``update(probs, labels, mask, thresholds=None)`` adds per-AU TP/FP/TN/FN over the labelled
     entries (``thresholds`` None: the constructor's ``threshold``); ``compute()`` returns the
     :func:`au_scores` dict as tensors (``mean_f1``, ``mean_accuracy``, ``score`` 0-dim).
+
+    With ``dedupe_by_index=True``, ``update`` also takes each sample's ``index`` and the
+    metric keeps per-sample decisions, so that ``compute`` counts each sample once: under DDP,
+    ``DistributedSampler`` pads the evaluation set with repeats, which plain sums would count
+    twice. The scores then equal a single process's on the same predictions.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, num_aus: int, threshold: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, num_aus: int, threshold: float = 0.5, dedupe_by_index: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_aus = int(num_aus)
         self.threshold = float(threshold)
+        self.dedupe_by_index = dedupe_by_index
         for name in ("tp", "fp", "tn", "fn"):
             self.add_state(name, default=torch.zeros(self.num_aus, dtype=torch.long), dist_reduce_fx="sum")
+        if dedupe_by_index:
+            for name in ("index", "pred", "pos", "labelled"):
+                self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-               thresholds: Any = None) -> None:
+               thresholds: Any = None, index: torch.Tensor | None = None) -> None:
         probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
         if probs.ndim != 2 or probs.shape[1] != self.num_aus or labels.shape != probs.shape:
             raise ValueError(f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} must be (N, {self.num_aus})")
@@ -165,13 +175,35 @@ class AUMetrics(torchmetrics.Metric):
         dtype = torch.promote_types(probs.dtype, thr.dtype) if probs.is_floating_point() else thr.dtype
         pred = probs.to(dtype) >= thr.to(dtype).expand(self.num_aus)
         pos = labels > 0.5
+        if self.dedupe_by_index:
+            if index is None:
+                raise ValueError("AUMetrics(dedupe_by_index=True).update needs the samples' index")
+            self.index.append(torch.as_tensor(index, device=probs.device).reshape(-1).long())
+            self.pred.append(pred)
+            self.pos.append(pos)
+            self.labelled.append(mask)
+            return
         self.tp += (pred & pos & mask).sum(0)
         self.fp += (pred & ~pos & mask).sum(0)
         self.tn += (~pred & ~pos & mask).sum(0)
         self.fn += (~pred & pos & mask).sum(0)
 
+    def _deduped_counts(self) -> tuple[torch.Tensor, ...]:
+        cat = torchmetrics.utilities.dim_zero_cat
+        index, pred, pos, mask = (cat(getattr(self, n)) for n in ("index", "pred", "pos", "labelled"))
+        order = torch.argsort(index, stable=True)  # keep each index's first occurrence
+        index, pred, pos, mask = index[order], pred[order], pos[order], mask[order]
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        pred, pos, mask = pred[first], pos[first], mask[first]
+        return ((pred & pos & mask).sum(0), (pred & ~pos & mask).sum(0), (~pred & ~pos & mask).sum(0),
+                (~pred & pos & mask).sum(0))
+
     def compute(self) -> dict[str, torch.Tensor]:
-        scores = scores_from_counts(self.tp, self.fp, self.tn, self.fn)
+        if self.dedupe_by_index and len(self.index) > 0:
+            scores = scores_from_counts(*self._deduped_counts())
+        else:
+            scores = scores_from_counts(self.tp, self.fp, self.tn, self.fn)
         device = self.tp.device
         out = {}
         for key, value in scores.items():

@@ -13,19 +13,12 @@ import pytest
 
 from datamodules import alignment
 from datamodules.alignment import (NO_FACE, AlignedSplit, AlignmentSettings, FaceDetector, align_manifest,
-                                   cache_key, centre_crop, detection_copy, read_rgb, similarity_transform,
-                                   warp_face)
+                                   box_iou, cache_key, centre_crop, detection_copy, read_rgb,
+                                   similarity_transform, warp_face)
 from datamodules.manifest import read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
 from .conftest import SMALL_ALIGNMENT
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_similarity_recovers_a_known_transform():
@@ -83,7 +76,7 @@ def test_detector_finds_synthau_faces(synthau, truth):
         if not len(det):
             continue
         j = det.pick("largest")
-        if _iou(det.boxes[j], gt["box"]) > 0.4:
+        if box_iou(det.boxes[j], gt["box"]) > 0.4:
             found += 1
             lm = np.array(gt["landmarks"])
             nme.append(np.linalg.norm(det.landmarks[j] - lm, axis=1).mean() / np.linalg.norm(lm[0] - lm[1]))
@@ -112,7 +105,7 @@ def test_cache_contents(aligned_train, truth):
     for rec in report["samples"]:
         if rec["status"] == "face":  # the largest face is the labelled one, not the distractor
             gt = truth[rec["image"]]["faces"][0]["box"]
-            assert _iou(rec["box"], gt) > 0.3, rec
+            assert box_iou(rec["box"], gt) > 0.3, rec
 
 
 def test_cache_is_reused_and_keyed(synthau, tmp_path, aligned_train):
@@ -204,13 +197,13 @@ def test_batched_cascade_agrees_with_facenet(synthau, truth):
         if b is None:
             continue
         for box, lm in zip(b, p):  # every face facenet finds, ours finds too
-            best = max(range(len(d)), key=lambda j: _iou(d.boxes[j], box), default=None)
-            assert best is not None and _iou(d.boxes[best], box) > 0.7
+            best = max(range(len(d)), key=lambda j: box_iou(d.boxes[j], box), default=None)
+            assert best is not None and box_iou(d.boxes[best], box) > 0.7
             iod = np.linalg.norm(lm[0] - lm[1])
             assert np.linalg.norm(d.landmarks[best] - lm, axis=1).mean() < 0.2 * iod
             matched += 1
             gt = np.array(truth[ref]["faces"][0]["landmarks"]) * f
-            if _iou(box, np.array(truth[ref]["faces"][0]["box"]) * f) > 0.4:
+            if box_iou(box, np.array(truth[ref]["faces"][0]["box"]) * f) > 0.4:
                 gt_iod = np.linalg.norm(gt[0] - gt[1])
                 err_ours.append(np.linalg.norm(d.landmarks[best] - gt, axis=1).mean() / gt_iod)
                 err_facenet.append(np.linalg.norm(lm - gt, axis=1).mean() / gt_iod)

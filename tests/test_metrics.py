@@ -149,3 +149,25 @@ def test_aumetrics_constructor_threshold_and_shapes():
 def test_doctests():
     result = doctest.testmod(metrics_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_dedupe_by_index_counts_each_sample_once():
+    """DistributedSampler's padding repeats a sample; the deduplicating metric ignores the repeat."""
+    rng = np.random.default_rng(3)
+    probs = rng.random((13, 4)).astype(np.float32)
+    labels = (rng.random((13, 4)) < 0.4).astype(np.float32)
+    mask = rng.random((13, 4)) > 0.2
+    order = list(range(13)) + [0]  # 13 samples padded to 14 for 2 ranks: sample 0 twice
+    metric = AUMetrics(4, dedupe_by_index=True)
+    for part in (order[0::2], order[1::2]):  # what the two ranks see
+        metric.update(torch.tensor(probs[part]), torch.tensor(labels[part]), torch.tensor(mask[part]),
+                      index=torch.tensor(part))
+    expected = au_scores(probs, labels, mask)
+    out = metric.compute()
+    assert float(out["mean_f1"]) == pytest.approx(expected["mean_f1"], abs=1e-6)
+    assert float(out["mean_accuracy"]) == pytest.approx(expected["mean_accuracy"], abs=1e-6)
+    plain = AUMetrics(4)
+    plain.update(torch.tensor(probs[order]), torch.tensor(labels[order]), torch.tensor(mask[order]))
+    assert int(plain.compute()["support"].sum()) == int(mask.sum() + mask[0].sum())  # the repeat counted
+    with pytest.raises(ValueError, match="index"):
+        metric.update(torch.tensor(probs), torch.tensor(labels), torch.tensor(mask))
