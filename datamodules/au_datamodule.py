@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
 from datamodules.augmentation import AUAugmentation
-from datamodules.manifest import EMOTIONET_AUS, Manifest, read_manifest
+from datamodules.download import DownloadSettings, download_manifests, local_manifest_path
+from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, read_manifest
 from datamodules.sampling import MultilabelBalancedSampler
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
@@ -68,6 +69,9 @@ class AUDataModule(L.LightningDataModule):
         cache_dir: where aligned crops are cached.
         alignment: face detection and crop settings.
         align_workers: image decoding processes while aligning (0: in the main process).
+        download_dir: where the images of manifests that hold URLs (EmotioNet) are downloaded;
+            their rows then read local paths, and rows whose image failed are dropped (counted).
+        download: the downloader's concurrency, timeouts, retries and size limits.
         batch_size: per process (DDP multiplies it by the number of processes).
         num_workers: loader processes per training process.
         balanced_sampling: draw training samples with :class:`MultilabelBalancedSampler`.
@@ -93,6 +97,8 @@ class AUDataModule(L.LightningDataModule):
         cache_dir: str = "data/cache",
         alignment: AlignmentSettings = AlignmentSettings(),
         align_workers: int = 0,
+        download_dir: str = "data/downloads",
+        download: DownloadSettings = DownloadSettings(),
         batch_size: int = 64,
         num_workers: int = 2,
         balanced_sampling: bool = False,
@@ -110,6 +116,7 @@ class AUDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         # Under LightningCLI, hparams hold the config as given (mappings): keep the objects apart.
         self.synth = synth if isinstance(synth, SynthAUSettings) else SynthAUSettings(**dict(synth))
+        self.download = download if isinstance(download, DownloadSettings) else DownloadSettings(**dict(download))
         self.alignment = alignment if isinstance(alignment, AlignmentSettings) else AlignmentSettings(
             **{k: tuple(v) if k == "thresholds" else v for k, v in dict(alignment).items()})
         given = [m is not None for m in (train_manifest, val_manifest, test_manifest)]
@@ -128,10 +135,20 @@ class AUDataModule(L.LightningDataModule):
         self.splits: dict[str, AlignedSplit] = {}
         self.reports: dict[str, dict] = {}
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._url_manifests: dict[str, bool] = {}
 
     # -- preparation ------------------------------------------------------------------------
     def manifest(self, stage: str) -> Manifest:
-        return read_manifest(self.manifest_paths[stage], aus=self.aus, root=self.hparams.image_root)
+        path = self.manifest_paths[stage]
+        if self._holds_urls(path):  # read the local copy that prepare_data's download wrote
+            path = local_manifest_path(path, self.hparams.download_dir)
+        return read_manifest(path, aus=self.aus, root=self.hparams.image_root)
+
+    def _holds_urls(self, path: str) -> bool:
+        if path not in self._url_manifests:
+            refs = read_manifest(path, aus=self.aus).images
+            self._url_manifests[path] = any(is_url(r) for r in refs)
+        return self._url_manifests[path]
 
     def _align(self, stage: str) -> Path:
         return align_manifest(self.manifest(stage), self.hparams.cache_dir, self.alignment,
@@ -139,7 +156,8 @@ class AUDataModule(L.LightningDataModule):
                               progress=True)
 
     def prepare_data(self) -> None:
-        """Generate SynthAU if it is the data and is missing, then align each split once.
+        """Generate SynthAU if it is the data and is missing (or download the images of manifests
+        that hold URLs), then align each split once.
 
         Lightning runs this on one process per node, before ``setup`` on all of them; the caches
         it writes are what ``setup`` opens.
@@ -153,6 +171,10 @@ class AUDataModule(L.LightningDataModule):
         stages = ["train", "val", "test"]
         if self.manifest_paths["predict"] not in [self.manifest_paths[s] for s in stages]:
             stages.append("predict")
+        remote = sorted({self.manifest_paths[s] for s in stages if self._holds_urls(self.manifest_paths[s])})
+        if remote:
+            report = download_manifests(remote, self.hparams.download_dir, self.download, aus=self.aus)
+            log.info(report.summary())
         for stage in stages:
             self.reports[stage] = AlignedSplit.open(self._align(stage)).report
             log.info(summarize(self.reports[stage]))

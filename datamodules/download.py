@@ -45,12 +45,11 @@ Typical use::
     print(report.summary())
     manifest = read_manifest("data/emotionet/train.local.tsv")
 
-or ``python -m datamodules.download emotionet/train.tsv --out data/emotionet``.
+or ``au-detect download --manifest emotionet/train.tsv --out data/emotionet``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import http.client
@@ -63,7 +62,6 @@ import re
 import secrets
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections import Counter
@@ -568,8 +566,9 @@ def _write_atomic(path: Path, text: str) -> None:
             tmp.unlink()
 
 
-def _local_manifest_name(path: Path) -> str:
-    return f"{path.stem}.local.tsv"
+def local_manifest_path(manifest: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Where ``download_manifests`` writes the local-path version of ``manifest``."""
+    return Path(out_dir) / f"{Path(manifest).stem}.local.tsv"
 
 
 def download_manifests(
@@ -594,7 +593,7 @@ def download_manifests(
     start = time.perf_counter()
     out = Path(out_dir)
     paths = [Path(p) for p in manifests]
-    names = [_local_manifest_name(p) for p in paths]
+    names = [local_manifest_path(p, out_dir).name for p in paths]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise ValueError(f"manifests would write the same local manifest(s) {clashes}: give them distinct names")
@@ -673,33 +672,3 @@ def _write_local_manifest(
     elif dest.exists():
         dest.unlink()
     return kept, dropped, why
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m datamodules.download",
-        description="Download the images of EmotioNet-form manifests; write <name>.local.tsv manifests.")
-    parser.add_argument("manifests", nargs="+", type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="output folder (images/ and the local manifests)")
-    defaults = DownloadSettings()
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--timeout", type=float, default=defaults.timeout)
-    parser.add_argument("--retries", type=int, default=defaults.retries)
-    parser.add_argument("--max-bytes", type=int, default=defaults.max_bytes)
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
-    parser.add_argument("--aus", type=lambda s: [int(a) for a in s.split(",")], default=list(EMOTIONET_AUS),
-                        help="comma-separated AU numbers (default: the 23 EmotioNet AUs)")
-    parser.add_argument("--no-header", action="store_true", help="headerless manifests (EmotioNet's raw files)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    settings = DownloadSettings(workers=args.workers, timeout=args.timeout, retries=args.retries,
-                                max_bytes=args.max_bytes, max_pixels=args.max_pixels)
-    report = download_manifests(args.manifests, args.out, settings, aus=args.aus,
-                                progress=not args.no_progress, has_header=not args.no_header)
-    print(report.summary())
-    return 0 if report.rows_kept else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

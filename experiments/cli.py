@@ -6,6 +6,7 @@ Training (Lightning CLI, one config for all):
 Data:
     au-detect synth    render SynthAU (images, EmotioNet-form manifests, contact sheet)
     au-detect align    align the faces of manifests into crop caches, with a report
+    au-detect download fetch the images of URL manifests (EmotioNet), resumable, with a report
     au-detect prepare  what a training config prepares: generate, align, report
 
 Every option comes from a class or function signature (jsonargparse), so ``--help`` lists them
@@ -31,6 +32,7 @@ from lightning_modules.au_detector import AUDetector
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
 from datamodules.au_datamodule import AUDataModule
+from datamodules.download import DownloadSettings, download_manifests
 from datamodules.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
@@ -83,6 +85,26 @@ def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str |
         _print_report(AlignedSplit.open(folder).report, folder)
 
 
+def download(manifest: list[str], out: str = "data/emotionet", settings: DownloadSettings = DownloadSettings(),
+             aus: list[int] = list(EMOTIONET_AUS), has_header: bool = True, progress: bool = True) -> None:
+    """Download the images of manifests that reference URLs (EmotioNet), resumably.
+
+    Args:
+        manifest: manifests whose image column holds http(s) URLs.
+        out: folder for images/, the <name>.local.tsv manifests and download_report.json.
+        settings: concurrency, timeouts, retries and size limits.
+        aus: AU columns of the manifests.
+        has_header: False for EmotioNet's raw header-less files.
+        progress: show a progress bar.
+    """
+    report = download_manifests(manifest, out, settings, aus=aus, progress=progress, has_header=has_header)
+    print(report.summary())
+    for source, local in report.local_manifests.items():
+        print(f"  {source} -> {local or 'no row left'}")
+    if not report.rows_kept:
+        raise SystemExit(1)
+
+
 def prepare(data: AUDataModule) -> None:
     """Prepare the data of a training config: generate SynthAU if used, align every split, report."""
     data.prepare_data()
@@ -91,7 +113,7 @@ def prepare(data: AUDataModule) -> None:
         _print_report(report, data.splits[stage].path if stage in data.splits else None)
 
 
-DATA_COMMANDS = {"synth": synth, "align": align, "prepare": prepare}
+DATA_COMMANDS = {"synth": synth, "align": align, "download": download, "prepare": prepare}
 
 
 def _print_report(report: dict, folder: Path | None) -> None:
@@ -206,10 +228,12 @@ def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="au-detect", description=__doc__)
     commands = parser.add_subcommands(dest="command")
-    for name, fn in (("synth", synth), ("align", align)):
+    for name, fn in (("synth", synth), ("align", align), ("download", download)):
         sub = ArgumentParser(description=fn.__doc__)
         sub.add_argument("--config", action=ActionConfigFile)
-        sub.add_function_arguments(fn, as_group=False)
+        if fn is download:  # the usual shell form: --manifest a.tsv b.tsv
+            sub.add_argument("--manifest", nargs="+", required=True, help="manifests whose images are URLs")
+        sub.add_function_arguments(fn, as_group=False, skip={"manifest"} if fn is download else None)
         commands.add_subcommand(name, sub, help=fn.__doc__.splitlines()[0])
     # prepare reads the same YAML as training: its data section builds the AUDataModule.
     sub = ArgumentParser(description=prepare.__doc__)

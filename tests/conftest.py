@@ -38,3 +38,21 @@ def aligned_train(synthau, tmp_path_factory) -> AlignedSplit:
     cache = tmp_path_factory.mktemp("cache")
     manifest = read_manifest(synthau / "train.tsv")
     return AlignedSplit.open(align_manifest(manifest, cache, SMALL_ALIGNMENT, name="train"))
+
+
+@pytest.fixture
+def image_server(synthau):
+    """SynthAU's folder over HTTP on 127.0.0.1, as EmotioNet's URLs would be."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(synthau)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -42,7 +42,7 @@ def test_demo_config_prints(capsys):
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["balanced_sampling"] is True
-    assert printed["data"]["alignment"]["crop_size"] == 112
+    assert printed["data"]["alignment"]["crop_size"] == 96
     assert printed["data"]["aus"][:3] == [1, 2, 4]
 
 
@@ -58,3 +58,16 @@ def test_unknown_option_is_refused(capsys):
         main(["synth", "--num_imagez", "3"])
     assert exit_.value.code != 0
     assert "num_imagez" in capsys.readouterr().err
+
+
+def test_download_command(synthau, image_server, tmp_path, capsys):
+    lines = (synthau / "val.tsv").read_text().splitlines()
+    manifest = tmp_path / "emotionet.tsv"
+    manifest.write_text("\n".join([lines[0]] + [f"{image_server}/{r}" for r in lines[1:6]]
+                                  + [f"{image_server}/missing.jpg" + lines[1][lines[1].index("\t"):]]) + "\n")
+    main(["download", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--settings.retries", "0",
+          "--progress", "false"])
+    out = capsys.readouterr().out
+    assert "5 downloaded" in out and "http_404" in out and "emotionet.local.tsv" in out
+    local = (tmp_path / "out" / "emotionet.local.tsv").read_text().splitlines()
+    assert len(local) == 6 and all(row.startswith("images/") for row in local[1:])

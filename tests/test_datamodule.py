@@ -110,3 +110,28 @@ def test_flip_through_the_dataset(data):
     perm = flip_permutation(aus)
     np.testing.assert_array_equal(sample["labels"].numpy(), split.labels[i][perm])
     np.testing.assert_array_equal(sample["mask"].numpy(), split.mask[i][perm])
+
+
+def test_url_manifests_are_downloaded_then_aligned(synthau, image_server, tmp_path, caplog):
+    """Manifests of URLs: prepare_data downloads, drops the rows whose image is gone (counted), aligns."""
+    paths = {}
+    for split in ("train", "val", "test"):
+        lines = (synthau / f"{split}.tsv").read_text().splitlines()
+        rows = [lines[0]] + [f"{image_server}/{line}" for line in lines[1:13]]
+        if split == "train":
+            rows[3] = rows[3].replace("/images/", "/gone/", 1)  # a dead link, as many EmotioNet URLs are
+        paths[split] = tmp_path / f"{split}.tsv"
+        paths[split].write_text("\n".join(rows) + "\n")
+    dm = AUDataModule(train_manifest=str(paths["train"]), val_manifest=str(paths["val"]),
+                      test_manifest=str(paths["test"]), cache_dir=str(tmp_path / "cache"),
+                      download_dir=str(tmp_path / "downloads"), alignment=SMALL_ALIGNMENT, batch_size=4,
+                      num_workers=0)
+    with caplog.at_level("WARNING"):
+        dm.prepare_data()
+    assert any("1 of 12 rows dropped" in r.getMessage() for r in caplog.records)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 11 and len(dm.splits["val"]) == 12
+    assert dm.splits["train"].lines.tolist() == list(range(2, 13))  # lines of the local manifest
+    assert len(list((tmp_path / "downloads" / "images").iterdir())) == 35
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (4, 3, 64, 64)
