@@ -75,6 +75,7 @@ def bare_loop(split: AlignedSplit, crop: int, batch_size: int, steps: int, warmu
 
 
 def lightning_fit(tmp: Path, root: Path, cache: Path, batch_size: int, steps: int, warmup: int) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "mlflow.yaml").write_text(yaml.safe_dump({"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
                                                      "experiment_name": "throughput"}))
     timer = StepTimer(warmup)
