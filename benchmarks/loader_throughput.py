@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml").read_text())
+    parser.add_argument("--sizes", type=int, nargs="+", default=[demo["data"]["alignment"]["crop_size"], 224],
+                        help="crop sizes (default: the demo's and the paper's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -72,7 +76,7 @@ def main() -> None:
         generate_synthau(tmp / "synthau", SynthAUSettings(num_images=args.scenes, seed=5, val_fraction=0,
                                                           test_fraction=0))
         manifest = read_manifest(tmp / "synthau" / "train.tsv")
-        for size in (112, 224):
+        for size in args.sizes:
             split = AlignedSplit.open(align_manifest(manifest, tmp / "cache", AlignmentSettings(crop_size=size)))
             jpegs = []
             for i in range(len(split)):

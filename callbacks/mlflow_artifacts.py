@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +130,9 @@ class MLflowArtifacts(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._client(trainer)[0] is None:
             return
+        client, run_id = self._client(trainer)
+        for branch, report in getattr(getattr(pl_module, "net", None), "load_reports", {}).items():
+            client.set_tag(run_id, f"weights.{branch}", report[:5000])  # where each branch started from
         data = trainer.datamodule
         aus = pl_module.aus
         if data is not None and hasattr(data, "label_frequencies") and "train" in getattr(data, "splits", {}):
@@ -147,7 +149,6 @@ class MLflowArtifacts(L.Callback):
                                                          title="training batch (augmented, as the model sees it)"),
                              "plots/sample_grid.png")
             if "val" in data.splits:
-                client, run_id = self._client(trainer)
                 client.log_metric(run_id, "val/f1_prior", prior_f1(data.splits["val"].labels, data.splits["val"].mask))
             for stage, report in getattr(data, "reports", {}).items():
                 summary = {k: v for k, v in report.items() if k not in ("samples", "no_face_rows", "skipped_rows")}

@@ -504,9 +504,7 @@ def _paste(scene: np.ndarray, face: np.ndarray, alpha: np.ndarray, lm: np.ndarra
     warped = cv2.warpAffine(face, M, (w, h), flags=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
     a = cv2.warpAffine(alpha, M, (w, h), flags=cv2.INTER_LINEAR)[..., None]
     scene[:] = (scene * (1 - a) + warped * a).astype(np.uint8)
-    lm_scene = lm * k + M[:, 2]
-    ys, xs = np.nonzero(a[..., 0] > 0.5)
-    return lm_scene, k
+    return lm * k + M[:, 2], k
 
 
 def _face_box(lm: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num
 
 
 def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str | None = None,
-          aus: list[int] = list(EMOTIONET_AUS), alignment: AlignmentSettings = AlignmentSettings(),
+          aus: Sequence[int] = EMOTIONET_AUS, alignment: AlignmentSettings = AlignmentSettings(),
           workers: int = 0, device: str | None = None) -> None:
     """Detect, align and cache the faces of one or more manifests.
 
@@ -86,7 +86,7 @@ def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str |
 
 
 def download(manifest: list[str], out: str = "data/emotionet", settings: DownloadSettings = DownloadSettings(),
-             aus: list[int] = list(EMOTIONET_AUS), has_header: bool = True, progress: bool = True) -> None:
+             aus: Sequence[int] = EMOTIONET_AUS, has_header: bool = True, progress: bool = True) -> None:
     """Download the images of manifests that reference URLs (EmotioNet), resumably.
 
     Args:

@@ -72,21 +72,25 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _match_keys(state: dict[str, torch.Tensor], wanted: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Strip known prefixes while that makes more keys match the network."""
-    stripped = []
-    while True:
-        hits = sum(k in wanted for k in state)
-        best = None
-        for prefix in STRIPPABLE_PREFIXES:
-            trial = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-            n = sum(k in wanted for k in trial)
-            if n > hits:
-                hits, best = n, (prefix, trial)
-        if best is None:
-            return state, stripped
-        stripped.append(best[0])
-        state = best[1]
+def _match_keys(state: dict[str, torch.Tensor], wanted: set[str], depth: int = 3) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip the sequence of known prefixes (up to ``depth``, e.g. ``model.`` then ``backbone.``)
+    that makes the most keys match the network; the shortest such sequence wins ties."""
+    best_state, best_strip = state, []
+    best_hits = sum(k in wanted for k in state)
+    frontier = [(state, [])]
+    for _ in range(depth):
+        nxt = []
+        for current, stripped in frontier:
+            for prefix in STRIPPABLE_PREFIXES:
+                if not any(k.startswith(prefix) for k in current):
+                    continue
+                trial = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in current.items()}
+                nxt.append((trial, stripped + [prefix]))
+                hits = sum(k in wanted for k in trial)
+                if hits > best_hits:
+                    best_state, best_strip, best_hits = trial, stripped + [prefix], hits
+        frontier = nxt
+    return best_state, best_strip
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, allow_missing: bool = False) -> LoadReport:

@@ -11,7 +11,6 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from datamodules.alignment import AlignedSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "demo.yaml"
@@ -45,6 +44,8 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
     assert params["model.backbone"] == "resnet18" and params["data.balanced_sampling"] == "True"
     assert params["model.loss"] == "selective" and params["soft_threshold.criterion"] == "f1"
     assert run.data.tags["suite"] == "tests"
+    assert run.data.tags["weights.face"] == run.data.tags["weights.emotion"] == "random initialisation"
+    assert 0 < metrics["val/f1_prior"] < 1
     for name in ("val/f1", "val/accuracy", "val/score", "val/f1_fitted", "val/score_fitted", "train/loss",
                  "val/f1/AU12", "val/accuracy/AU25", "val/threshold/AU12"):
         assert name in metrics, name
