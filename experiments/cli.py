@@ -136,6 +136,8 @@ class AUDetectCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs):
+        self.tracking: TrackingSettings | None = None  # set when the CLI builds the MLflow logger itself
+        self.resumed_run: str | None = None
         super().__init__(AUDetector, AUDataModule, save_config_callback=None, auto_configure_optimizers=False,
                          args=args, **kwargs)
 
@@ -184,7 +186,7 @@ class AUDetectCLI(LightningCLI):
     def before_fit(self) -> None:
         self._log_config()
         logger = mlflow_logger(self.trainer)
-        if logger is not None and self.trainer.is_global_zero:
+        if logger is not None and self.trainer.is_global_zero and self.tracking is not None:
             print(f"MLflow run {logger.run_id} in experiment '{self.tracking.experiment_name}' at "
                   f"{self.tracking.tracking_uri}" + (" (resumed)" if self.resumed_run else ""))
 
@@ -195,6 +197,8 @@ class AUDetectCLI(LightningCLI):
             score = {k: round(float(metrics[k]), 4) for k in ("val/f1_fitted", "val/score_fitted", "val/f1")
                      if k in metrics}
             print(f"Done: {score}. Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
+            if self.tracking is None:
+                return
             uri = self.tracking.tracking_uri
             where = f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "mlflow ui"
             print(f"See the run: {where}  (then open http://127.0.0.1:5000, experiment "
