@@ -1,0 +1,40 @@
+"""mlflow.yaml: read in one place, with errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments.cli import flatten_config
+from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_settings_use_a_local_sqlite_store():
+    settings = TrackingSettings.read(ROOT / "mlflow.yaml")
+    assert settings.tracking_uri == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"  # `mlflow ui` here shows it
+    assert settings.experiment_name == "au-detect" and settings.tags["project"] == "au-detect"
+
+
+def test_logger_always_gets_an_explicit_uri(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(f"tracking_uri: sqlite:///{tmp_path}/x.db\nexperiment_name: e\n")
+    logger = TrackingSettings.read(path).logger(run_name="r", run_id=None)
+    assert logger._tracking_uri == f"sqlite:///{tmp_path}/x.db" and logger._run_name == "r"
+
+
+def test_bad_settings_name_the_file_and_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        TrackingSettings.read(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tracking_url: sqlite:///x.db\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown keys \['tracking_url'\]"):
+        TrackingSettings.read(bad)
+
+
+def test_config_flattens_to_params():
+    params = flatten_config({"model": {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002}}},
+                             "ckpt_path": "x.ckpt"}, skip=("ckpt_path",))
+    assert params == {"model.optimizer.class_path": "torch.optim.AdamW", "model.optimizer.init_args.lr": "0.002"}
