@@ -179,7 +179,7 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> tuple[float, flo
     pos_from = y.sum() - torch.cat([torch.zeros(1, dtype=torch.double), torch.cumsum(y, 0)])  # TP
     starts = torch.ones(n, dtype=torch.bool)
     starts[1:] = s[1:] != s[:-1]  # first index of each distinct score
-    candidates = torch.cat([torch.flatnonzero(starts), torch.tensor([n])])
+    candidates = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([n])])
     acc = (neg_before[candidates] + pos_from[candidates]) / n
     best = int(torch.argmax(acc))  # first maximum: the lowest threshold
     k = int(candidates[best])
