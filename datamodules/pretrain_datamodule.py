@@ -342,7 +342,7 @@ class PretrainDataModule(L.LightningDataModule):
         if len(ids) < 4:
             raise ValueError(f"the identity task needs at least 4 identities (2 to train, 2 to verify), "
                              f"found {len(ids)}")
-        n_val = min(max(2, int(round(self.hparams.val_fraction * len(ids)))), len(ids) - 2)
+        n_val = min(max(2, round(self.hparams.val_fraction * len(ids))), len(ids) - 2)
         # Verification needs two images of an identity: draw those first.
         multi, single = ids[counts >= 2], ids[counts < 2]
         order = np.concatenate([rng.permutation(multi), rng.permutation(single)])
@@ -376,7 +376,7 @@ class PretrainDataModule(L.LightningDataModule):
             members = np.flatnonzero(labels == c)
             if len(members) < 2:
                 continue
-            n_val = min(max(1, int(round(self.hparams.val_fraction * len(members)))), len(members) - 1)
+            n_val = min(max(1, round(self.hparams.val_fraction * len(members))), len(members) - 1)
             is_val[rng.permutation(members)[:n_val]] = True
         return rows[~is_val], labels[~is_val], rows[is_val], labels[is_val]
 
