@@ -3,6 +3,8 @@
 Training (Lightning CLI, one config for all):
     au-detect fit --config experiments/demo.yaml      train, fit thresholds, track in MLflow
     au-detect validate|test|predict --config ... --ckpt_path CKPT
+    au-detect pretrain-face fit --config experiments/pretrain_face_demo.yaml
+    au-detect pretrain-expression fit --config experiments/pretrain_expression_demo.yaml
 Data:
     au-detect synth    render SynthAU (images, EmotioNet-form manifests, contact sheet)
     au-detect align    align the faces of manifests into crop caches, with a report
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,10 +28,13 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.backbone_export import BackboneExport
 from callbacks.mlflow_artifacts import MLflowArtifacts, mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
 from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+from datamodules.pretrain_datamodule import PretrainDataModule
 from lightning_modules.au_detector import AUDetector
+from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
 from datamodules.au_datamodule import AUDataModule
@@ -126,29 +132,24 @@ def _print_report(report: dict, folder: Path | None) -> None:
         print(f"  ... {len(report['skipped_rows']) - 10} more in report.json")
 
 
-class AUDetectCLI(LightningCLI):
-    """LightningCLI for :class:`AUDetector` on :class:`AUDataModule`, tracked in MLflow.
+class TrackedCLI(LightningCLI):
+    """A LightningCLI whose runs are tracked in MLflow.
 
-    The soft-threshold, checkpoint and MLflow-artifact callbacks are always there, each with its
-    own config section. Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets
-    ``trainer.logger`` itself. Lightning's SaveConfigCallback is replaced by logging the resolved
-    config to the MLflow run (params and ``config.yaml``), which works for any tracking URI.
+    Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets ``trainer.logger``
+    itself. Lightning's SaveConfigCallback is replaced by logging the resolved config to the
+    MLflow run (params and ``config.yaml``), which works for any tracking URI. A checkpoint
+    written by a tracked run carries its run id, so ``--ckpt_path`` continues that run.
     """
 
-    def __init__(self, args: Sequence[str] | None = None, **kwargs):
+    summary_metrics: tuple[str, ...] = ()
+
+    def __init__(self, model_class, datamodule_class, args: Sequence[str] | None = None, **kwargs):
         self.tracking: TrackingSettings | None = None  # set when the CLI builds the MLflow logger itself
         self.resumed_run: str | None = None
-        super().__init__(AUDetector, AUDataModule, save_config_callback=None, auto_configure_optimizers=False,
+        super().__init__(model_class, datamodule_class, save_config_callback=None, auto_configure_optimizers=False,
                          args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.aus", "model.aus")
-        parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/score_fitted", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
-                             "checkpoint.filename": "epoch{epoch:02d}-score{val/score_fitted:.4f}"})
-        parser.add_lightning_class_args(MLflowArtifacts, "mlflow_artifacts")
         parser.add_argument("--mlflow", type=str, default="mlflow.yaml", help="MLflow settings (tracking URI, ...)")
         parser.add_argument("--run_name", type=Optional[str], default=None, help="MLflow run name")
 
@@ -194,8 +195,7 @@ class AUDetectCLI(LightningCLI):
         logger = mlflow_logger(self.trainer)
         if logger is not None and self.trainer.is_global_zero:
             metrics = self.trainer.callback_metrics
-            score = {k: round(float(metrics[k]), 4) for k in ("val/f1_fitted", "val/score_fitted", "val/f1")
-                     if k in metrics}
+            score = {k: round(float(metrics[k]), 4) for k in self.summary_metrics if k in metrics}
             print(f"Done: {score}. Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
             if self.tracking is None:
                 return
@@ -209,6 +209,51 @@ class AUDetectCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._log_config()
+
+
+class AUDetectCLI(TrackedCLI):
+    """LightningCLI for :class:`AUDetector` on :class:`AUDataModule`, tracked in MLflow.
+
+    The soft-threshold, checkpoint and MLflow-artifact callbacks are always there, each with its
+    own config section.
+    """
+
+    summary_metrics = ("val/f1_fitted", "val/score_fitted", "val/f1")
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs):
+        super().__init__(AUDetector, AUDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.aus", "model.aus")
+        parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/score_fitted", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
+                             "checkpoint.filename": "epoch{epoch:02d}-score{val/score_fitted:.4f}"})
+        parser.add_lightning_class_args(MLflowArtifacts, "mlflow_artifacts")
+
+
+class PretrainCLI(TrackedCLI):
+    """LightningCLI for a transfer branch's pretraining task on :class:`PretrainDataModule`.
+
+    ``au-detect pretrain-face``: :class:`FaceRecognitionModule` (ArcFace on identities);
+    ``au-detect pretrain-expression``: :class:`ExpressionModule`. The number of classes comes from
+    the data; at the end of ``fit`` the backbone is written to ``export.path`` for the AU model.
+    """
+
+    TASKS = {"pretrain-face": (FaceRecognitionModule, "model.num_identities",
+                               ("val/verification_accuracy", "val/verification_auc")),
+             "pretrain-expression": (ExpressionModule, "model.num_classes", ("val/accuracy", "val/f1_macro"))}
+
+    def __init__(self, task: str, args: Sequence[str] | None = None, **kwargs):
+        model_class, self.classes_key, self.summary_metrics = self.TASKS[task]
+        super().__init__(model_class, PretrainDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.num_classes", self.classes_key, apply_on="instantiate")
+        parser.add_lightning_class_args(BackboneExport, "export")
 
 
 def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -263,6 +308,12 @@ def main(args: Sequence[str] | None = None) -> None:
     given = args
     args = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args and args[0] in PretrainCLI.TASKS:
+        # sys.argv keeps the task word (DDP relaunches the command from it): Lightning's warning
+        # about args differing from sys.argv does not apply.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        PretrainCLI(args[0], args=args[1:])
+        return
     if not args or args[0] not in DATA_COMMANDS:
         AUDetectCLI(args=None if given is None else args)  # None: Lightning reads sys.argv itself
         return

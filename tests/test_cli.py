@@ -71,3 +71,31 @@ def test_download_command(synthau, image_server, tmp_path, capsys):
     assert "5 downloaded" in out and "http_404" in out and "emotionet.local.tsv" in out
     local = (tmp_path / "out" / "emotionet.local.tsv").read_text().splitlines()
     assert len(local) == 6 and all(row.startswith("images/") for row in local[1:])
+
+
+@pytest.mark.parametrize("task,metric", [("pretrain-face", "val/verification_accuracy"),
+                                         ("pretrain-expression", "val/f1_macro")])
+def test_pretraining_commands_write_a_loadable_backbone(synthau, aligned_train, tmp_path, capsys, task, metric):
+    """au-detect pretrain-*: the demo config, a few steps, MLflow run with the backbone; the AU
+    model's branch loads every tensor of it."""
+    from mlflow import MlflowClient
+
+    from lightning_modules.backbones import create_backbone
+
+    name = "face" if task == "pretrain-face" else "expression"
+    cfg = tmp_path / "mlflow.yaml"
+    cfg.write_text(f"tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\nexperiment_name: pretrain\n")
+    out = tmp_path / f"{name}.pt"
+    main([task, "fit", "--config", str(DEMO.with_name(f"pretrain_{name}_demo.yaml")),
+          "--data.data_root", str(synthau), "--data.cache_dir", str(aligned_train.path.parent),
+          "--data.alignment.crop_size", "64", "--data.num_workers", "0", "--data.batch_size", "16",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar",
+          "false", "--trainer.default_root_dir", str(tmp_path / "runs"), "--export.path", str(out),
+          "--mlflow", str(cfg)])
+    assert f"Backbone saved to {out}" in capsys.readouterr().out
+    _, report = create_backbone("resnet18", str(out))
+    assert report.missing == [] and report.unexpected == [] and report.loaded > 100
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
+    assert metric in run.data.metrics and run.data.params["model.backbone"] == "resnet18"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "backbone")] == [f"backbone/{name}.pt"]
