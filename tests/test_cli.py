@@ -99,3 +99,15 @@ def test_pretraining_commands_write_a_loadable_backbone(synthau, aligned_train, 
     (run,) = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
     assert metric in run.data.metrics and run.data.params["model.backbone"] == "resnet18"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "backbone")] == [f"backbone/{name}.pt"]
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    """Configs are the documentation of what runs: each one parses with its command."""
+    command = {"pretrain_face": ["pretrain-face", "fit"], "pretrain_expression": ["pretrain-expression", "fit"]}
+    prefix = next((v for k, v in command.items() if config.startswith(k)), ["fit"])
+    with pytest.raises(SystemExit) as exit_:
+        main([*prefix, "--config", str(DEMO.parent / config), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"].startswith("resnet") and printed["trainer"]["max_epochs"] > 0
