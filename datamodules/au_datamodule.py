@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
-from datamodules.augmentation import AUAugmentation
+from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, AUAugmentation, Normalize
 from datamodules.download import DownloadSettings, download_manifests, local_manifest_path
 from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, read_manifest
 from datamodules.sampling import MultilabelBalancedSampler
@@ -28,8 +28,6 @@ from datamodules.synthetic import SynthAUSettings, generate_synthau
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGES = ("train", "val", "test", "predict")
 
 
@@ -134,7 +132,7 @@ class AUDataModule(L.LightningDataModule):
         self.manifest_paths["predict"] = predict_manifest or self.manifest_paths["test"]
         self.splits: dict[str, AlignedSplit] = {}
         self.reports: dict[str, dict] = {}
-        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._normalize = Normalize(mean, std)
         self._url_manifests: dict[str, bool] = {}
 
     # -- preparation ------------------------------------------------------------------------
@@ -230,14 +228,7 @@ class AUDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """uint8 -> normalised float on the device, where it is cheap."""
-        image = batch["image"]
-        if image.dtype == torch.uint8:
-            if self._norm is None or self._norm[0].device != image.device:
-                mean = torch.tensor(self.hparams.mean, device=image.device).view(1, 3, 1, 1) * 255
-                std = torch.tensor(self.hparams.std, device=image.device).view(1, 3, 1, 1) * 255
-                self._norm = (mean, std)
-            mean, std = self._norm
-            batch["image"] = (image.float() - mean) / std
+        batch["image"] = self._normalize(batch["image"])
         return batch
 
     # -- facts other parts use ---------------------------------------------------------------

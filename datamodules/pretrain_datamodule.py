@@ -51,12 +51,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest
+from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.manifest import EMOTIONET_AUS, Manifest, ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TASKS = ("identity", "expression")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DUMMY_AUS = (1,)  # the derived manifests' one AU column, all 999
@@ -235,7 +234,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.datasets: dict[str, LabelledFaceDataset] = {}
         self.report: dict = {}
         self._num_classes: int | None = None
-        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._normalize = Normalize(mean, std)
 
     # -- the source -------------------------------------------------------------------------
     def manifest(self) -> tuple[Manifest, str]:
@@ -404,13 +403,6 @@ class PretrainDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """uint8 -> normalised float on the device."""
-        image = batch["image"]
-        if image.dtype == torch.uint8:
-            if self._norm is None or self._norm[0].device != image.device:
-                mean = torch.tensor(self.hparams.mean, device=image.device).view(1, 3, 1, 1) * 255
-                std = torch.tensor(self.hparams.std, device=image.device).view(1, 3, 1, 1) * 255
-                self._norm = (mean, std)
-            mean, std = self._norm
-            batch["image"] = (image.float() - mean) / std
+        """uint8 -> normalised float on the device, where it is cheap."""
+        batch["image"] = self._normalize(batch["image"])
         return batch
