@@ -75,6 +75,13 @@ class AlignmentSettings:
         if self.crop_size < 16:
             raise ValueError(f"alignment crop_size must be at least 16, got {self.crop_size}")
 
+    @classmethod
+    def coerce(cls, value: "AlignmentSettings | dict") -> "AlignmentSettings":
+        """Settings from themselves or from a mapping (a config or a report: lists for tuples)."""
+        if isinstance(value, cls):
+            return value
+        return cls(**{k: tuple(v) if k == "thresholds" else v for k, v in dict(value).items()})
+
     def template(self) -> np.ndarray:
         """The five target landmarks in crop pixels."""
         centre = np.array([0.5, 0.5])
@@ -434,8 +441,7 @@ def aligned_sheet(split: AlignedSplit, path: str | Path, n: int = 48, cols: int 
     """A grid of aligned crops with the template landmarks drawn; no-face fallbacks in red."""
     idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
     tiles = []
-    template = AlignmentSettings(**{k: tuple(v) if k == "thresholds" else v
-                                    for k, v in split.report["settings"].items()}).template()
+    template = AlignmentSettings.coerce(split.report["settings"]).template()
     for i in idx:
         tile = np.ascontiguousarray(split.crops[i][..., ::-1])
         for p in template:

@@ -115,8 +115,7 @@ class AUDataModule(L.LightningDataModule):
         # Under LightningCLI, hparams hold the config as given (mappings): keep the objects apart.
         self.synth = synth if isinstance(synth, SynthAUSettings) else SynthAUSettings(**dict(synth))
         self.download = download if isinstance(download, DownloadSettings) else DownloadSettings(**dict(download))
-        self.alignment = alignment if isinstance(alignment, AlignmentSettings) else AlignmentSettings(
-            **{k: tuple(v) if k == "thresholds" else v for k, v in dict(alignment).items()})
+        self.alignment = AlignmentSettings.coerce(alignment)
         given = [m is not None for m in (train_manifest, val_manifest, test_manifest)]
         if any(given) and not all(given):
             raise ValueError("data: give train_manifest, val_manifest and test_manifest together, "

@@ -223,8 +223,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if classes is not None and task != "expression":
             raise ValueError("data.classes fixes the expression classes; identities come from the data")
-        self.alignment = alignment if isinstance(alignment, AlignmentSettings) else AlignmentSettings(
-            **{k: tuple(v) if k == "thresholds" else v for k, v in dict(alignment).items()})
+        self.alignment = AlignmentSettings.coerce(alignment)
         self.task = task
         self.column = column or task
         self.manifest_path = None if image_folder is not None else (manifest or str(Path(data_root) / "train.tsv"))
