@@ -39,7 +39,7 @@ ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
 ) / 112.0
 # Statuses of a sample in the cache and the report.
-FACE, NO_FACE = "face", "no_face"
+FACE, NO_FACE, CENTRE = "face", "no_face", "centre"
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class AlignmentSettings:
         thresholds: MTCNN's P-, R- and O-net score thresholds.
         selection: which face to keep when there are several: ``largest`` or ``confidence``.
         batch_size: detection copies per MTCNN call (same-shape copies are batched together).
+        method: ``mtcnn`` (detect and align) or ``center``: no detection, every crop is the
+            image's centred square resized to ``crop_size`` (the "no alignment" arm of the
+            ablation, and a fallback for data that is already cropped to the face).
     """
 
     crop_size: int = 112
@@ -67,9 +70,12 @@ class AlignmentSettings:
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     selection: str = "largest"
     batch_size: int = 32
+    method: str = "mtcnn"
     version: int = ALIGNMENT_VERSION
 
     def __post_init__(self) -> None:
+        if self.method not in ("mtcnn", "center"):
+            raise ValueError(f"alignment method must be 'mtcnn' or 'center', got {self.method!r}")
         if self.selection not in ("largest", "confidence"):
             raise ValueError(f"alignment selection must be 'largest' or 'confidence', got {self.selection!r}")
         if self.crop_size < 16:
@@ -347,7 +353,8 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
 
 def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, root, workers: int,
                  device, detector: FaceDetector | None, progress: bool) -> None:
-    detector = detector or FaceDetector(settings, device)
+    centred = settings.method == "center"
+    detector = None if centred else detector or FaceDetector(settings, device)
     n, size = len(manifest), settings.crop_size
     crops = np.lib.format.open_memmap(out / "crops.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     keep = np.zeros(n, bool)
@@ -365,6 +372,12 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         groups: dict[tuple, list] = {}
         for it in good:
             groups.setdefault(it[2].shape, []).append(it)
+        if centred:
+            for i, image, _, _, _ in good:
+                keep[i] = True
+                crops[i] = centre_crop(image, size)
+                records[i] = {"line": int(manifest.lines[i]), "image": manifest.images[i], "status": CENTRE}
+            groups = {}
         for group in groups.values():
             dets = detector.detect_copies([it[2] for it in group], [it[3] for it in group])
             for (i, image, _, _, _), det in zip(group, dets):
@@ -418,7 +431,7 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         "no_face": len(kept) - n_face,
         "unreadable": len(unreadable),
         "face_rate": round(n_face / max(len(kept), 1), 4),
-        "multiple_faces": sum(r["faces"] > 1 for r in samples),
+        "multiple_faces": sum(r.get("faces", 0) > 1 for r in samples),
         "seconds": round(elapsed, 2),
         "images_per_second": round(n / max(elapsed, 1e-9), 2),
         "skipped_rows": unreadable,
@@ -432,6 +445,9 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
 
 def summarize(report: dict) -> str:
     """One line for a console: what alignment did to a split."""
+    if report["settings"].get("method") == "center":
+        return (f"{Path(report['manifest']).name}: {report['images']} images centre-cropped (no detection), "
+                f"{report['unreadable']} unreadable, {report['images_per_second']} images/s")
     return (f"{Path(report['manifest']).name}: {report['images']} images, {report['faces_found']} faces found "
             f"({100 * report['face_rate']:.1f}%), {report['no_face']} centre-cropped, "
             f"{report['unreadable']} unreadable, {report['images_per_second']} images/s")
@@ -441,12 +457,14 @@ def aligned_sheet(split: AlignedSplit, path: str | Path, n: int = 48, cols: int 
     """A grid of aligned crops with the template landmarks drawn; no-face fallbacks in red."""
     idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
     tiles = []
-    template = AlignmentSettings.coerce(split.report["settings"]).template()
+    settings = AlignmentSettings.coerce(split.report["settings"])
+    template_drawn = settings.method == "mtcnn"  # centre crops have no landmarks to compare
+    template = settings.template() if template_drawn else []
     for i in idx:
         tile = np.ascontiguousarray(split.crops[i][..., ::-1])
         for p in template:
             cv2.circle(tile, (int(p[0]), int(p[1])), 1, (0, 255, 0), -1)
-        if not split.face_found[i]:
+        if not split.face_found[i] and template_drawn:
             cv2.rectangle(tile, (0, 0), (tile.shape[1] - 1, tile.shape[0] - 1), (0, 0, 255), 2)
         tiles.append(tile)
     while len(tiles) % cols:

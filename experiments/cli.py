@@ -5,6 +5,7 @@ Training (Lightning CLI, one config for all):
     au-detect validate|test|predict --config ... --ckpt_path CKPT
     au-detect pretrain-face fit --config experiments/pretrain_face_demo.yaml
     au-detect pretrain-expression fit --config experiments/pretrain_expression_demo.yaml
+    au-detect ablation --config experiments/ablation_demo.yaml   the paper's Table 2, over seeds
 Data:
     au-detect synth    render SynthAU (images, EmotioNet-form manifests, contact sheet)
     au-detect align    align the faces of manifests into crop caches, with a report
@@ -152,6 +153,8 @@ class TrackedCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--mlflow", type=str, default="mlflow.yaml", help="MLflow settings (tracking URI, ...)")
         parser.add_argument("--run_name", type=Optional[str], default=None, help="MLflow run name")
+        parser.add_argument("--tags", type=dict[str, str], default={},
+                            help="MLflow tags of the run, over mlflow.yaml's (e.g. '{\"ablation\": \"t2\"}')")
 
     def _subconfig(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -162,7 +165,7 @@ class TrackedCLI(LightningCLI):
             ckpt = config.get("ckpt_path")
             run_id = run_id_from_checkpoint(ckpt) if ckpt and Path(ckpt).is_file() else None
             self.tracking = TrackingSettings.read(config.mlflow)
-            kwargs["logger"] = self.tracking.logger(config.run_name, run_id)
+            kwargs["logger"] = self.tracking.logger(config.run_name, run_id, tags=config.tags)
             self.resumed_run = run_id
         return super().instantiate_trainer(**kwargs)
 
@@ -174,7 +177,7 @@ class TrackedCLI(LightningCLI):
         text = self._parser(self.subcommand).dump(config, skip_none=False)
         client, run_id = logger.experiment, logger.run_id
         client.log_text(run_id, text, "config.yaml")
-        params = flatten_config(yaml.safe_load(text), skip=("ckpt_path", "config", "mlflow", "run_name"))
+        params = flatten_config(yaml.safe_load(text), skip=("ckpt_path", "config", "mlflow", "run_name", "tags"))
         existing = client.get_run(run_id).data.params
         new = {k: v for k, v in params.items() if k not in existing}
         changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
@@ -308,6 +311,11 @@ def main(args: Sequence[str] | None = None) -> None:
     given = args
     args = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args and args[0] == "ablation":
+        from experiments.ablation import main as ablation_main  # it drives the CLIs defined here
+
+        ablation_main(args[1:])
+        return
     if args and args[0] in PretrainCLI.TASKS:
         # sys.argv keeps the task word (DDP relaunches the command from it): Lightning's warning
         # about args differing from sys.argv does not apply.

@@ -33,9 +33,10 @@ class TrackingSettings:
         settings.tags = {str(k): str(v) for k, v in (settings.tags or {}).items()}
         return settings
 
-    def logger(self, run_name: str | None = None, run_id: str | None = None) -> MLFlowLogger:
+    def logger(self, run_name: str | None = None, run_id: str | None = None,
+               tags: dict[str, str] | None = None) -> MLFlowLogger:
         # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
         # longer takes by default: the URI is always explicit.
-        return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, tags=self.tags,
+        return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, tags={**self.tags, **(tags or {})},
                             artifact_location=self.artifact_location, run_name=run_name, run_id=run_id,
                             log_model=False)

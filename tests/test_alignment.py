@@ -209,3 +209,23 @@ def test_batched_cascade_agrees_with_facenet(synthau, truth):
                 err_facenet.append(np.linalg.norm(lm - gt, axis=1).mean() / gt_iod)
     assert matched >= len(m)
     assert np.median(err_ours) <= np.median(err_facenet) + 0.01
+
+
+def test_centre_method_crops_the_middle_without_detection(synthau, tmp_path, monkeypatch):
+    """The ablation's "no alignment" arm: the centred square of each scene, no MTCNN at all."""
+    def no_detector(*args, **kwargs):
+        raise AssertionError("the centre method must not build a detector")
+
+    monkeypatch.setattr(alignment, "FaceDetector", no_detector)
+    m = read_manifest(synthau / "val.tsv")
+    settings = AlignmentSettings(crop_size=64, method="center")
+    assert cache_key(m, settings) != cache_key(m, SMALL_ALIGNMENT)
+    split = AlignedSplit.open(align_manifest(m, tmp_path, settings))
+    assert len(split) == len(m) and not split.face_found.any()
+    for i in (0, len(m) - 1):
+        np.testing.assert_array_equal(split.crops[i], centre_crop(read_rgb(m.resolve(i)), 64))
+    np.testing.assert_array_equal(split.labels, m.labels)
+    assert {s["status"] for s in split.report["samples"]} == {"centre"}
+    assert "centre-cropped (no detection)" in alignment.summarize(split.report)
+    with pytest.raises(ValueError, match="method"):
+        AlignmentSettings(method="dlib")
