@@ -6,8 +6,9 @@ On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
 - whenever the monitored validation score improves: ``thresholds.json`` (the fitted per-AU
   thresholds and the epoch), ``au_report.csv``/``.md`` (per-AU support, thresholds, F1 and
   accuracy at 0.5 and at the fitted thresholds) and the PR curves per AU;
-- at fit end: the best checkpoint and the best model as an MLflow PyTorch model, which
-  ``mlflow.pytorch.load_model`` turns back into a working :class:`AUNet`.
+- at fit end: the best checkpoint and the best model as an MLflow pyfunc model that takes
+  images and does detection and alignment itself (``runs:/<run id>/model``, see
+  :mod:`inference.pyfunc`); ``au-detect predict --model runs:/<run id>/model`` uses it too.
 The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes the same run.
 """
 
@@ -94,13 +95,18 @@ class MLflowArtifacts(L.Callback):
 
     Args:
         monitor: validation metric that decides the best epoch (higher is better).
-        log_model: log the best model as an MLflow PyTorch model at the end of fit.
+        log_model: log the best model at the end of fit as an MLflow pyfunc model that takes
+            images (:mod:`inference.pyfunc`; ``runs:/<run id>/model``).
+        registered_model_name: also register it under this name (the CLI sets it from
+            ``mlflow.yaml``'s ``registered_model_name``).
         sample_grid: images in the training-batch grid (0: none).
     """
 
-    def __init__(self, monitor: str = "val/score_fitted", log_model: bool = True, sample_grid: int = 32):
+    def __init__(self, monitor: str = "val/score_fitted", log_model: bool = True, sample_grid: int = 32,
+                 registered_model_name: str | None = None):
         self.monitor = monitor
         self.log_model = log_model
+        self.registered_model_name = registered_model_name
         self.sample_grid = sample_grid
         self.best: float | None = None
         self.best_epoch: int | None = None
@@ -194,8 +200,10 @@ class MLflowArtifacts(L.Callback):
             state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
             net = _copy_module(pl_module.net)  # the best epoch's weights, not the last ones
             net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-        if self.log_model:
-            _log_pytorch_model(mlflow_logger(trainer)._tracking_uri, run_id, net, trainer)
+        if self.log_model and getattr(trainer.datamodule, "alignment", None) is not None \
+                and trainer.datamodule.alignment.method == "mtcnn":
+            _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, net, pl_module, trainer,
+                              self.registered_model_name)
         summary = {"best_epoch": self.best_epoch, self.monitor: self.best, "best_checkpoint": best or None}
         self._text(trainer, json.dumps(summary, indent=1), "best.json")
 
@@ -207,23 +215,25 @@ def _copy_module(net: torch.nn.Module) -> torch.nn.Module:
     return torch.load(buffer, map_location="cpu", weights_only=False)
 
 
-def _log_pytorch_model(tracking_uri: str, run_id: str, net: torch.nn.Module, trainer: L.Trainer) -> None:
-    """Log ``net`` (CPU, eval mode) with a signature, on the logger's run and tracking server."""
+def _log_pyfunc_model(tracking_uri: str, run_id: str, net: torch.nn.Module, pl_module: L.LightningModule,
+                      trainer: L.Trainer, registered_model_name: str | None) -> None:
+    """Log the image-in pyfunc model (detection and alignment inside) on the logger's run."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    net = net.cpu().eval()
-    size = trainer.datamodule.alignment.crop_size if trainer.datamodule is not None else 224
-    example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), net(example).numpy())
+    from inference.predictor import AUPredictor
+    from inference.pyfunc import log_model
+
+    data = trainer.datamodule
+    hp = pl_module.hparams
+    spec = {"aus": list(pl_module.aus), "backbone": hp.backbone, "branches": list(hp.branches),
+            "aux_heads": bool(hp.aux_heads)}
+    normalize = getattr(data, "_normalize", None)
+    predictor = AUPredictor(net, data.alignment, spec, *((normalize.mean, normalize.std) if normalize else ()),
+                            device="cpu")
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            # Pickled, not torch.export'ed (MLflow 3's default): the loaded model keeps predict(),
-            # the thresholds and the AU names, not only forward().
-            mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=example.numpy(),
-                                     serialization_format="pickle")
+            log_model(predictor, registered_model_name=registered_model_name)
     finally:
         mlflow.set_tracking_uri(previous)

@@ -2,7 +2,9 @@
 
 Training (Lightning CLI, one config for all):
     au-detect fit --config experiments/demo.yaml      train, fit thresholds, track in MLflow
-    au-detect validate|test|predict --config ... --ckpt_path CKPT
+    au-detect validate|test --config ... --ckpt_path CKPT
+Using a trained detector:
+    au-detect predict --model CKPT|runs:/<id>/model --input photos/ clip.mp4 --out aus.csv
     au-detect pretrain-face fit --config experiments/pretrain_face_demo.yaml
     au-detect pretrain-expression fit --config experiments/pretrain_expression_demo.yaml
     au-detect ablation --config experiments/ablation_demo.yaml   the paper's Table 2, over seeds
@@ -42,6 +44,7 @@ from datamodules.au_datamodule import AUDataModule
 from datamodules.download import DownloadSettings, download_manifests
 from datamodules.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
+from inference.predict import predict
 
 
 def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num_identities: int = 120,
@@ -120,7 +123,8 @@ def prepare(data: AUDataModule) -> None:
         _print_report(report, data.splits[stage].path if stage in data.splits else None)
 
 
-DATA_COMMANDS = {"synth": synth, "align": align, "download": download, "prepare": prepare}
+# Commands that are functions (not LightningCLI subcommands): the data ones and prediction.
+COMMANDS = {"synth": synth, "align": align, "download": download, "prepare": prepare, "predict": predict}
 
 
 def _print_report(report: dict, folder: Path | None) -> None:
@@ -189,6 +193,10 @@ class TrackedCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._log_config()
+        name = self.tracking.registered_model_name if self.tracking is not None else None
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, MLflowArtifacts) and name and not callback.registered_model_name:
+                callback.registered_model_name = name
         logger = mlflow_logger(self.trainer)
         if logger is not None and self.trainer.is_global_zero and self.tracking is not None:
             print(f"MLflow run {logger.run_id} in experiment '{self.tracking.experiment_name}' at "
@@ -280,12 +288,14 @@ def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="au-detect", description=__doc__)
     commands = parser.add_subcommands(dest="command")
-    for name, fn in (("synth", synth), ("align", align), ("download", download)):
+    listed = {download: ("manifest", "manifests whose images are URLs"),
+              predict: ("input", "images, folders, globs, manifests, videos")}
+    for name, fn in (("synth", synth), ("align", align), ("download", download), ("predict", predict)):
         sub = ArgumentParser(description=fn.__doc__)
         sub.add_argument("--config", action=ActionConfigFile)
-        if fn is download:  # the usual shell form: --manifest a.tsv b.tsv
-            sub.add_argument("--manifest", nargs="+", required=True, help="manifests whose images are URLs")
-        sub.add_function_arguments(fn, as_group=False, skip={"manifest"} if fn is download else None)
+        if fn in listed:  # the usual shell form: --input a.jpg photos/ clip.mp4
+            sub.add_argument(f"--{listed[fn][0]}", nargs="+", required=True, help=listed[fn][1])
+        sub.add_function_arguments(fn, as_group=False, skip={listed[fn][0]} if fn in listed else None)
         commands.add_subcommand(name, sub, help=fn.__doc__.splitlines()[0])
     # prepare reads the same YAML as training: its data section builds the AUDataModule.
     sub = ArgumentParser(description=prepare.__doc__)
@@ -322,7 +332,7 @@ def main(args: Sequence[str] | None = None) -> None:
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         PretrainCLI(args[0], args=args[1:])
         return
-    if not args or args[0] not in DATA_COMMANDS:
+    if not args or args[0] not in COMMANDS:
         AUDetectCLI(args=None if given is None else args)  # None: Lightning reads sys.argv itself
         return
     if args[0] == "prepare":
@@ -332,7 +342,7 @@ def main(args: Sequence[str] | None = None) -> None:
     command = cfg.command
     init = parser.instantiate_classes(cfg)[command]
     init.pop("config", None)
-    DATA_COMMANDS[command](**init)
+    COMMANDS[command](**init)
 
 
 if __name__ == "__main__":

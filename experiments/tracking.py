@@ -19,6 +19,7 @@ class TrackingSettings:
     experiment_name: str = "au-detect"
     artifact_location: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    registered_model_name: str | None = None  # register each fit's model under this name
 
     @classmethod
     def read(cls, path: str | Path) -> "TrackingSettings":

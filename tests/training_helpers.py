@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 import yaml
 from mlflow import MlflowClient
 
@@ -62,9 +65,17 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
     (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     state = torch.load(client.download_artifacts(run_id, ckpt), map_location="cpu", weights_only=False)
     assert state["mlflow_run_id"] == run_id
-    # The logged model: a working AUNet with the thresholds of the best epoch inside.
+    # The logged model: images in, with a working AUNet and the best epoch's thresholds inside.
     mlflow.set_tracking_uri(tracking_uri)
-    net = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.metadata.signature.inputs.input_names() == ["image"]
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(blank, format="PNG")
+    answer = model.predict(pd.DataFrame({"image": [blank.getvalue()]}))
+    assert answer["status"].tolist() == ["no_face"] and "AU12_prob" in answer.columns
+    predictor = model.unwrap_python_model().predictor
+    assert predictor.alignment.crop_size == crop
+    net = predictor.net
     np.testing.assert_allclose(net.thresholds.numpy(), list(thresholds["thresholds"].values()), atol=1e-6)
     np.testing.assert_allclose(net.thresholds.numpy(), state["state_dict"]["net.thresholds"].numpy(), atol=1e-6)
     x = torch.randn(4, 3, crop, crop)

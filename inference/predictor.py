@@ -1,0 +1,193 @@
+"""AUPredictor: every face of a frame found, aligned as in training, and classified in batches.
+
+A predictor is the trained :class:`AUNet` (weights, AU list, fitted thresholds) plus what the
+pixels went through before it: the alignment settings (crop size and landmark template must
+match training) and the normalisation. It loads from a Lightning checkpoint (the data module's
+settings are saved in it), from its own folder (``predictor.json`` + ``weights.pt``, the form
+inside the MLflow model) or from an MLflow model URI.
+
+Frames are detected together (MTCNN on downscaled copies, batched by shape), then every face of
+every frame goes through the network in one batch: one forward pass per ``batch_size`` faces,
+not one per face.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from datamodules.alignment import AlignmentSettings, FaceDetector, warp_face
+from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from lightning_modules.au_detector import AUNet
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE = "predictor.json", "weights.pt"
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+@dataclass
+class Face:
+    """One detected face and the network's answer for it (image pixel coordinates)."""
+
+    box: np.ndarray  # (4,) x0, y0, x1, y1
+    landmarks: np.ndarray  # (5, 2) eyes, nose tip, mouth corners
+    confidence: float
+    probs: np.ndarray  # (K,)
+    decisions: np.ndarray  # (K,) bool, at the fitted thresholds
+
+
+class AUPredictor:
+    """Detect, align and classify the faces of RGB frames.
+
+    Args:
+        net: the trained network (its ``thresholds`` buffer decides).
+        alignment: the training alignment; detection knobs may be changed, the crop may not.
+        mean, std: the normalisation of training.
+        spec: how ``net`` is built (backbone, branches, AUs): saved next to its weights.
+        device: torch device (default: cuda when available).
+        batch_size: faces per forward pass.
+    """
+
+    def __init__(self, net: AUNet, alignment: AlignmentSettings, spec: dict, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, device: str | torch.device | None = None, batch_size: int = 64):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.to(self.device).eval()
+        self.alignment = AlignmentSettings.coerce(alignment)
+        self.spec = dict(spec)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.normalize = Normalize(self.mean, self.std)
+        self.batch_size = batch_size
+        if self.alignment.method != "mtcnn":
+            raise ValueError(f"this model was trained on {self.alignment.method!r} crops (no alignment, an ablation "
+                             "arm); prediction detects and aligns faces, so it needs an MTCNN-aligned model")
+        self.detector = FaceDetector(self.alignment, self.device)
+
+    @property
+    def aus(self) -> tuple[int, ...]:
+        return self.net.aus
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.net.thresholds.detach().cpu().numpy()
+
+    # -- loading and saving ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str, device: str | None = None, **detection) -> "AUPredictor":
+        """From a checkpoint file, a predictor folder, or an MLflow model URI (``runs:/<id>/model``,
+        ``models:/<name>/<version>``). ``detection`` overrides detection settings (e.g.
+        ``min_face_size``)."""
+        if model.startswith(MLFLOW_SCHEMES):
+            return cls.from_mlflow(model, device, **detection)
+        path = Path(model)
+        if path.is_dir():
+            return cls.from_dir(path, device, **detection)
+        if path.is_file():
+            return cls.from_checkpoint(path, device, **detection)
+        raise FileNotFoundError(f"model {model!r}: not a checkpoint file, a predictor folder or an MLflow model URI "
+                                f"({', '.join(s + '...' for s in MLFLOW_SCHEMES)})")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None, **detection) -> "AUPredictor":
+        """From a Lightning checkpoint of :class:`AUDetector` (branch weights come from it, so the
+        pretraining checkpoints it started from need not exist any more)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+            raise ValueError(f"{path}: not a Lightning checkpoint of the AU detector (no hyper_parameters/state_dict)")
+        hp = ckpt["hyper_parameters"]
+        spec = {"aus": [int(a) for a in hp["aus"]], "backbone": hp["backbone"], "branches": list(hp["branches"]),
+                "aux_heads": bool(hp.get("aux_heads", False))}
+        data = ckpt.get("datamodule_hyper_parameters") or {}
+        if "alignment" not in data:
+            log.warning("%s holds no data settings: default alignment and ImageNet normalisation assumed", path)
+        alignment = _alignment(data.get("alignment", AlignmentSettings()), detection)
+        net = build_net(spec)
+        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        net.load_state_dict(state)
+        return cls(net, alignment, spec, data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, device: str | None = None, **detection) -> "AUPredictor":
+        folder = Path(folder)
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        net = build_net(config["net"])
+        net.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        return cls(net, _alignment(config["alignment"], detection), config["net"], config["mean"], config["std"],
+                   device)
+
+    @classmethod
+    def from_mlflow(cls, uri: str, device: str | None = None, **detection) -> "AUPredictor":
+        """From the pyfunc model ``au-detect fit`` logs (:mod:`inference.pyfunc`)."""
+        import mlflow
+
+        try:
+            model = mlflow.pyfunc.load_model(uri)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what was asked and where
+            raise FileNotFoundError(f"model {uri!r}: could not load it from MLflow at {mlflow.get_tracking_uri()} "
+                                    f"({type(e).__name__}: {e}); is MLFLOW_TRACKING_URI or --mlflow right?") from e
+        loaded = model.unwrap_python_model().predictor
+        return cls(loaded.net, _alignment(loaded.alignment, detection), loaded.spec, loaded.mean, loaded.std, device)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``predictor.json`` and ``weights.pt`` (tensors only) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"net": self.spec, "alignment": asdict(self.alignment), "mean": self.mean, "std": self.std,
+                  "thresholds": self.thresholds.round(6).tolist()}
+        torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        return folder
+
+    # -- prediction -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Aligned uint8 crops (N,S,S,3) -> probabilities (N,K) and decisions (N,K), in batches."""
+        k = len(self.aus)
+        if not len(crops):
+            return np.zeros((0, k), np.float32), np.zeros((0, k), bool)
+        probs, decisions = [], []
+        for i in range(0, len(crops), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[i:i + self.batch_size])).to(self.device)
+            p, d = self.net.predict(self.normalize(x.permute(0, 3, 1, 2)))
+            probs.append(p.float().cpu().numpy())
+            decisions.append(d.cpu().numpy())
+        return np.concatenate(probs), np.concatenate(decisions)
+
+    def predict(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        """RGB uint8 frames of any sizes -> the faces of each, largest first."""
+        detections = self.detector.detect(frames)
+        crops, owners = [], []
+        for f, (frame, det) in enumerate(zip(frames, detections)):
+            order = np.argsort(-(det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])) \
+                if len(det) else []
+            for j in order:
+                crops.append(warp_face(frame, det.landmarks[j], self.alignment))
+                owners.append((f, int(j)))
+        size = self.alignment.crop_size
+        probs, decisions = self.classify(np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
+        out: list[list[Face]] = [[] for _ in frames]
+        for (f, j), p, d in zip(owners, probs, decisions):
+            det = detections[f]
+            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d))
+        return out
+
+
+def build_net(spec: dict) -> AUNet:
+    """The network of a spec, with random weights (about to be overwritten by saved ones)."""
+    return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False))
+
+
+def _alignment(saved, detection: dict) -> AlignmentSettings:
+    settings = AlignmentSettings.coerce(saved if isinstance(saved, (AlignmentSettings, dict)) else dict(saved))
+    fixed = {"crop_size", "face_scale", "method", "version"} & {k for k, v in detection.items() if v is not None}
+    if fixed:
+        raise ValueError(f"alignment {sorted(fixed)} must stay as the model was trained; only detection settings "
+                         "(detect_max_side, min_face_size, thresholds, batch_size) may change")
+    changes = {k: (tuple(v) if k == "thresholds" else v) for k, v in detection.items() if v is not None}
+    return AlignmentSettings(**{**asdict(settings), **changes}) if changes else settings

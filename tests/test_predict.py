@@ -1,0 +1,252 @@
+"""``au-detect predict`` and the MLflow model: every face of real SynthAU scenes, videos, bad input."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import urllib.request
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from datamodules.alignment import box_iou
+from experiments.cli import AUDetectCLI, main
+from inference.predict import columns, run
+from inference.predictor import AUPredictor
+from inference.sources import InputError, read_image
+
+from .training_helpers import small_fit_args, write_mlflow_yaml
+
+MODEL_NAME = "au-detector-test"
+
+
+@pytest.fixture(scope="module")
+def trained(synthau, tmp_path_factory):
+    """A small detector trained through ``au-detect fit`` (registered too), its thresholds spread
+    out so that decisions at them differ from decisions at 0.5."""
+    tmp = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    mlflow_yaml = write_mlflow_yaml(tmp / "mlflow.yaml", uri, "predict-test")
+    settings = yaml.safe_load(mlflow_yaml.read_text())
+    mlflow_yaml.write_text(yaml.safe_dump({**settings, "registered_model_name": MODEL_NAME}))
+    cli = AUDetectCLI(args=["fit", *small_fit_args(synthau, tmp / "cache", mlflow_yaml, tmp / "runs", epochs=1,
+                                                   train_batches=2)])
+    run_id = cli.trainer.logger.run_id
+    best = cli.trainer.checkpoint_callback.best_model_path
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    thresholds = torch.linspace(0.3, 0.7, len(state["state_dict"]["net.thresholds"]))
+    state["state_dict"]["net.thresholds"] = thresholds
+    ckpt = tmp / "spread.ckpt"
+    torch.save(state, ckpt)
+    return {"ckpt": str(ckpt), "thresholds": thresholds.numpy(), "run_id": run_id, "uri": uri, "tmp": tmp,
+            "mlflow_yaml": str(mlflow_yaml), "cache": tmp / "cache"}
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def au_names(rows: list[dict]) -> list[str]:
+    return [c[:-5] for c in rows[0] if c.endswith("_prob")]
+
+
+def test_folder_of_scenes_one_row_per_face_near_the_truth(synthau, truth, trained, tmp_path):
+    """Scenes with two people: every face found, boxes where SynthAU drew them, decisions at the
+    checkpoint's thresholds, probabilities equal to the network on the training crop."""
+    pairs = [ref for ref, r in truth.items()
+             if len(r["faces"]) == 2 and min(f["box"][2] - f["box"][0] for f in r["faces"]) >= 60][:6]
+    singles = [ref for ref, r in truth.items() if len(r["faces"]) == 1][:3]
+    assert len(pairs) >= 3
+    folder = tmp_path / "photos"
+    for i, ref in enumerate(pairs + singles):
+        target = folder / ("pairs" if ref in pairs else "singles") / f"{i:02d}_{Path(ref).name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthau / ref, target)
+    out = tmp_path / "aus.csv"
+    main(["predict", "--model", trained["ckpt"], "--input", str(folder), "--out", str(out), "--mlflow",
+          trained["mlflow_yaml"]])
+    rows = read_rows(out)
+    assert list(rows[0]) == columns(AUPredictor.load(trained["ckpt"], "cpu").aus)
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    assert len(by_source) == len(pairs) + len(singles)  # the subfolders were walked
+    for source, found in by_source.items():
+        ref = next(ref for ref in pairs + singles if source.endswith(Path(ref).name))
+        true_boxes = [f["box"] for f in truth[ref]["faces"]]
+        assert all(r["status"] == "ok" for r in found), found
+        assert len(found) == len(true_boxes), (source, len(found), len(true_boxes))
+        assert [r["face"] for r in found] == [str(i) for i in range(len(found))]
+        for r in found:
+            box = [float(r[k]) for k in ("x0", "y0", "x1", "y1")]
+            assert max(box_iou(box, t) for t in true_boxes) > 0.5, (source, box, true_boxes)
+            assert 0.5 < float(r["confidence"]) <= 1
+        areas = [(float(r["x1"]) - float(r["x0"])) * (float(r["y1"]) - float(r["y0"])) for r in found]
+        assert areas == sorted(areas, reverse=True)  # largest first
+    names = au_names(rows)
+    probs = np.array([[float(r[f"{n}_prob"]) for n in names] for r in rows])
+    decisions = np.array([[int(r[n]) for n in names] for r in rows])
+    np.testing.assert_array_equal(decisions, (probs >= trained["thresholds"] - 1e-6).astype(int))
+    assert (decisions != (probs >= 0.5)).any()  # the spread thresholds, not 0.5, decided
+
+    # The largest face of a training scene is aligned exactly as training aligned it: its
+    # probabilities are the network's on the cached training crop.
+    from datamodules.alignment import AlignedSplit
+
+    predictor = AUPredictor.load(trained["ckpt"], "cpu")
+    train_cache = next(p for p in Path(trained["cache"]).iterdir() if p.name.startswith("train-"))
+    split = AlignedSplit.open(train_cache)
+    train_refs = {s["image"]: i for i, s in enumerate(split.report["samples"]) if s["status"] == "face"}
+    checked = 0
+    for source, found in by_source.items():
+        ref = next(ref for ref in pairs + singles if source.endswith(Path(ref).name))
+        if ref in train_refs:
+            expected, _ = predictor.classify(np.asarray(split.crops[train_refs[ref]])[None])
+            got = np.array([float(found[0][f"{n}_prob"]) for n in names])
+            np.testing.assert_allclose(got, expected[0], atol=2e-4)
+            checked += 1
+    assert checked >= 2
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def test_video_frames_times_and_bounded_memory(synthau, truth, trained, tmp_path):
+    scenes = [read_image(str(synthau / ref)) for ref in list(truth)[:4]]
+    short, long = tmp_path / "short.mp4", tmp_path / "long.mp4"
+    _write_video(short, [scenes[(i // 10) % 4] for i in range(40)], fps=10)
+    _write_video(long, [scenes[(i // 10) % 4] for i in range(160)], fps=10)
+    predictor = AUPredictor.load(trained["ckpt"], "cpu")
+
+    peaks = {}
+    for name, video in (("short", short), ("long", long)):
+        tracemalloc.start()
+        summary = run(predictor, [str(video)], str(tmp_path / f"{name}.csv"), every=4, batch_frames=8,
+                      progress=False)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert summary.frames == {"short": 10, "long": 40}[name]
+    rows = read_rows(tmp_path / "long.csv")
+    frames = sorted({int(r["frame"]) for r in rows})
+    assert frames == list(range(0, 160, 4))
+    for r in rows:
+        assert float(r["time_s"]) == pytest.approx(int(r["frame"]) / 10, abs=1e-3)
+    assert {r["status"] for r in rows} <= {"ok", "no_face"}
+    assert sum(r["status"] == "ok" for r in rows) >= 36  # every sampled frame shows a face
+    # Four times the frames, the same peak: frames stream through a batch at a time.
+    assert peaks["long"] < 1.5 * peaks["short"], peaks
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height (a decompression bomb's shape), 100 bytes in all."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_bad_inputs_get_status_rows_and_good_ones_go_on(synthau, truth, trained, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = [ref for ref, r in truth.items() if len(r["faces"]) == 1][:2]
+    for i, ref in enumerate(good):
+        shutil.copy(synthau / ref, folder / f"good{i}.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image\n")
+    data = (synthau / good[0]).read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    cv2.imwrite(str(folder / "blank.png"), np.full((240, 320, 3), 127, np.uint8))
+    _png_header_only(folder / "bomb.png", 30000, 30000)
+    (folder / "broken.mp4").write_bytes(os.urandom(4096))
+    out = tmp_path / "mixed.csv"
+    main(["predict", "--model", trained["ckpt"], "--input", str(folder), str(tmp_path / "gone.jpg"),
+          "--out", str(out)])
+    rows = read_rows(out)
+    status = {Path(r["source"]).name: (r["status"], r["message"]) for r in rows}
+    assert status["empty.jpg"][0] == "empty" and "0 bytes" in status["empty.jpg"][1]
+    assert status["notes.jpg"][0] == "unreadable" and "notes.jpg" in status["notes.jpg"][1]
+    assert status["truncated.jpg"][0] == "unreadable"
+    assert status["blank.png"][0] == "no_face"
+    assert status["bomb.png"][0] == "too_large" and "900000000 pixels" in status["bomb.png"][1]
+    assert status["broken.mp4"][0] == "broken_video"
+    assert status["gone.jpg"][0] == "missing"
+    assert status["good0.jpg"][0] == status["good1.jpg"][0] == "ok"
+    assert all(r["AU12_prob"] for r in rows if r["status"] == "ok")
+    _png_header_only(folder / "big.png", 8000, 8000)  # under PIL's own limit, over ours
+    with pytest.raises(InputError, match="64 MP is over the limit of 50 MP"):
+        read_image(str(folder / "big.png"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_au_detect_predict(synthau, truth, trained, tmp_path):
+    """``mlflow models serve`` on the logged model, an image posted as in the README's curl,
+    the answer equal to ``au-detect predict`` (checkpoint and registry URI) on the same image."""
+    ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
+    image = tmp_path / "scene.jpg"
+    shutil.copy(synthau / ref, image)
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent  # the server starts uvicorn from PATH, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"runs:/{trained['run_id']}/model",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(server.stdout.read().decode()[-3000:])
+                time.sleep(1)
+        body = json.dumps({"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        served = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(30)
+    # au-detect predict with the registered model (the MLflow model, not the edited checkpoint)
+    out = tmp_path / "cli.csv"
+    main(["predict", "--model", f"models:/{MODEL_NAME}/1", "--input", str(image), "--out", str(out),
+          "--mlflow", trained["mlflow_yaml"]])
+    rows = read_rows(out)
+    assert len(served) == len(rows) >= 1 and all(r["status"] == "ok" for r in rows)
+    names = au_names(rows)
+    for s, r in zip(served, rows):
+        assert s["status"] == "ok" and s["source"] == 0 and int(float(r["face"])) == int(s["face"])
+        np.testing.assert_allclose([s["x0"], s["y0"], s["x1"], s["y1"]],
+                                   [float(r[k]) for k in ("x0", "y0", "x1", "y1")], atol=0.11)
+        np.testing.assert_allclose([s[f"{n}_prob"] for n in names], [float(r[f"{n}_prob"]) for n in names],
+                                   atol=2e-5)
+        assert [int(s[n]) for n in names] == [int(r[n]) for n in names]
