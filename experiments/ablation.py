@@ -291,6 +291,7 @@ def pretrain(task: str, config: str, overrides: dict[str, Any], path: Path, abla
         print(f"[ablation] reusing {path}")
         return str(path)
     tags = ablation.tags(parent, "pretrain", **{"ablation.task": task})
+    overrides = {"trainer.default_root_dir": str(path.parent / task), **overrides}
     args = ["fit", "--config", config, *cli_args(overrides), f"--export.path={path}", f"--mlflow={mlflow_config}",
             f"--run_name={ablation.name} {task}", f"--tags={json.dumps(tags)}"]
     print(f"[ablation] au-detect {task} " + " ".join(args))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -108,4 +109,14 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
         return mlflow.pyfunc.log_model(
             name=name, python_model=AUModel(), artifacts={"predictor": str(folder)},
             code_paths=[str(root / p) for p in PACKAGES], signature=signature(predictor.aus),
-            pip_requirements=requirements(), registered_model_name=registered_model_name)
+            input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
+            registered_model_name=registered_model_name)
+
+
+def _example_image() -> bytes:
+    """A small grey PNG: the request shape the MLflow UI shows (its answer is a no_face row)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()

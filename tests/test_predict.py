@@ -250,3 +250,19 @@ def test_mlflow_models_serve_answers_like_au_detect_predict(synthau, truth, trai
         np.testing.assert_allclose([s[f"{n}_prob"] for n in names], [float(r[f"{n}_prob"]) for n in names],
                                    atol=2e-5)
         assert [int(s[n]) for n in names] == [int(r[n]) for n in names]
+
+
+def test_inputs_expand_from_folders_globs_and_manifests(tmp_path):
+    from inference.sources import expand
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/1.jpg", "a/b/2.png", "a/b/clip.mp4", "a/notes.txt.bak", "a/.hidden.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.tsv").write_text("AU12\timage\n1\ta/1.jpg\n0\t/abs/3.jpg\n")
+    sources = expand([str(tmp_path / "a"), str(tmp_path / "a" / "**" / "*.png"), str(tmp_path / "list.tsv"),
+                      str(tmp_path / "none*.jpg")])
+    got = [(Path(s.path).name, s.kind, s.error.status if s.error else None) for s in sources]
+    assert got == [("1.jpg", "image", None), ("2.png", "image", None), ("clip.mp4", "video", None),
+                   ("2.png", "image", None), ("1.jpg", "image", None), ("3.jpg", "image", None),
+                   ("none*.jpg", "image", "missing")]
+    assert sources[4].path == str(tmp_path / "a" / "1.jpg")  # manifest rows resolve from its folder

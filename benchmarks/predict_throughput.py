@@ -1,0 +1,99 @@
+"""Prediction throughput: ``au-detect predict`` on a folder against the naive path, end to end.
+
+Naive path, as a user of facenet-pytorch would write it: per image, decode, ``MTCNN.detect`` on
+the full-size image (landmarks on), then for each face the same similarity alignment and the
+network on a batch of one. Ours: :func:`inference.predict.run` on the folder (decode in threads,
+MTCNN on downscaled copies batched across images, every face of the batch through the network
+together, CSV written). Both use the same network (the demo's: two ResNet-18 branches at 96 px;
+random weights, which do not change the cost) on the same SynthAU scenes (some with two
+people), alternating in one process; the table gives medians over repeats and the ratio, and
+how many faces each path found.
+
+    python benchmarks/predict_throughput.py [--scenes 200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.alignment import AlignmentSettings, warp_face  # noqa: E402
+from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from inference.predict import run  # noqa: E402
+from inference.predictor import AUPredictor  # noqa: E402
+from lightning_modules.au_detector import AUNet  # noqa: E402
+
+SPEC = {"aus": None, "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}
+
+
+def naive(paths: list[Path], predictor: AUPredictor) -> tuple[float, int]:
+    from facenet_pytorch import MTCNN
+
+    mtcnn = MTCNN(keep_all=True, device="cpu")
+    faces = 0
+    start = time.perf_counter()
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        boxes, _, landmarks = mtcnn.detect(image, landmarks=True)
+        for lm in landmarks if boxes is not None else []:
+            crop = warp_face(image, lm, predictor.alignment)
+            predictor.classify(crop[None])  # one face per forward pass
+            faces += 1
+    return len(paths) / (time.perf_counter() - start), faces
+
+
+def ours(folder: Path, predictor: AUPredictor, out: Path) -> tuple[float, int]:
+    start = time.perf_counter()
+    summary = run(predictor, [str(folder)], str(out), progress=False)
+    return summary.frames / (time.perf_counter() - start), summary.faces
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = AUNet(backbone=SPEC["backbone"], branches=SPEC["branches"])
+    spec = {**SPEC, "aus": list(net.aus)}
+    predictor = AUPredictor(net, AlignmentSettings(crop_size=args.crop), spec, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "synthau"
+        generate_synthau(root, SynthAUSettings(num_images=args.scenes, seed=321, val_fraction=0, test_fraction=0))
+        folder = root / "images"
+        paths = sorted(folder.rglob("*.jpg"))
+        variants = {
+            "naive: per image MTCNN.detect full size, one face per forward (baseline)":
+                lambda: naive(paths, predictor),
+            "au-detect predict (batched detection on copies, batched faces)":
+                lambda: ours(folder, predictor, Path(tmp) / "out.csv"),
+        }
+        results = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                results[name].append(fn())
+    base = statistics.median(r[0] for r in results[next(iter(results))])
+    print(f"\n{len(paths)} SynthAU scenes of 640x480, network 2 x resnet18 at {args.crop} px, {args.repeats} repeats, "
+          f"{args.threads} torch threads, device cpu\n")
+    print(f"| {'pipeline':<72} | images/s (median) | faces found | vs baseline |")
+    print(f"|{'-' * 74}|-------------------|-------------|-------------|")
+    for name, rs in results.items():
+        speed = statistics.median(r[0] for r in rs)
+        print(f"| {name:<72} | {speed:17.1f} | {rs[0][1]:11d} | {speed / base:10.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
