@@ -2,7 +2,7 @@
 
 Naive path, as a user of facenet-pytorch would write it: per image, decode, ``MTCNN.detect`` on
 the full-size image (landmarks on), then for each face the same similarity alignment and the
-network on a batch of one. Ours: :func:`inference.predict.run` on the folder (decode in threads,
+network on a batch of one. Ours: :func:`experiments.predict.run` on the folder (decode in threads,
 MTCNN on downscaled copies batched across images, every face of the batch through the network
 together, CSV written). Both use the same network (the demo's: two ResNet-18 branches at 96 px;
 random weights, which do not change the cost) on the same SynthAU scenes (some with two
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.alignment import AlignmentSettings, warp_face  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
-from inference.predict import run  # noqa: E402
-from inference.predictor import AUPredictor  # noqa: E402
+from experiments.predict import run  # noqa: E402
+from lightning_modules.predictor import AUPredictor  # noqa: E402
 from lightning_modules.au_detector import AUNet  # noqa: E402
 
 SPEC = {"aus": None, "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}

@@ -8,7 +8,7 @@ On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
   accuracy at 0.5 and at the fitted thresholds) and the PR curves per AU;
 - at fit end: the best checkpoint and the best model as an MLflow pyfunc model that takes
   images and does detection and alignment itself (``runs:/<run id>/model``, see
-  :mod:`inference.pyfunc`); ``au-detect predict --model runs:/<run id>/model`` uses it too.
+  :mod:`lightning_modules.pyfunc`); ``au-detect predict --model runs:/<run id>/model`` uses it too.
 The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes the same run.
 """
 
@@ -96,7 +96,7 @@ class MLflowArtifacts(L.Callback):
     Args:
         monitor: validation metric that decides the best epoch (higher is better).
         log_model: log the best model at the end of fit as an MLflow pyfunc model that takes
-            images (:mod:`inference.pyfunc`; ``runs:/<run id>/model``).
+            images (:mod:`lightning_modules.pyfunc`; ``runs:/<run id>/model``).
         registered_model_name: also register it under this name (the CLI sets it from
             ``mlflow.yaml``'s ``registered_model_name``).
         sample_grid: images in the training-batch grid (0: none).
@@ -194,14 +194,14 @@ class MLflowArtifacts(L.Callback):
         if client is None:
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        net = pl_module.net
         if best and Path(best).is_file():
             client.log_artifact(run_id, best, "checkpoints")
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            net = _copy_module(pl_module.net)  # the best epoch's weights, not the last ones
-            net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-        if self.log_model and getattr(trainer.datamodule, "alignment", None) is not None \
-                and trainer.datamodule.alignment.method == "mtcnn":
+        aligned = getattr(getattr(trainer.datamodule, "alignment", None), "method", None) == "mtcnn"
+        if self.log_model and aligned:  # a model that detects and aligns needs MTCNN-aligned training
+            net = _copy_module(pl_module.net)  # a CPU copy: the trained module stays where it is
+            if best and Path(best).is_file():  # the best epoch's weights, not the last ones
+                state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+                net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
             _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, net, pl_module, trainer,
                               self.registered_model_name)
         summary = {"best_epoch": self.best_epoch, self.monitor: self.best, "best_checkpoint": best or None}
@@ -220,8 +220,8 @@ def _log_pyfunc_model(tracking_uri: str, run_id: str, net: torch.nn.Module, pl_m
     """Log the image-in pyfunc model (detection and alignment inside) on the logger's run."""
     import mlflow
 
-    from inference.predictor import AUPredictor
-    from inference.pyfunc import log_model
+    from lightning_modules.predictor import AUPredictor
+    from lightning_modules.pyfunc import log_model
 
     data = trainer.datamodule
     hp = pl_module.hparams

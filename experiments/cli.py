@@ -44,7 +44,7 @@ from datamodules.au_datamodule import AUDataModule
 from datamodules.download import DownloadSettings, download_manifests
 from datamodules.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
-from inference.predict import predict
+from experiments.predict import predict
 
 
 def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num_identities: int = 120,

@@ -84,7 +84,8 @@ def test_pretraining_commands_write_a_loadable_backbone(synthau, aligned_train, 
 
     name = "face" if task == "pretrain-face" else "expression"
     cfg = tmp_path / "mlflow.yaml"
-    cfg.write_text(f"tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\nexperiment_name: pretrain\n")
+    cfg.write_text(f"tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\nexperiment_name: pretrain\n"
+                   f"artifact_location: {tmp_path / 'artifacts'}\n")
     out = tmp_path / f"{name}.pt"
     main([task, "fit", "--config", str(DEMO.with_name(f"pretrain_{name}_demo.yaml")),
           "--data.data_root", str(synthau), "--data.cache_dir", str(aligned_train.path.parent),

@@ -25,9 +25,9 @@ import yaml
 
 from datamodules.alignment import box_iou
 from experiments.cli import AUDetectCLI, main
-from inference.predict import columns, run
-from inference.predictor import AUPredictor
-from inference.sources import InputError, read_image
+from datamodules.sources import InputError, read_image
+from experiments.predict import run
+from lightning_modules.predictor import AUPredictor, columns
 
 from .training_helpers import small_fit_args, write_mlflow_yaml
 
@@ -253,7 +253,7 @@ def test_mlflow_models_serve_answers_like_au_detect_predict(synthau, truth, trai
 
 
 def test_inputs_expand_from_folders_globs_and_manifests(tmp_path):
-    from inference.sources import expand
+    from datamodules.sources import expand
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/1.jpg", "a/b/2.png", "a/b/clip.mp4", "a/notes.txt.bak", "a/.hidden.jpg"):

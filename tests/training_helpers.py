@@ -20,8 +20,10 @@ DEMO = ROOT / "experiments" / "demo.yaml"
 
 
 def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detect-test") -> Path:
-    path.write_text(yaml.safe_dump({"tracking_uri": tracking_uri, "experiment_name": experiment,
-                                    "tags": {"suite": "tests"}}))
+    settings = {"tracking_uri": tracking_uri, "experiment_name": experiment, "tags": {"suite": "tests"}}
+    if tracking_uri.startswith("sqlite:"):  # artifacts beside the database, not in ./mlruns of the cwd
+        settings["artifact_location"] = str(path.parent / "artifacts")
+    path.write_text(yaml.safe_dump(settings))
     return path
 
 

@@ -24,6 +24,8 @@ import torch
 
 from datamodules.alignment import AlignmentSettings, FaceDetector, warp_face
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from datamodules.manifest import au_column_name
+from datamodules.sources import NO_FACE, OK
 from lightning_modules.au_detector import AUNet
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class AUPredictor:
 
     @classmethod
     def from_mlflow(cls, uri: str, device: str | None = None, **detection) -> "AUPredictor":
-        """From the pyfunc model ``au-detect fit`` logs (:mod:`inference.pyfunc`)."""
+        """From the pyfunc model ``au-detect fit`` logs (:mod:`lightning_modules.pyfunc`)."""
         import mlflow
 
         try:
@@ -191,3 +193,43 @@ def _alignment(saved, detection: dict) -> AlignmentSettings:
                          "(detect_max_side, min_face_size, thresholds, batch_size) may change")
     changes = {k: (tuple(v) if k == "thresholds" else v) for k, v in detection.items() if v is not None}
     return AlignmentSettings(**{**asdict(settings), **changes}) if changes else settings
+
+
+# -- rows: what a prediction reports, in au-detect predict's CSV and the MLflow model's answer --
+
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # MTCNN's order, image left/right
+BASE_COLUMNS = ["source", "frame", "time_s", "face", "status", "message", "x0", "y0", "x1", "y1",
+                *[f"{p}_{c}" for p in LANDMARKS for c in "xy"], "confidence"]
+
+
+def columns(aus: Sequence[int]) -> list[str]:
+    """The CSV header: fixed columns, then each AU's probability, then each AU's decision."""
+    names = [au_column_name(a) for a in aus]
+    return BASE_COLUMNS + [f"{n}_prob" for n in names] + names
+
+
+def face_record(source: str, frame: int | None, time_s: float | None, index: int, face: Face,
+                aus: Sequence[int]) -> dict:
+    record = {"source": source, "frame": frame, "time_s": time_s, "face": index, "status": OK, "message": "",
+              "x0": face.box[0], "y0": face.box[1], "x1": face.box[2], "y1": face.box[3],
+              "confidence": round(face.confidence, 5)}
+    for name, (x, y) in zip(LANDMARKS, face.landmarks):
+        record[f"{name}_x"], record[f"{name}_y"] = x, y
+    for k in ("x0", "y0", "x1", "y1", *[f"{p}_{c}" for p in LANDMARKS for c in "xy"]):
+        record[k] = round(float(record[k]), 1)
+    for a, p, d in zip(aus, face.probs, face.decisions):
+        name = au_column_name(a)
+        record[f"{name}_prob"] = round(float(p), 5)
+        record[name] = int(d)
+    return record
+
+
+def status_record(source: str, status: str, message: str, frame: int | None = None,
+                  time_s: float | None = None) -> dict:
+    return {"source": source, "frame": frame, "time_s": time_s, "face": None, "status": status, "message": message}
+
+
+def frame_records(source: str, frame: int | None, time_s: float | None, faces: list[Face], aus) -> list[dict]:
+    if not faces:
+        return [status_record(source, NO_FACE, "no face detected", frame, time_s)]
+    return [face_record(source, frame, time_s, i, f, aus) for i, f in enumerate(faces)]

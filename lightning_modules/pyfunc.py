@@ -29,19 +29,19 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from datamodules.manifest import au_column_name
-from inference.predict import LANDMARKS, columns, frame_records, status_record
-from inference.sources import DEFAULT_MAX_PIXELS, InputError, read_image
+from datamodules.sources import DEFAULT_MAX_PIXELS, InputError, read_image
+from lightning_modules.predictor import LANDMARKS, columns, frame_records, status_record
 
-PACKAGES = ("inference", "datamodules", "lightning_modules")  # what loading the model imports
-REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "jsonargparse", "albumentations",
-                "opencv-python-headless", "pillow", "numpy", "pandas", "mlflow")
+PACKAGES = ("datamodules", "lightning_modules")  # what loading the model imports
+REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "torchmetrics", "jsonargparse",
+                "albumentations", "opencv-python-headless", "pillow", "numpy", "pandas", "mlflow")
 
 
 class AUModel(mlflow.pyfunc.PythonModel):
     """Encoded images -> per-face AU probabilities and decisions (see the module's docstring)."""
 
     def load_context(self, context) -> None:
-        from inference.predictor import AUPredictor
+        from lightning_modules.predictor import AUPredictor
 
         self.predictor = AUPredictor.from_dir(context.artifacts["predictor"])
         self.max_pixels = int(os.environ.get("AU_DETECT_MAX_PIXELS", DEFAULT_MAX_PIXELS))
