@@ -102,13 +102,38 @@ def test_pretraining_commands_write_a_loadable_backbone(synthau, aligned_train, 
     assert [a.path for a in client.list_artifacts(run.info.run_id, "backbone")] == [f"backbone/{name}.pt"]
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
+def _printed_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--print_config"])
+    assert exit_.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+TRAINING_CONFIGS = sorted(p.name for p in DEMO.parent.glob("*.yaml") if not p.name.startswith("ablation"))
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS)
 def test_every_shipped_config_parses(config, capsys):
     """Configs are the documentation of what runs: each one parses with its command."""
     command = {"pretrain_face": ["pretrain-face", "fit"], "pretrain_expression": ["pretrain-expression", "fit"]}
     prefix = next((v for k, v in command.items() if config.startswith(k)), ["fit"])
-    with pytest.raises(SystemExit) as exit_:
-        main([*prefix, "--config", str(DEMO.parent / config), "--print_config"])
-    assert exit_.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = _printed_config([*prefix, "--config", str(DEMO.parent / config)], capsys)
     assert printed["model"]["backbone"].startswith("resnet") and printed["trainer"]["max_epochs"] > 0
+
+
+def test_ablation_config_overrides_are_options_of_its_commands(capsys, monkeypatch):
+    """The ablation config parses, and every override it passes on is accepted by fit/pretrain."""
+    from experiments.ablation import ROW_BY_KEY, build_parser, cli_args
+
+    monkeypatch.chdir(DEMO.parents[1])  # the config's paths are relative to the project root
+    parser = build_parser()
+    cfg = parser.parse_path(str(DEMO.parent / "ablation_demo.yaml"))
+    weights = {"face": "face.pt", "emotion": "emotion.pt"}
+    for key, row in ROW_BY_KEY.items():
+        overrides = {**cfg.fit_overrides, **row.overrides(weights)}
+        printed = _printed_config(["fit", "--config", cfg.fit_config, *cli_args(overrides)], capsys)
+        assert printed["trainer"]["max_epochs"] == cfg.fit_overrides["trainer.max_epochs"], key
+        assert printed["data"]["alignment"]["method"] == ("mtcnn" if row.align else "center"), key
+    for task, config in (("pretrain-face", cfg.face_config), ("pretrain-expression", cfg.expression_config)):
+        printed = _printed_config([task, "fit", "--config", config, *cli_args(cfg.pretrain_overrides)], capsys)
+        assert printed["data"]["alignment"]["crop_size"] == cfg.pretrain_overrides["data.alignment.crop_size"]

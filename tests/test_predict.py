@@ -143,10 +143,13 @@ def test_video_frames_times_and_bounded_memory(synthau, truth, trained, tmp_path
     for name, video in (("short", short), ("long", long)):
         tracemalloc.start()
         summary = run(predictor, [str(video)], str(tmp_path / f"{name}.csv"), every=4, batch_frames=8,
-                      progress=False)
+                      progress=False, annotate_dir=str(tmp_path / "annotated"))
         peaks[name] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert summary.frames == {"short": 10, "long": 40}[name]
+    annotated = cv2.VideoCapture(str(tmp_path / "annotated" / "short.mp4"))
+    assert int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == 10 and annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(2.5)
+    annotated.release()
     rows = read_rows(tmp_path / "long.csv")
     frames = sorted({int(r["frame"]) for r in rows})
     assert frames == list(range(0, 160, 4))
@@ -183,7 +186,7 @@ def test_bad_inputs_get_status_rows_and_good_ones_go_on(synthau, truth, trained,
     (folder / "broken.mp4").write_bytes(os.urandom(4096))
     out = tmp_path / "mixed.csv"
     main(["predict", "--model", trained["ckpt"], "--input", str(folder), str(tmp_path / "gone.jpg"),
-          "--out", str(out)])
+          "--out", str(out), "--annotate", str(tmp_path / "annotated")])
     rows = read_rows(out)
     status = {Path(r["source"]).name: (r["status"], r["message"]) for r in rows}
     assert status["empty.jpg"][0] == "empty" and "0 bytes" in status["empty.jpg"][1]
@@ -195,6 +198,12 @@ def test_bad_inputs_get_status_rows_and_good_ones_go_on(synthau, truth, trained,
     assert status["gone.jpg"][0] == "missing"
     assert status["good0.jpg"][0] == status["good1.jpg"][0] == "ok"
     assert all(r["AU12_prob"] for r in rows if r["status"] == "ok")
+    # annotated copies of what was decoded, boxes drawn (the pixels differ from the original's)
+    annotated = sorted(p.name for p in (tmp_path / "annotated").iterdir())
+    assert annotated == ["blank.jpg", "good0.jpg", "good1.jpg"]
+    drawn = cv2.imread(str(tmp_path / "annotated" / "good0.jpg"))
+    assert drawn.shape == cv2.imread(str(folder / "good0.jpg")).shape
+    assert np.abs(drawn.astype(int) - cv2.imread(str(folder / "good0.jpg")).astype(int)).max() > 100
     _png_header_only(folder / "big.png", 8000, 8000)  # under PIL's own limit, over ours
     with pytest.raises(InputError, match="64 MP is over the limit of 50 MP"):
         read_image(str(folder / "big.png"))
