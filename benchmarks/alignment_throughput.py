@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.compare import alternate, print_table  # noqa: E402
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, box_iou  # noqa: E402
 from datamodules.manifest import read_manifest  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
@@ -78,19 +78,10 @@ def main() -> None:
             "  same, no downscaling (640), min face 20": lambda: ours(
                 manifest, truth, AlignmentSettings(detect_max_side=640, min_face_size=20), 0),
         }
-        results = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, run in variants.items():
-                results[name].append(run())
-    base = statistics.median(r[0] for r in results[next(iter(results))])
+        results = alternate(variants, args.repeats)
     print(f"\n{args.scenes} SynthAU scenes of 640x480, {args.repeats} repeats, {args.threads} torch threads, "
           f"device cpu\n")
-    print(f"| {'pipeline':<64} | scenes/s (median) | detection rate | vs baseline |")
-    print(f"|{'-' * 66}|-------------------|----------------|-------------|")
-    for name, rs in results.items():
-        speed = statistics.median(r[0] for r in rs)
-        print(f"| {name:<64} | {speed:17.1f} | {rs[0][1]:14.3f} | {speed / base:10.2f}x |")
-
+    print_table(results, "scenes/s", "detection rate", ".3f")
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ how many faces each path found.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.compare import alternate, print_table  # noqa: E402
 from datamodules.alignment import AlignmentSettings, warp_face  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
 from experiments.predict import run  # noqa: E402
@@ -81,19 +81,10 @@ def main() -> None:
             "au-detect predict (batched detection on copies, batched faces)":
                 lambda: ours(folder, predictor, Path(tmp) / "out.csv"),
         }
-        results = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                results[name].append(fn())
-    base = statistics.median(r[0] for r in results[next(iter(results))])
+        results = alternate(variants, args.repeats)
     print(f"\n{len(paths)} SynthAU scenes of 640x480, network 2 x resnet18 at {args.crop} px, {args.repeats} repeats, "
           f"{args.threads} torch threads, device cpu\n")
-    print(f"| {'pipeline':<72} | images/s (median) | faces found | vs baseline |")
-    print(f"|{'-' * 74}|-------------------|-------------|-------------|")
-    for name, rs in results.items():
-        speed = statistics.median(r[0] for r in rs)
-        print(f"| {name:<72} | {speed:17.1f} | {rs[0][1]:11d} | {speed / base:10.2f}x |")
-
+    print_table(results, "images/s", "faces found", "d")
 
 if __name__ == "__main__":
     main()

@@ -155,7 +155,9 @@ class AUPredictor:
             return np.zeros((0, k), np.float32), np.zeros((0, k), bool)
         probs, decisions = [], []
         for i in range(0, len(crops), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[i:i + self.batch_size])).to(self.device)
+            # a memory-mapped cache is read-only: copied only then (torch wants writable memory)
+            batch = np.require(crops[i:i + self.batch_size], np.uint8, ["C", "W"])
+            x = torch.from_numpy(batch).to(self.device)
             p, d = self.net.predict(self.normalize(x.permute(0, 3, 1, 2)))
             probs.append(p.float().cpu().numpy())
             decisions.append(d.cpu().numpy())
