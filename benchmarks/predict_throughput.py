@@ -7,7 +7,8 @@ MTCNN on downscaled copies batched across images, every face of the batch throug
 together, CSV written). Both use the same network (the demo's: two ResNet-18 branches at 96 px;
 random weights, which do not change the cost) on the same SynthAU scenes (some with two
 people), alternating in one process; the table gives medians over repeats and the ratio, and
-how many faces each path found.
+how many faces each path found. A third row runs ours with the network in bfloat16 under
+autocast (``--precision bf16-mixed``): a large gain only on CPUs with AMX or AVX512-BF16.
 
     python benchmarks/predict_throughput.py [--scenes 200] [--repeats 3]
 """
@@ -52,7 +53,8 @@ def naive(paths: list[Path], predictor: AUPredictor) -> tuple[float, int]:
     return len(paths) / (time.perf_counter() - start), faces
 
 
-def ours(folder: Path, predictor: AUPredictor, out: Path) -> tuple[float, int]:
+def ours(folder: Path, predictor: AUPredictor, out: Path, precision: str = "32-true") -> tuple[float, int]:
+    predictor.precision = precision
     start = time.perf_counter()
     summary = run(predictor, [str(folder)], str(out), progress=False)
     return summary.frames / (time.perf_counter() - start), summary.faces
@@ -80,6 +82,8 @@ def main() -> None:
                 lambda: naive(paths, predictor),
             "au-detect predict (batched detection on copies, batched faces)":
                 lambda: ours(folder, predictor, Path(tmp) / "out.csv"),
+            "  same, --precision bf16-mixed (the network under autocast)":
+                lambda: ours(folder, predictor, Path(tmp) / "out.csv", "bf16-mixed"),
         }
         results = alternate(variants, args.repeats)
     print(f"\n{len(paths)} SynthAU scenes of 640x480, network 2 x resnet18 at {args.crop} px, {args.repeats} repeats, "

@@ -209,6 +209,9 @@ class FaceDetector:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.mtcnn = MTCNN(min_face_size=settings.min_face_size, thresholds=list(settings.thresholds),
                            keep_all=True, select_largest=False, post_process=False, device=self.device)
+        # The cascade's inputs are NHWC images: channels-last nets run them ~1.4x faster on CPU.
+        for net in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet):
+            net.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def detect_copies(self, copies: Sequence[np.ndarray], factors: Sequence[float]) -> list[Detection]:
@@ -219,9 +222,15 @@ class FaceDetector:
         return [Detection(b.double().numpy() / f, s.double().numpy(), p.double().numpy() / f)
                 for (b, s, p), f in zip(found, factors)]
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detection]:
-        """Detect faces in full-size RGB images of any sizes (grouped by detection shape)."""
-        copies = [detection_copy(im, self.settings.detect_max_side) for im in images]
+    def detect(self, images: Sequence[np.ndarray],
+               copies: Sequence[tuple[np.ndarray, float] | None] | None = None) -> list[Detection]:
+        """Detect faces in full-size RGB images of any sizes (grouped by detection shape).
+
+        ``copies`` may hold :func:`detection_copy` results made ahead (e.g. in decoding threads);
+        the missing ones are made here.
+        """
+        copies = [c if c is not None else detection_copy(im, self.settings.detect_max_side)
+                  for im, c in zip(images, copies or [None] * len(images))]
         result: list[Detection | None] = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
         for i, (c, _) in enumerate(copies):

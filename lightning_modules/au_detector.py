@@ -74,7 +74,7 @@ class AUNet(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities and decisions at the stored thresholds."""
-        probs = torch.sigmoid(self(x))
+        probs = torch.sigmoid(self(x).float())  # float32 even under autocast: thresholds are fine-grained
         return probs, probs >= self.thresholds
 
 

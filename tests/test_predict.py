@@ -275,3 +275,28 @@ def test_inputs_expand_from_folders_globs_and_manifests(tmp_path):
                    ("2.png", "image", None), ("1.jpg", "image", None), ("3.jpg", "image", None),
                    ("none*.jpg", "image", "missing")]
     assert sources[4].path == str(tmp_path / "a" / "1.jpg")  # manifest rows resolve from its folder
+
+
+def test_mixed_precision_stays_near_float32(synthau, truth, trained, tmp_path, capsys):
+    """``--precision bf16-mixed`` runs the network under autocast: same faces, probabilities within
+    bfloat16's rounding of float32's; an unknown precision is refused by the option's name."""
+    ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
+    image = tmp_path / "scene.jpg"
+    shutil.copy(synthau / ref, image)
+    rows = {}
+    for precision in ("32-true", "bf16-mixed"):
+        out = tmp_path / f"{precision}.csv"
+        main(["predict", "--model", trained["ckpt"], "--input", str(image), "--out", str(out),
+              "--precision", precision])
+        assert f"({precision})" in capsys.readouterr().out
+        rows[precision] = read_rows(out)
+    full, mixed = rows["32-true"], rows["bf16-mixed"]
+    assert len(full) == len(mixed) == 2
+    names = au_names(full)
+    p32 = np.array([[float(r[f"{n}_prob"]) for n in names] for r in full])
+    p16 = np.array([[float(r[f"{n}_prob"]) for n in names] for r in mixed])
+    assert 0 < np.abs(p32 - p16).max() < 0.02  # computed in bfloat16 indeed, and close
+    assert [r["x0"] for r in full] == [r["x0"] for r in mixed]  # detection stays float32
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", trained["ckpt"], "--input", str(image), "--precision", "fp8"])
+    assert "precision" in capsys.readouterr().err

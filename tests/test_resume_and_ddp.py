@@ -103,7 +103,7 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path):
     assert len(split) == 13
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-    x = (torch.from_numpy(np.asarray(split.crops)).permute(0, 3, 1, 2).float() - mean) / std
+    x = (torch.from_numpy(np.array(split.crops)).permute(0, 3, 1, 2).float() - mean) / std
     with torch.no_grad():
         probs = torch.sigmoid(model(x)).numpy()
     single = fit_thresholds(probs, split.labels, split.mask, "f1")
