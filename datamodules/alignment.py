@@ -5,14 +5,20 @@ A least-squares similarity transform (Umeyama) maps the landmarks of the chosen 
 fixed template and the face is cropped at ``crop_size``. Alignment runs once, offline: the
 crops of a split go into one uint8 array on disk that every loader worker memory-maps, so the
 pixels are shared between processes instead of copied. The cache is keyed by the manifest, the
-image files and the settings, and written to a temporary folder that is renamed into place only
-when complete, so a killed run never leaves a cache that looks finished.
+image files and the settings, and written to a hidden ``.<name>.partial`` folder that is renamed
+into place only when complete, so a killed run never leaves a cache that looks finished. The
+partial folder keeps a journal of the images done (after their crops reach the disk): a killed
+alignment resumes where it stopped instead of starting over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+try:
+    import fcntl
+except ImportError:  # not on Windows: each run then aligns in a private folder
+    fcntl = None
 import logging
 import os
 import shutil
@@ -329,7 +335,7 @@ class AlignedSplit:
 def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: AlignmentSettings = AlignmentSettings(),
                    root: str | Path | None = None, name: str | None = None, workers: int = 0,
                    device: str | None = None, detector: FaceDetector | None = None,
-                   progress: bool = False) -> Path:
+                   progress: bool = False, checkpoint_every: int = 1024) -> Path:
     """Align every image of a manifest into a cache folder; return that folder (reused if present).
 
     ``workers`` decode images in other processes; on a small CPU machine in-process decoding
@@ -337,6 +343,11 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
 
     Rows whose image is missing or cannot be decoded are left out and listed in the report; an
     image without a detectable face gets the centre crop, flagged ``no_face``.
+
+    Every ``checkpoint_every`` images the crops are flushed and journalled: an interrupted call
+    leaves ``.<cache name>.partial`` behind, and the next call with the same manifest and settings
+    aligns only the rest. A second process aligning the same cache at the same time (e.g. another
+    node) works in a private folder; the first to finish wins.
     """
     cache_dir = Path(cache_dir)
     key = cache_key(manifest, settings, root)
@@ -345,39 +356,123 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
     if (final / "report.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    work, lock = _claim(cache_dir / f".{final.name}.partial")
+    if (final / "report.json").is_file():  # finished by another process while we waited
+        _release(lock)
+        return final
     try:
-        _write_cache(manifest, tmp, key, settings, root, workers, device, detector, progress)
+        if not (work / "report.json").is_file():  # else it was complete but not yet renamed
+            _write_cache(manifest, work, key, settings, root, workers, device, detector, progress,
+                         checkpoint_every)
         try:
-            os.replace(tmp, final)
+            os.replace(work, final)
         except OSError:
             # Another process finished the same cache first (e.g. two ranks): theirs is identical.
             if not (final / "report.json").is_file():
                 raise
+            shutil.rmtree(work, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _release(lock)
+        if lock is None and work.exists():  # a private folder is not resumed: remove it
+            shutil.rmtree(work, ignore_errors=True)
     return final
 
 
-def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, root, workers: int,
-                 device, detector: FaceDetector | None, progress: bool) -> None:
-    centred = settings.method == "center"
-    detector = None if centred else detector or FaceDetector(settings, device)
-    n, size = len(manifest), settings.crop_size
-    crops = np.lib.format.open_memmap(out / "crops.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    keep = np.zeros(n, bool)
-    found = np.zeros(n, bool)
+def _claim(partial: Path) -> tuple[Path, int | None]:
+    """The shared partial folder, locked for this process; or a private one if another holds it."""
+    if fcntl is not None:
+        partial.mkdir(exist_ok=True)
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(partial).st_ino == os.fstat(fd).st_ino:  # not renamed away meanwhile
+                return partial, fd
+        except OSError:
+            pass
+        os.close(fd)
+    return Path(tempfile.mkdtemp(prefix=f"{partial.name[:-len('.partial')]}.tmp-", dir=partial.parent)), None
+
+
+def _release(lock: int | None) -> None:
+    if lock is not None:
+        os.close(lock)  # closing the descriptor drops the flock
+
+
+JOURNAL = "progress.jsonl"
+
+
+def _read_journal(out: Path, n: int, size: int):
+    """What an interrupted run finished: its crops memory-mapped for writing, and per image
+    whether it is done, kept, face-found, its report record; plus the unreadable rows."""
+    done, keep, found = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     records: list[dict | None] = [None] * n
-    unreadable = []
-    paths = [manifest.resolve(i, root) for i in range(n)]
+    unreadable: list[dict] = []
+    journal, crops_path = out / JOURNAL, out / "crops.npy"
+    crops = None
+    if journal.is_file() and crops_path.is_file():
+        try:
+            crops = np.load(crops_path, mmap_mode="r+")
+        except (OSError, ValueError):
+            crops = None
+    if crops is None or crops.shape != (n, size, size, 3):
+        crops = np.lib.format.open_memmap(crops_path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        journal.write_bytes(b"")
+        return crops, done, keep, found, records, unreadable
+    valid = 0
+    with open(journal, "rb") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break  # the torn last line of a kill: that chunk is redone
+            idx = np.asarray(entry["indices"], dtype=np.int64)
+            done[idx] = True
+            keep[idx] = entry["keep"]
+            found[idx] = entry["found"]
+            for i, rec in zip(idx.tolist(), entry["records"]):
+                records[i] = rec
+            unreadable += entry["unreadable"]
+            valid += len(line)
+    os.truncate(journal, valid)
+    return crops, done, keep, found, records, unreadable
+
+
+def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, root, workers: int,
+                 device, detector: FaceDetector | None, progress: bool, checkpoint_every: int = 1024) -> None:
+    centred = settings.method == "center"
+    n, size = len(manifest), settings.crop_size
+    crops, done, keep, found, records, unreadable = _read_journal(out, n, size)
+    todo = np.flatnonzero(~done)
+    resumed = n - len(todo)
+    if resumed:
+        log.info("%s: resuming an interrupted alignment, %d of %d images done before", manifest.path, resumed, n)
+        if progress:
+            print(f"  resuming: {resumed}/{n} images aligned before", flush=True)
+    detector = None if centred or not len(todo) else detector or FaceDetector(settings, device)
+    paths = [manifest.resolve(int(i), root) for i in todo]
     start = time.perf_counter()
-    done = 0
+    count = 0
+    chunk: dict[str, list] = {"indices": [], "keep": [], "found": [], "records": [], "unreadable": []}
+
+    def commit() -> None:
+        if not chunk["indices"]:
+            return
+        crops.flush()  # the crops first: a journalled image is on disk
+        with open(out / JOURNAL, "a") as f:
+            f.write(json.dumps(chunk) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for v in chunk.values():
+            v.clear()
+
     for items in _iterate_images(paths, settings.detect_max_side, settings.batch_size, workers):
+        items = [(int(todo[j]), image, copy, f, err) for j, image, copy, f, err in items]
         good = [it for it in items if it[1] is not None]
         for i, _, _, _, err in items:
             if err is not None:
-                unreadable.append({"line": int(manifest.lines[i]), "image": manifest.images[i], "error": err})
+                bad = {"line": int(manifest.lines[i]), "image": manifest.images[i], "error": err}
+                unreadable.append(bad)
+                chunk["unreadable"].append(bad)
         groups: dict[tuple, list] = {}
         for it in good:
             groups.setdefault(it[2].shape, []).append(it)
@@ -402,18 +497,25 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
                     crops[i] = centre_crop(image, size)
                     rec.update(status=NO_FACE)
                 records[i] = rec
-        done += len(items)
+        for i, *_ in items:
+            chunk["indices"].append(i)
+            chunk["keep"].append(bool(keep[i]))
+            chunk["found"].append(bool(found[i]))
+            chunk["records"].append(records[i])
+        if len(chunk["indices"]) >= checkpoint_every:
+            commit()
+        count += len(items)
         if progress:
-            step = max(1, n // 10)
+            step = max(1, len(todo) // 10)
             tty = sys.stdout.isatty()
-            if tty or done // step != (done - len(items)) // step or done == n:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                print(f"{chr(13) if tty else ''}  aligned {done}/{n} ({rate:.1f} images/s)", end="" if tty else "\n",
-                      flush=True)
+            if tty or count // step != (count - len(items)) // step or count == len(todo):
+                rate = count / max(time.perf_counter() - start, 1e-9)
+                print(f"{chr(13) if tty else ''}  aligned {resumed + count}/{n} ({rate:.1f} images/s)",
+                      end="" if tty else "\n", flush=True)
     if progress and sys.stdout.isatty():
         print()
+    commit()
     elapsed = time.perf_counter() - start
-    crops.flush()
     kept = np.flatnonzero(keep)
     if len(kept) < n:  # compact: unreadable rows leave no hole in the array
         compact = np.lib.format.open_memmap(out / "crops.tmp.npy", mode="w+", dtype=np.uint8,
@@ -428,6 +530,7 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
     np.savez(out / "samples.npz", labels=manifest.labels[kept], mask=manifest.mask[kept],
              face_found=found[kept], lines=manifest.lines[kept])
     samples = [records[i] for i in kept]
+    unreadable.sort(key=lambda r: r["line"])
     n_face = int(found.sum())
     report = {
         "manifest": str(manifest.path),
@@ -441,14 +544,16 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         "unreadable": len(unreadable),
         "face_rate": round(n_face / max(len(kept), 1), 4),
         "multiple_faces": sum(r.get("faces", 0) > 1 for r in samples),
+        "resumed": resumed,  # images taken over from an interrupted run
         "seconds": round(elapsed, 2),
-        "images_per_second": round(n / max(elapsed, 1e-9), 2),
+        "images_per_second": round(len(todo) / max(elapsed, 1e-9), 2),
         "skipped_rows": unreadable,
         "no_face_rows": [{"line": r["line"], "image": r["image"]} for r in samples if r["status"] == NO_FACE],
         "samples": samples,
     }
     aligned_sheet(AlignedSplit(out, np.load(out / "crops.npy", mmap_mode="r"), manifest.labels[kept],
                                manifest.mask[kept], found[kept], manifest.lines[kept], report), out / "aligned_sheet.png")
+    (out / JOURNAL).unlink()
     (out / "report.json").write_text(json.dumps(report, indent=1))  # last: marks the cache complete
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -159,19 +163,104 @@ def test_bad_images_are_reported_and_skipped(synthau, tmp_path):
     np.testing.assert_array_equal(split.labels, m.labels[[0, 3, 4, 5]])
 
 
-def test_killed_alignment_leaves_no_cache(synthau, tmp_path, monkeypatch):
-    m = read_manifest(synthau / "test.tsv")
+def _assert_same_cache(got: Path, want: Path) -> None:
+    """Two caches of the same manifest: same samples, same statuses, (near) the same pixels."""
+    a, b = AlignedSplit.open(got), AlignedSplit.open(want)
+    np.testing.assert_array_equal(a.lines, b.lines)
+    np.testing.assert_array_equal(a.face_found, b.face_found)
+    assert [r["status"] for r in a.report["samples"]] == [r["status"] for r in b.report["samples"]]
+    for ra, rb in zip(a.report["samples"], b.report["samples"]):
+        if ra["status"] == "face":
+            np.testing.assert_allclose(ra["box"], rb["box"], atol=0.2)
+    # batches of other sizes may round a landmark differently: a pixel here and there, never a face
+    diff = np.abs(a.crops.astype(int) - b.crops.astype(int))
+    assert (diff > 2).mean() < 1e-3, (diff > 2).mean()
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(alignment, "aligned_sheet", killed)  # dies after the crops, before the report
+def test_interrupted_alignment_resumes_where_it_stopped(synthau, tmp_path, monkeypatch):
+    """Killed in the middle: no cache looks finished, the journal holds what was done, and the
+    next call aligns only the rest; the result equals an uninterrupted run's."""
+    m = read_manifest(synthau / "train.tsv")
+    settings = AlignmentSettings(crop_size=64, batch_size=8)
+    calls = []
+    detect = FaceDetector.detect_copies
+
+    def dies_on_the_fourth_batch(self, copies, factors):
+        calls.append(len(copies))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return detect(self, copies, factors)
+
+    monkeypatch.setattr(FaceDetector, "detect_copies", dies_on_the_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
-        align_manifest(m, tmp_path, SMALL_ALIGNMENT)
-    assert list(tmp_path.iterdir()) == []
+        align_manifest(m, tmp_path / "cache", settings, checkpoint_every=16)
+    (partial,) = (tmp_path / "cache").iterdir()
+    assert partial.name.endswith(".partial") and not (partial / "report.json").exists()
+    journal = (partial / "progress.jsonl").read_text().splitlines()
+    assert sum(len(json.loads(line)["indices"]) for line in journal) == 16  # 3 batches of 8 ran, 2 journalled
+    with open(partial / "progress.jsonl", "a") as f:
+        f.write('{"indices": [40, 41')  # a line torn by the kill is dropped, its images redone
+
+    calls.clear()
+    monkeypatch.setattr(FaceDetector, "detect_copies", lambda self, c, f: (calls.append(len(c)), detect(self, c, f))[1])
+    done = align_manifest(m, tmp_path / "cache", settings, checkpoint_every=16)
+    assert sum(calls) == len(m) - 16  # only the rest was detected
+    report = json.loads((done / "report.json").read_text())
+    assert report["resumed"] == 16 and report["images"] == len(m)
+    assert not (done / "progress.jsonl").exists() and [p.name for p in (tmp_path / "cache").iterdir()] == [done.name]
     monkeypatch.undo()
-    done = align_manifest(m, tmp_path, SMALL_ALIGNMENT)
-    assert json.loads((done / "report.json").read_text())["images"] == 12
+    _assert_same_cache(done, align_manifest(m, tmp_path / "clean", settings))
+
+
+def test_a_second_aligner_of_the_same_cache_works_apart(synthau, tmp_path):
+    """While another process holds the partial folder, a second call aligns in a private one
+    (and removes it), leaving the other's journal alone."""
+    import fcntl
+
+    m = read_manifest(synthau / "test.tsv")
+    final = tmp_path / f"test-{cache_key(m, SMALL_ALIGNMENT)[:16]}"
+    partial = tmp_path / f".{final.name}.partial"
+    partial.mkdir(parents=True)
+    (partial / "progress.jsonl").write_text("")
+    held = os.open(partial, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert align_manifest(m, tmp_path, SMALL_ALIGNMENT) == final
+    finally:
+        os.close(held)
+    assert (final / "report.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [partial.name,
+                                                                                               final.name]
+    assert (partial / "progress.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_sigkilled_alignment_resumes(synthau, tmp_path):
+    """A real SIGKILL of an aligning process: the rerun takes over what the journal holds."""
+    script = (f"from datamodules.alignment import AlignmentSettings, align_manifest\n"
+              f"from datamodules.manifest import read_manifest\n"
+              f"align_manifest(read_manifest({str(synthau / 'train.tsv')!r}), {str(tmp_path / 'cache')!r}, "
+              f"AlignmentSettings(crop_size=64, batch_size=4), checkpoint_every=4)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+    deadline = time.time() + 120
+    journal = None
+    while time.time() < deadline and proc.poll() is None:
+        journal = next((tmp_path / "cache").glob("*.partial/progress.jsonl"), None) if (tmp_path / "cache").is_dir() \
+            else None
+        if journal is not None and journal.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the alignment finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    journalled = sum(len(json.loads(line)["indices"]) for line in journal.read_text().splitlines()
+                     if line.endswith("}"))
+    assert 8 <= journalled < 96
+    m = read_manifest(synthau / "train.tsv")
+    done = align_manifest(m, tmp_path / "cache", AlignmentSettings(crop_size=64, batch_size=4), checkpoint_every=4)
+    report = json.loads((done / "report.json").read_text())
+    assert report["resumed"] >= journalled and report["aligned"] == len(m)
+    _assert_same_cache(done, align_manifest(m, tmp_path / "clean", AlignmentSettings(crop_size=64)))
 
 
 @pytest.mark.slow
