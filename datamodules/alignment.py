@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-try:
-    import fcntl
-except ImportError:  # not on Windows: each run then aligns in a private folder
-    fcntl = None
 import logging
 import os
 import shutil
@@ -36,6 +32,11 @@ from PIL import Image, ImageOps
 
 from datamodules.manifest import Manifest
 from datamodules.mtcnn_cascade import detect_batch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: each run then aligns in a private folder
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -402,9 +403,9 @@ JOURNAL = "progress.jsonl"
 
 
 def _read_journal(out: Path, n: int, size: int):
-    """What an interrupted run finished: its crops memory-mapped for writing, and per image
-    whether it is done, kept, face-found, its report record; plus the unreadable rows."""
-    done, keep, found = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    """What an interrupted run finished: its crops memory-mapped for writing, per image whether
+    it is done and its report record (None when unreadable), and the unreadable rows."""
+    done = np.zeros(n, bool)
     records: list[dict | None] = [None] * n
     unreadable: list[dict] = []
     journal, crops_path = out / JOURNAL, out / "crops.npy"
@@ -417,7 +418,7 @@ def _read_journal(out: Path, n: int, size: int):
     if crops is None or crops.shape != (n, size, size, 3):
         crops = np.lib.format.open_memmap(crops_path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         journal.write_bytes(b"")
-        return crops, done, keep, found, records, unreadable
+        return crops, done, records, unreadable
     valid = 0
     with open(journal, "rb") as f:
         for line in f:
@@ -427,21 +428,19 @@ def _read_journal(out: Path, n: int, size: int):
                 break  # the torn last line of a kill: that chunk is redone
             idx = np.asarray(entry["indices"], dtype=np.int64)
             done[idx] = True
-            keep[idx] = entry["keep"]
-            found[idx] = entry["found"]
             for i, rec in zip(idx.tolist(), entry["records"]):
                 records[i] = rec
             unreadable += entry["unreadable"]
             valid += len(line)
     os.truncate(journal, valid)
-    return crops, done, keep, found, records, unreadable
+    return crops, done, records, unreadable
 
 
 def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, root, workers: int,
                  device, detector: FaceDetector | None, progress: bool, checkpoint_every: int = 1024) -> None:
     centred = settings.method == "center"
     n, size = len(manifest), settings.crop_size
-    crops, done, keep, found, records, unreadable = _read_journal(out, n, size)
+    crops, done, records, unreadable = _read_journal(out, n, size)
     todo = np.flatnonzero(~done)
     resumed = n - len(todo)
     if resumed:
@@ -452,14 +451,15 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
     paths = [manifest.resolve(int(i), root) for i in todo]
     start = time.perf_counter()
     count = 0
-    chunk: dict[str, list] = {"indices": [], "keep": [], "found": [], "records": [], "unreadable": []}
+    chunk: dict[str, list] = {"indices": [], "unreadable": []}  # done since the last journal line
 
     def commit() -> None:
         if not chunk["indices"]:
             return
         crops.flush()  # the crops first: a journalled image is on disk
+        entry = {**chunk, "records": [records[i] for i in chunk["indices"]]}
         with open(out / JOURNAL, "a") as f:
-            f.write(json.dumps(chunk) + "\n")
+            f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
         for v in chunk.values():
@@ -478,30 +478,23 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
             groups.setdefault(it[2].shape, []).append(it)
         if centred:
             for i, image, _, _, _ in good:
-                keep[i] = True
                 crops[i] = centre_crop(image, size)
                 records[i] = {"line": int(manifest.lines[i]), "image": manifest.images[i], "status": CENTRE}
             groups = {}
         for group in groups.values():
             dets = detector.detect_copies([it[2] for it in group], [it[3] for it in group])
             for (i, image, _, _, _), det in zip(group, dets):
-                keep[i] = True
                 rec = {"line": int(manifest.lines[i]), "image": manifest.images[i], "faces": len(det)}
                 if len(det):
                     j = det.pick(settings.selection)
                     crops[i] = warp_face(image, det.landmarks[j], settings)
-                    found[i] = True
                     rec.update(status=FACE, box=det.boxes[j].round(1).tolist(),
                                landmarks=det.landmarks[j].round(1).tolist(), score=round(float(det.scores[j]), 4))
                 else:
                     crops[i] = centre_crop(image, size)
                     rec.update(status=NO_FACE)
                 records[i] = rec
-        for i, *_ in items:
-            chunk["indices"].append(i)
-            chunk["keep"].append(bool(keep[i]))
-            chunk["found"].append(bool(found[i]))
-            chunk["records"].append(records[i])
+        chunk["indices"] += [i for i, *_ in items]
         if len(chunk["indices"]) >= checkpoint_every:
             commit()
         count += len(items)
@@ -516,6 +509,8 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         print()
     commit()
     elapsed = time.perf_counter() - start
+    keep = np.array([r is not None for r in records], bool)
+    found = np.array([r is not None and r["status"] == FACE for r in records], bool)
     kept = np.flatnonzero(keep)
     if len(kept) < n:  # compact: unreadable rows leave no hole in the array
         compact = np.lib.format.open_memmap(out / "crops.tmp.npy", mode="w+", dtype=np.uint8,

@@ -24,7 +24,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -32,11 +32,10 @@ import numpy as np
 from datamodules.alignment import detection_copy
 from datamodules.manifest import au_column_name
 from datamodules.sources import DEFAULT_MAX_PIXELS, InputError, Source, expand, read_image, video_frames
-from lightning_modules.predictor import MLFLOW_SCHEMES, AUPredictor, Face, columns, frame_records, status_record
+from lightning_modules.predictor import (MLFLOW_SCHEMES, AUPredictor, Face, Precision, columns, frame_records,
+                                         status_record)
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["32-true", "bf16-mixed", "16-mixed"]  # lightning_modules.predictor.PRECISIONS
 
 
 @dataclass

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ CONFIG_FILE, WEIGHTS_FILE = "predictor.json", "weights.pt"
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 # Lightning's precision names; the mixed ones run the network under torch.autocast.
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+Precision = Literal[tuple(PRECISIONS)]  # the option's type: a wrong name is refused by the CLI
 
 
 @dataclass
