@@ -28,10 +28,10 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from datamodules.manifest import Manifest
 from datamodules.mtcnn_cascade import detect_batch
+from datamodules.sources import InputError, read_image
 
 try:
     import fcntl
@@ -40,7 +40,9 @@ except ImportError:  # not on Windows: each run then aligns in a private folder
 
 log = logging.getLogger(__name__)
 
-ALIGNMENT_VERSION = 1
+# 2: a face that must be shrunk is halved (2x2 means) within the window its crop reads, instead of
+# area-resizing the whole image to twice the crop's scale; checkpoints keep the version they used.
+ALIGNMENT_VERSION = 2
 # ArcFace's 5-point template for 112x112 crops (eyes, nose tip, mouth corners), in [0, 1].
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
@@ -136,15 +138,44 @@ def warp_face(image: np.ndarray, landmarks: np.ndarray, settings: AlignmentSetti
     """Crop the face whose 5 landmarks are given onto the template (RGB uint8 in and out)."""
     M = similarity_transform(landmarks, settings.template())
     scale = float(np.sqrt(abs(np.linalg.det(M[:, :2]))))
-    if scale < 0.5:
-        # Shrinking a big face straight through warpAffine aliases; area-resize it first.
+    size = settings.crop_size
+    if scale < 0.5 and settings.version < 2:
+        # Version 1: the whole image area-resized to twice the crop's scale (slow for big images).
         f = min(1.0, 2 * scale)
         small = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
         sx, sy = small.shape[1] / image.shape[1], small.shape[0] / image.shape[0]
         M = M @ np.array([[1 / sx, 0, 0], [0, 1 / sy, 0], [0, 0, 1]])
         image = small
-    size = settings.crop_size
+    elif scale < 0.5:
+        # Shrinking a big face straight through warpAffine aliases. The window the crop reads is
+        # halved (2x2 means, cv2's fast exact-half path) until the crop samples at least every
+        # other pixel of it; a face in a 12 MP photo costs a few halvings of its own window.
+        halvings = int(np.ceil(np.log2(0.5 / scale)))
+        while halvings > 1 and 2 ** halvings > min(image.shape[:2]):
+            halvings -= 1  # a face far bigger than a tiny image: as much as the image allows
+        step = 2 ** halvings
+        x0, y0, x1, y1 = _read_window(M, size, image.shape[:2], margin=2 * step + 2)
+        x1, y1 = x1 - (x1 - x0) % step, y1 - (y1 - y0) % step  # whole 2x2 blocks at every halving
+        image = image[y0:y1, x0:x1]
+        # Window pixel (u, v) -> image (u + x0, v + y0); after a halving pixel q is the mean of
+        # pixels 2q and 2q + 1, centred on 2q + 0.5.
+        M = M @ np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
+        for _ in range(halvings):
+            h, w = image.shape[:2]
+            image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+            M = M @ np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
     return cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _read_window(M: np.ndarray, size: int, shape: tuple[int, int], margin: int) -> tuple[int, int, int, int]:
+    """The image pixels (x0, y0, x1, y1) a ``size`` crop through ``M`` reads, widened by ``margin``
+    (the area and bilinear kernels' reach) and clipped to the image."""
+    corners = np.array([[-1, -1], [size, -1], [-1, size], [size, size]], np.float64)
+    src = (corners - M[:, 2]) @ np.linalg.inv(M[:, :2]).T
+    h, w = shape
+    x0, y0 = np.clip(np.floor(src.min(0)).astype(int) - margin, 0, [w - 1, h - 1])
+    x1, y1 = np.clip(np.ceil(src.max(0)).astype(int) + margin + 1, [x0 + 1, y0 + 1], [w, h])
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -153,14 +184,6 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     side = min(h, w)
     y, x = (h - side) // 2, (w - side) // 2
     return cv2.resize(image[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to RGB uint8, honouring EXIF orientation; raises on any damage."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()  # a truncated file fails here rather than yielding grey pixels
-        return np.asarray(im.convert("RGB"))
 
 
 def detection_copy(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -265,8 +288,10 @@ class _ImageReader(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = read_rgb(self.paths[i])
-        except Exception as e:  # noqa: BLE001 - any decoder failure makes the row unreadable
+            image = read_image(self.paths[i])  # the decoder prediction uses, bomb guard included
+        except InputError as e:  # missing, empty, damaged, too large: the message names the file
+            return i, None, None, 1.0, str(e)
+        except Exception as e:  # noqa: BLE001 - any other decoder failure makes the row unreadable too
             return i, None, None, 1.0, f"{type(e).__name__}: {e}"
         copy, f = detection_copy(image, self.max_side)
         return i, image, copy, f, None

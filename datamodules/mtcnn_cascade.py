@@ -5,7 +5,9 @@ MTCNN (Zhang et al., 2016); its ``detect_face`` crops each candidate box with it
 call, thousands of small calls per batch of scenes. Here the candidates of a whole batch are
 cropped and resampled at once with ``torchvision.ops.roi_align`` (adaptive sampling averages
 each output cell like an area resize; outside the image it reads zeros, MTCNN's original
-padding). The networks, thresholds, pyramid and NMS settings are facenet-pytorch's.
+padding). The networks, thresholds, pyramid scales and NMS settings are facenet-pytorch's; the
+pyramid's levels are antialiased bilinear resizes of the uint8 image (facenet-pytorch area-resizes
+float images: same recall and landmark error on SynthAU, a fifth less time per image).
 """
 
 from __future__ import annotations
@@ -63,17 +65,18 @@ def detect_batch(imgs: torch.Tensor, pnet, rnet, onet, min_face_size: int = 20,
 
     Returns per image: boxes (n, 4), scores (n,), landmarks (n, 5, 2), as CPU float tensors.
     """
-    imgs = imgs.permute(0, 3, 1, 2).float()
-    b, _, h, w = imgs.shape
+    nchw = imgs.permute(0, 3, 1, 2)  # a view: channels-last memory, which the nets run fastest on
+    b, _, h, w = nchw.shape
     empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
-    # Stage 1: P-net over the pyramid.
+    # Stage 1: P-net over the pyramid. Each level is an antialiased bilinear resize of the copy:
+    # on CPU torch resizes uint8 channels-last images with a vectorised path, ~3x faster than an
+    # area resize of float images (MTCNN's own pyramid was a resize of the uint8 image).
+    source = nchw if nchw.dtype == torch.uint8 and nchw.device.type == "cpu" else nchw.float()
     all_boxes, all_inds = [], []
-    level = imgs
     for scale in _pyramid(h, w, min_face_size, factor):
-        # Each level is area-resized from the previous one, not from the full image: same
-        # pyramid up to resampling, a fraction of the work.
-        level = interpolate(level, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-        reg, probs = pnet((level - 127.5) * 0.0078125)
+        level = interpolate(source, size=(int(h * scale + 1), int(w * scale + 1)), mode="bilinear",
+                            antialias=True, align_corners=False)
+        reg, probs = pnet((level.float() - 127.5) * 0.0078125)
         boxes, inds = generateBoundingBox(reg, probs[:, 1], scale, thresholds[0])
         keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.5)
         all_boxes.append(boxes[keep])
@@ -87,7 +90,8 @@ def detect_batch(imgs: torch.Tensor, pnet, rnet, onet, min_face_size: int = 20,
     boxes = torch.stack([boxes[:, 0] + boxes[:, 5] * regw, boxes[:, 1] + boxes[:, 6] * regh,
                          boxes[:, 2] + boxes[:, 7] * regw, boxes[:, 3] + boxes[:, 8] * regh, boxes[:, 4]], 1)
     boxes = rerec(boxes)
-    # Stage 2: R-net on 24x24 crops of every candidate at once.
+    # Stage 2: R-net on 24x24 crops of every candidate at once (roi_align reads contiguous NCHW).
+    imgs = nchw.contiguous().float()
     reg, score = rnet(_crops(imgs, boxes, inds, 24))
     score = score[:, 1]
     ok = score > thresholds[1]

@@ -121,9 +121,9 @@ def read_image(source: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
             if w * h > max_pixels:
                 raise InputError(TOO_LARGE, f"{name}: {w}x{h} = {w * h / 1e6:.0f} MP is over the limit of "
                                             f"{max_pixels / 1e6:.0f} MP (max_pixels); not decoded")
-            im = ImageOps.exif_transpose(im)
-            im.load()
-            return np.asarray(im.convert("RGB"))
+            ImageOps.exif_transpose(im, in_place=True)  # without an orientation tag: untouched, not copied
+            im.load()  # a truncated file fails here rather than yielding grey pixels
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except InputError:
         raise
     except UnidentifiedImageError:

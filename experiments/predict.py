@@ -56,9 +56,9 @@ def _decode(path: str, max_pixels: int, detect_max_side: int) -> tuple[np.ndarra
 
 
 def _items(sources: list[Source], every: int, max_pixels: int, workers: int,
-           detect_max_side: int) -> Iterator[_Item]:
+           detect_max_side: int, ahead: int) -> Iterator[_Item]:
     """Frames of every source in order; image files decoded (and downscaled for detection) ahead
-    in threads, bounded, while the main thread detects and classifies."""
+    in threads, at most ``ahead`` in flight, while the main thread detects and classifies."""
     pool = ThreadPoolExecutor(max(1, workers))
     pending: list = []  # (source, future) for images in flight, in order
 
@@ -85,7 +85,7 @@ def _items(sources: list[Source], every: int, max_pixels: int, workers: int,
                     yield _Item(src.path, error=e)
             else:
                 pending.append((src, pool.submit(_decode, src.path, max_pixels, detect_max_side)))
-                yield from drain(2 * max(1, workers) + 8)
+                yield from drain(ahead)
         yield from drain(0)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -188,7 +188,9 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns(aus), restval="")
         writer.writeheader()
-        items = _items(sources, every, max_pixels, workers, predictor.alignment.detect_max_side)
+        # A whole next batch decodes while this one is classified, or the next would wait for it.
+        items = _items(sources, every, max_pixels, workers, predictor.alignment.detect_max_side,
+                       ahead=batch_frames + 2 * max(1, workers))
         for batch in _batches(items, batch_frames):
             frames = [i for i in batch if i.pixels is not None]
             results = iter(predictor.predict([i.pixels for i in frames], [i.copy for i in frames]))

@@ -69,8 +69,8 @@ class AUPredictor:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # Crops arrive as NHWC, so channels-last weights spare a layout change in every conv.
-        self.net = net.to(self.device, memory_format=torch.channels_last).eval()
+        self.net = net.to(self.device).eval()
+        self._inference_net = inference_copy(self.net)
         self.precision = precision
         self.alignment = AlignmentSettings.coerce(alignment)
         self.spec = dict(spec)
@@ -172,7 +172,7 @@ class AUPredictor:
             batch = np.require(crops[i:i + self.batch_size], np.uint8, ["C", "W"])
             x = torch.from_numpy(batch).to(self.device)
             with autocast:
-                p, d = self.net.predict(self.normalize(x.permute(0, 3, 1, 2)))
+                p, d = self._inference_net.predict(self.normalize(x.permute(0, 3, 1, 2)))
             probs.append(p.float().cpu().numpy())
             decisions.append(d.cpu().numpy())
         return np.concatenate(probs), np.concatenate(decisions)
@@ -195,6 +195,26 @@ class AUPredictor:
             det = detections[f]
             out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d))
         return out
+
+
+def inference_copy(net: AUNet) -> AUNet:
+    """A copy of ``net`` for inference only: each branch's batch norms folded into the convolutions
+    before them (same outputs to ~1e-6, one pass over each activation fewer), channels-last weights
+    (crops arrive as NHWC, so no layout change in each conv). ``net`` itself stays as trained, for
+    saving; the copy decides at ``net``'s own thresholds tensor (shared, not copied)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    fused = copy.deepcopy(net).eval()
+    for name, branch in fused.branches.items():
+        try:
+            fused.branches[name] = fuse(branch)
+        except Exception as e:  # noqa: BLE001 - a backbone torch.fx cannot trace runs unfolded, as trained
+            log.debug("branch %s not folded (%s: %s)", name, type(e).__name__, e)
+    fused = fused.to(memory_format=torch.channels_last)
+    fused.thresholds = net.thresholds
+    return fused
 
 
 def build_net(spec: dict) -> AUNet:

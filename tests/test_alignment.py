@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -17,9 +18,10 @@ import pytest
 
 from datamodules import alignment
 from datamodules.alignment import (NO_FACE, AlignedSplit, AlignmentSettings, FaceDetector, align_manifest,
-                                   box_iou, cache_key, centre_crop, detection_copy, read_rgb,
-                                   similarity_transform, warp_face)
+                                   box_iou, cache_key, centre_crop, detection_copy, similarity_transform,
+                                   warp_face)
 from datamodules.manifest import read_manifest
+from datamodules.sources import read_image
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
 from .conftest import SMALL_ALIGNMENT
@@ -62,6 +64,35 @@ def test_warp_puts_landmarks_on_the_template():
         assert crop[int(round(p[1])), int(round(p[0]))].max() > 100
 
 
+@pytest.mark.parametrize("zoom", [1, 6])
+def test_shrunk_face_matches_a_supersampled_crop(synthau, truth, zoom):
+    """A face larger than the crop is antialiased: the crop is within a grey level (mean) of a
+    reference that samples every crop pixel 16x16 times and averages, and closer to it than
+    alignment version 1 (whole image area-resized) was. ``zoom`` 6 makes the scene 3840x2880."""
+    refs = [ref for ref, r in truth.items() if len(r["faces"]) == 1][:6]
+    settings = AlignmentSettings(crop_size=64)
+    old = dataclasses.replace(settings, version=1)
+    ours, version1, reference = [], [], []
+    for ref in refs:
+        image = read_image(str(synthau / ref))
+        if zoom > 1:
+            image = cv2.resize(image, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_CUBIC)
+        lm = np.array(truth[ref]["faces"][0]["landmarks"]) * zoom
+        M = similarity_transform(lm, settings.template())
+        assert np.sqrt(np.linalg.det(M[:, :2])) < 0.5  # the face is shrunk
+        fine = np.hstack([16 * M[:, :2], 16 * M[:, 2:] + 7.5])  # crop pixel c <-> fine pixels 16c..16c+15
+        big = cv2.warpAffine(image, fine, (64 * 16, 64 * 16), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        reference.append(cv2.resize(big, (64, 64), interpolation=cv2.INTER_AREA).astype(float))
+        ours.append(warp_face(image, lm, settings).astype(float))
+        version1.append(warp_face(image, lm, old).astype(float))
+    err = np.abs(np.stack(ours) - np.stack(reference))
+    err1 = np.abs(np.stack(version1) - np.stack(reference))
+    print(f"\nzoom {zoom}: mean error {err.mean():.2f} (version 1: {err1.mean():.2f}), p99 {np.percentile(err, 99):.1f}")
+    assert err.mean() < 1.0 and np.percentile(err, 99) < 10
+    assert err.mean() < err1.mean()
+
+
 def test_big_face_is_detected_on_a_downscaled_copy():
     image = np.zeros((1200, 1600, 3), np.uint8)
     copy, f = detection_copy(image, 320)
@@ -73,7 +104,7 @@ def test_detector_finds_synthau_faces(synthau, truth):
     """Boxes and landmarks against what the renderer drew: IoU and error in inter-ocular distances."""
     detector = FaceDetector(AlignmentSettings())
     m = read_manifest(synthau / "val.tsv")
-    images = [read_rgb(m.resolve(i)) for i in range(len(m))]
+    images = [read_image(m.resolve(i)) for i in range(len(m))]
     found, nme = 0, []
     for ref, det in zip(m.images, detector.detect(images)):
         gt = truth[ref]["faces"][0]
@@ -153,13 +184,13 @@ def test_bad_images_are_reported_and_skipped(synthau, tmp_path):
     report = split.report
     skipped = {r["line"]: r for r in report["skipped_rows"]}
     assert set(skipped) == {3, 4}
-    assert "missing.jpg" in skipped[3]["image"] and "No such file" in skipped[3]["error"]
+    assert "missing.jpg" in skipped[3]["image"] and "missing.jpg: no such file" in skipped[3]["error"]
     assert "truncated" in skipped[4]["error"].lower() or "broken" in skipped[4]["error"].lower()
     assert len(split) == 4 and split.lines.tolist() == [2, 5, 6, 7]
     blank_pos = split.lines.tolist().index(6)
     assert not split.face_found[blank_pos] and report["no_face_rows"] == [{"line": 6, "image": str(blank)}]
     assert report["samples"][blank_pos]["status"] == NO_FACE
-    np.testing.assert_array_equal(split.crops[blank_pos], centre_crop(read_rgb(blank), 64))
+    np.testing.assert_array_equal(split.crops[blank_pos], centre_crop(read_image(blank), 64))
     np.testing.assert_array_equal(split.labels, m.labels[[0, 3, 4, 5]])
 
 
@@ -278,7 +309,7 @@ def test_batched_cascade_agrees_with_facenet(synthau, truth):
     places, and its landmarks are as close to the drawn ones."""
     detector = FaceDetector(AlignmentSettings(min_face_size=20))
     m = read_manifest(synthau / "val.tsv")
-    copies = [detection_copy(read_rgb(m.resolve(i)), 320) for i in range(len(m))]
+    copies = [detection_copy(read_image(m.resolve(i)), 320) for i in range(len(m))]
     ours = detector.detect_copies([c for c, _ in copies], [1.0] * len(copies))
     boxes, scores, points = detector.mtcnn.detect(np.stack([c for c, _ in copies]), landmarks=True)
     matched, err_ours, err_facenet = 0, [], []
@@ -312,7 +343,7 @@ def test_centre_method_crops_the_middle_without_detection(synthau, tmp_path, mon
     split = AlignedSplit.open(align_manifest(m, tmp_path, settings))
     assert len(split) == len(m) and not split.face_found.any()
     for i in (0, len(m) - 1):
-        np.testing.assert_array_equal(split.crops[i], centre_crop(read_rgb(m.resolve(i)), 64))
+        np.testing.assert_array_equal(split.crops[i], centre_crop(read_image(m.resolve(i)), 64))
     np.testing.assert_array_equal(split.labels, m.labels)
     assert {s["status"] for s in split.report["samples"]} == {"centre"}
     assert "centre-cropped (no detection)" in alignment.summarize(split.report)

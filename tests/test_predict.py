@@ -209,6 +209,58 @@ def test_bad_inputs_get_status_rows_and_good_ones_go_on(synthau, truth, trained,
         read_image(str(folder / "big.png"))
 
 
+def test_inference_copy_folds_batch_norm_and_answers_as_the_net(tmp_path):
+    """The predictor's inference copy (batch norms folded into the convolutions, channels-last):
+    no batch norm left, the same probabilities as the trained network (1e-5), decisions at the
+    net's own thresholds even when they change after the predictor was built."""
+    from datamodules.alignment import AlignmentSettings
+    from lightning_modules.au_detector import AUNet
+    from lightning_modules.predictor import inference_copy
+
+    torch.manual_seed(0)
+    net = AUNet(aus=[1, 2, 4, 12], backbone="resnet18", branches=["face", "emotion"]).eval()
+    for m in net.modules():  # statistics far from the identity that a fresh batch norm holds
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    spec = {"aus": [1, 2, 4, 12], "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}
+    predictor = AUPredictor(net, AlignmentSettings(crop_size=64), spec, device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor._inference_net.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 40  # the net itself untouched
+    crops = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        want = net.predict(predictor.normalize(torch.from_numpy(crops).permute(0, 3, 1, 2)))[0].numpy()
+    probs, decisions = predictor.classify(crops)
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    net.thresholds.copy_(torch.tensor([0.1, 0.9, 0.5, 0.3]))
+    _, decisions = predictor.classify(crops)
+    np.testing.assert_array_equal(decisions, probs >= np.array([0.1, 0.9, 0.5, 0.3], np.float32))
+    # what is saved is the trained net's state (loadable into a fresh AUNet), not the folded copy's
+    saved = torch.load(predictor.save(tmp_path / "predictor") / "weights.pt", weights_only=True)
+    assert saved.keys() == net.state_dict().keys() != inference_copy(net).state_dict().keys()
+
+
+def test_read_image_turns_by_exif_and_gives_rgb(tmp_path):
+    """The one decoder of training and prediction: EXIF orientation applied, any mode to RGB."""
+    from PIL import Image
+
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # 2 rows, 3 columns, all distinct
+    im = Image.fromarray(pixels)
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation 6: shown turned 90 degrees clockwise
+    im.save(tmp_path / "turned.png", exif=exif)
+    turned = read_image(str(tmp_path / "turned.png"))
+    np.testing.assert_array_equal(turned, np.rot90(pixels, k=-1))  # hand reference: clockwise turn
+    assert turned.shape == (3, 2, 3)
+    im.save(tmp_path / "upright.png")
+    np.testing.assert_array_equal(read_image(str(tmp_path / "upright.png")), pixels)
+    grey = np.array([[0, 128, 255]], np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(read_image(str(tmp_path / "grey.png")), np.repeat(grey[..., None], 3, 2))
+    Image.fromarray(pixels).convert("P").save(tmp_path / "palette.gif")
+    assert read_image((tmp_path / "palette.gif").read_bytes()).shape == (2, 3, 3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
