@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -36,6 +36,10 @@ from lightning_modules.predictor import (MLFLOW_SCHEMES, AUPredictor, Face, Prec
                                          status_record)
 
 log = logging.getLogger(__name__)
+
+# Frames of a batch, and frames decoded ahead, are capped by pixels as well as by count: a folder
+# of 50 MP photos (150 MB each as RGB) holds a few at a time, not a batch's worth.
+BATCH_PIXELS = 64_000_000
 
 
 @dataclass
@@ -58,12 +62,26 @@ def _decode(path: str, max_pixels: int, detect_max_side: int) -> tuple[np.ndarra
 def _items(sources: list[Source], every: int, max_pixels: int, workers: int,
            detect_max_side: int, ahead: int) -> Iterator[_Item]:
     """Frames of every source in order; image files decoded (and downscaled for detection) ahead
-    in threads, at most ``ahead`` in flight, while the main thread detects and classifies."""
+    in threads, at most ``ahead`` or :data:`BATCH_PIXELS` of them, while the main thread detects
+    and classifies."""
     pool = ThreadPoolExecutor(max(1, workers))
     pending: list = []  # (source, future) for images in flight, in order
 
+    last = [0]  # pixels of the latest decoded image: the guess for those still queued
+
+    def held() -> int:
+        """Pixels decoded ahead, counting the queued images at the latest size seen."""
+        decoded = [f.result()[0] for _, f in pending if f.done() and f.exception() is None]
+        queued = [f for _, f in pending if not f.done()]
+        if decoded:
+            last[0] = decoded[-1].shape[0] * decoded[-1].shape[1]
+        elif not last[0] and queued:
+            wait(queued, return_when=FIRST_COMPLETED)  # a size to go by before queueing more
+            return held()
+        return sum(a.shape[0] * a.shape[1] for a in decoded) + len(queued) * last[0]
+
     def drain(limit: int) -> Iterator[_Item]:
-        while len(pending) > limit:
+        while len(pending) > limit or (len(pending) > 1 and held() > BATCH_PIXELS):
             src, fut = pending.pop(0)
             try:
                 pixels, copy = fut.result()
@@ -91,13 +109,17 @@ def _items(sources: list[Source], every: int, max_pixels: int, workers: int,
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _batches(items: Iterable[_Item], size: int) -> Iterator[list[_Item]]:
+def _batches(items: Iterable[_Item], size: int, pixels: int) -> Iterator[list[_Item]]:
+    """Items in batches of ``size`` frames, or fewer once they hold ``pixels`` pixels."""
     batch: list[_Item] = []
+    frames = held = 0
     for item in items:
         batch.append(item)
-        if sum(i.pixels is not None for i in batch) >= size:
+        if item.pixels is not None:
+            frames, held = frames + 1, held + item.pixels.shape[0] * item.pixels.shape[1]
+        if frames >= size or held >= pixels:
             yield batch
-            batch = []
+            batch, frames, held = [], 0, 0
     if batch:
         yield batch
 
@@ -173,7 +195,7 @@ class _Annotator:
             w.release()
 
 
-def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 16,
+def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
         progress: bool = True) -> PredictionSummary:
     """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring)."""
@@ -191,7 +213,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
         # A whole next batch decodes while this one is classified, or the next would wait for it.
         items = _items(sources, every, max_pixels, workers, predictor.alignment.detect_max_side,
                        ahead=batch_frames + 2 * max(1, workers))
-        for batch in _batches(items, batch_frames):
+        for batch in _batches(items, batch_frames, BATCH_PIXELS):
             frames = [i for i in batch if i.pixels is not None]
             results = iter(predictor.predict([i.pixels for i in frames], [i.copy for i in frames]))
             for item in batch:
@@ -228,7 +250,7 @@ def _fps(path: str) -> float:
         cap.release()
 
 
-def predict(model: str, input: list[str], out: str = "predictions.csv", every: int = 1, batch_frames: int = 16,
+def predict(model: str, input: list[str], out: str = "predictions.csv", every: int = 1, batch_frames: int = 32,
             batch_size: int = 64, annotate: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
             workers: int = 2, device: str | None = None, precision: Precision = "32-true",
             min_face_size: int | None = None, detect_max_side: int | None = None,
@@ -242,7 +264,7 @@ def predict(model: str, input: list[str], out: str = "predictions.csv", every: i
             (``.tsv``/``.csv``/``.txt`` with an ``image`` column or paths in the first) and videos.
         out: the CSV to write.
         every: in videos, predict on every N-th frame.
-        batch_frames: frames detected together.
+        batch_frames: frames detected together (fewer when they are large: at most 64 MP a batch).
         batch_size: faces per forward pass of the network.
         annotate: a folder for annotated copies (images as JPEG, videos as MP4).
         max_pixels: images declaring more pixels are refused undecoded (decompression bombs).

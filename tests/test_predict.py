@@ -240,6 +240,37 @@ def test_inference_copy_folds_batch_norm_and_answers_as_the_net(tmp_path):
     assert saved.keys() == net.state_dict().keys() != inference_copy(net).state_dict().keys()
 
 
+def test_large_photos_are_held_by_pixels_not_only_by_count(tmp_path, monkeypatch):
+    """With a 4 MP budget, 30 photos of 1 MP go through in batches of 4 frames and the frames
+    decoded at once stay near two budgets (tracemalloc peak), where batches of 16 with 20 decoded
+    ahead would hold 36 frames (108 MB)."""
+    import experiments.predict as predict_module
+    from datamodules.alignment import AlignmentSettings
+    from lightning_modules.au_detector import AUNet
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(30):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((1000, 1000, 3), 8 * i, np.uint8))
+    spec = {"aus": [1, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
+    predictor = AUPredictor(AUNet(aus=[1, 12], backbone="resnet18", branches=["face"]),
+                            AlignmentSettings(crop_size=32), spec, device="cpu")
+    monkeypatch.setattr(predict_module, "BATCH_PIXELS", 4_000_000)
+    sizes = []
+    detect = predictor.predict
+    monkeypatch.setattr(predictor, "predict", lambda frames, copies: (sizes.append(len(frames)), detect(frames, copies))[1])
+    tracemalloc.start()
+    try:
+        summary = run(predictor, [str(folder)], str(tmp_path / "out.csv"), batch_frames=16, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary.frames == 30 and summary.statuses["no_face"] == 30
+    assert sizes == [4] * 7 + [2]
+    print(f"\npeak {peak / 1e6:.0f} MB for frames of 3 MB")
+    assert peak < 20 * 3_000_000
+
+
 def test_read_image_turns_by_exif_and_gives_rgb(tmp_path):
     """The one decoder of training and prediction: EXIF orientation applied, any mode to RGB."""
     from PIL import Image
