@@ -3,14 +3,15 @@
 Naive path, as a user of facenet-pytorch would write it: per image, decode, ``MTCNN.detect`` on
 the full-size image (landmarks on), then for each face the same similarity alignment and the
 trained network as it is (NCHW, eval mode) on a batch of one. A second naive row sends each face
-through the predictor's inference copy (batch norms folded, channels-last) instead, to show how
-much of the gain is batching and detection rather than the network's form. Ours: :func:`experiments.predict.run` on the folder (decode in threads,
-MTCNN on downscaled copies batched across images, every face of the batch through the network
-together, CSV written). Both use the same network (the demo's: two ResNet-18 branches at 96 px;
-random weights, which do not change the cost) on the same SynthAU scenes (some with two
-people), alternating in one process; the table gives medians over repeats and the ratio, and
-how many faces each path found. A third row runs ours with the network in bfloat16 under
-autocast (``--precision bf16-mixed``): a large gain only on CPUs with AMX or AVX512-BF16.
+through the predictor's inference copy (batch norms folded, channels-last) instead, to show that
+the gain is batching and detection rather than the network's form. Ours:
+:func:`experiments.predict.run` on the folder (decode in threads, MTCNN on downscaled copies
+batched across images, every face of a batch through the inference copy together, CSV written).
+Both use the same network (the demo's: two ResNet-18 branches at 96 px; random weights, which do
+not change the cost) on the same SynthAU scenes (some with two people), alternating in one
+process; the table gives medians over repeats and the ratio, and how many faces each path found.
+The last row runs ours with the network in bfloat16 under autocast (``--precision bf16-mixed``):
+a large gain only on CPUs with AMX or AVX512-BF16.
 
     python benchmarks/predict_throughput.py [--scenes 200] [--repeats 3]
 """
