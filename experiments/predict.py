@@ -67,18 +67,19 @@ def _items(sources: list[Source], every: int, max_pixels: int, workers: int,
     pool = ThreadPoolExecutor(max(1, workers))
     pending: list = []  # (source, future) for images in flight, in order
 
-    last = [0]  # pixels of the latest decoded image: the guess for those still queued
+    last = 0  # pixels of the latest decoded image: the guess for those still queued
 
     def held() -> int:
         """Pixels decoded ahead, counting the queued images at the latest size seen."""
+        nonlocal last
         decoded = [f.result()[0] for _, f in pending if f.done() and f.exception() is None]
         queued = [f for _, f in pending if not f.done()]
         if decoded:
-            last[0] = decoded[-1].shape[0] * decoded[-1].shape[1]
-        elif not last[0] and queued:
+            last = decoded[-1].shape[0] * decoded[-1].shape[1]
+        elif not last and queued:
             wait(queued, return_when=FIRST_COMPLETED)  # a size to go by before queueing more
             return held()
-        return sum(a.shape[0] * a.shape[1] for a in decoded) + len(queued) * last[0]
+        return sum(a.shape[0] * a.shape[1] for a in decoded) + len(queued) * last
 
     def drain(limit: int) -> Iterator[_Item]:
         while len(pending) > limit or (len(pending) > 1 and held() > BATCH_PIXELS):

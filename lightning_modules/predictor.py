@@ -145,7 +145,10 @@ class AUPredictor:
             raise FileNotFoundError(f"model {uri!r}: could not load it from MLflow at {mlflow.get_tracking_uri()} "
                                     f"({type(e).__name__}: {e}); is MLFLOW_TRACKING_URI or --mlflow right?") from e
         loaded = model.unwrap_python_model().predictor
-        return cls(loaded.net, _alignment(loaded.alignment, detection), loaded.spec, loaded.mean, loaded.std, device)
+        alignment = _alignment(loaded.alignment, detection)
+        if alignment == loaded.alignment and (device is None or torch.device(device) == loaded.device):
+            return loaded  # the model built it already (detector, folded copy): not twice
+        return cls(loaded.net, alignment, loaded.spec, loaded.mean, loaded.std, device)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``predictor.json`` and ``weights.pt`` (tensors only) into ``folder``."""

@@ -221,8 +221,10 @@ def test_inference_copy_folds_batch_norm_and_answers_as_the_net(tmp_path):
     net = AUNet(aus=[1, 2, 4, 12], backbone="resnet18", branches=["face", "emotion"]).eval()
     for m in net.modules():  # statistics far from the identity that a fresh batch norm holds
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
     spec = {"aus": [1, 2, 4, 12], "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}
     predictor = AUPredictor(net, AlignmentSettings(crop_size=64), spec, device="cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor._inference_net.modules())
