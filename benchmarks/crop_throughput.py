@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare import alternate, print_table  # noqa: E402
 from datamodules.alignment import AlignmentSettings, warp_face  # noqa: E402
-from datamodules.sources import read_image  # noqa: E402
+from datamodules.images import read_image  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
 
 

@@ -14,7 +14,6 @@ The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -23,11 +22,11 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
 from datamodules.manifest import au_column_name
+from lightning_modules.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
 
 def run_id_from_checkpoint(path: str | Path) -> str | None:
     """The MLflow run a checkpoint was written by (None for checkpoints from elsewhere)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds hparams
-    return ckpt.get(RUN_ID_KEY)
+    ckpt = load_checkpoint(path)
+    return ckpt.get(RUN_ID_KEY) if isinstance(ckpt, dict) else None
 
 
 def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
@@ -198,35 +197,32 @@ class MLflowArtifacts(L.Callback):
             client.log_artifact(run_id, best, "checkpoints")
         aligned = getattr(getattr(trainer.datamodule, "alignment", None), "method", None) == "mtcnn"
         if self.log_model and aligned:  # a model that detects and aligns needs MTCNN-aligned training
-            net = _copy_module(pl_module.net)  # a CPU copy: the trained module stays where it is
-            if best and Path(best).is_file():  # the best epoch's weights, not the last ones
-                state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-                net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-            _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, net, pl_module, trainer,
+            # The best epoch's weights (not the last ones), on the CPU: the trained module stays as it is.
+            if best and Path(best).is_file():
+                state = {k[len("net."):]: v for k, v in load_checkpoint(best)["state_dict"].items()
+                         if k.startswith("net.")}
+            else:
+                state = {k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()}
+            _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, state, pl_module, trainer,
                               self.registered_model_name)
         summary = {"best_epoch": self.best_epoch, self.monitor: self.best, "best_checkpoint": best or None}
         self._text(trainer, json.dumps(summary, indent=1), "best.json")
 
 
-def _copy_module(net: torch.nn.Module) -> torch.nn.Module:
-    buffer = io.BytesIO()
-    torch.save(net, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, map_location="cpu", weights_only=False)
-
-
-def _log_pyfunc_model(tracking_uri: str, run_id: str, net: torch.nn.Module, pl_module: L.LightningModule,
+def _log_pyfunc_model(tracking_uri: str, run_id: str, state: dict, pl_module: L.LightningModule,
                       trainer: L.Trainer, registered_model_name: str | None) -> None:
     """Log the image-in pyfunc model (detection and alignment inside) on the logger's run."""
     import mlflow
 
-    from lightning_modules.predictor import AUPredictor
+    from lightning_modules.predictor import AUPredictor, build_net
     from lightning_modules.pyfunc import log_model
 
     data = trainer.datamodule
     hp = pl_module.hparams
     spec = {"aus": list(pl_module.aus), "backbone": hp.backbone, "branches": list(hp.branches),
             "aux_heads": bool(hp.aux_heads)}
+    net = build_net(spec)
+    net.load_state_dict(state)
     normalize = getattr(data, "_normalize", None)
     predictor = AUPredictor(net, data.alignment, spec, *((normalize.mean, normalize.std) if normalize else ()),
                             device="cpu")

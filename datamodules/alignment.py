@@ -31,7 +31,7 @@ import torch
 
 from datamodules.manifest import Manifest
 from datamodules.mtcnn_cascade import detect_batch
-from datamodules.sources import InputError, read_image
+from datamodules.images import InputError, read_image
 
 try:
     import fcntl
@@ -288,11 +288,9 @@ class _ImageReader(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = read_image(self.paths[i])  # the decoder prediction uses, bomb guard included
+            image = read_image(self.paths[i])  # the decoder prediction uses: allowlist, bomb guard
         except InputError as e:  # missing, empty, damaged, too large: the message names the file
             return i, None, None, 1.0, str(e)
-        except Exception as e:  # noqa: BLE001 - any other decoder failure makes the row unreadable too
-            return i, None, None, 1.0, f"{type(e).__name__}: {e}"
         copy, f = detection_copy(image, self.max_side)
         return i, image, copy, f, None
 

@@ -13,12 +13,13 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from datamodules.images import MISSING, InputError, verify_image
 
 EMOTIONET_AUS: tuple[int, ...] = (
     1, 2, 4, 5, 6, 9, 10, 12, 15, 17, 18, 20, 24, 25, 26, 28, 43, 51, 52, 53, 54, 55, 56,
@@ -238,29 +239,34 @@ def _parse_header(
     return image_col, au_cols, extra
 
 
-@contextmanager
-def _strict_pil() -> Iterator[None]:
-    from PIL import ImageFile
-
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
-
-
 def _image_problem(path: str) -> str | None:
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        return f"missing image: {path}"
     try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
-        return f"unreadable image: {e}"
+        verify_image(path)
+    except InputError as e:
+        return f"missing image: {path}" if e.status == MISSING else f"unreadable image: {e}"
     return None
+
+
+def read_image_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[tuple[int, str]]:
+    """``(line, image path)`` of a plain list of images: one per row, in the column named
+    ``image`` when the first row names columns (``image`` or AU names: a manifest works too),
+    else in the first column of every row. Relative paths start at ``root`` (default: the
+    list's folder); URLs are kept as they are.
+
+    Raises ``ManifestError`` naming the file (and line) for text that is not UTF-8 or not CSV.
+    """
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    rows = _rows(path, _delimiter(path))
+    first = next(rows, None)
+    if first is None:
+        return []
+    names = [c.strip().lower() for c in first[1]]
+    if "image" in names or any(_AU_HEADER.match(n) for n in names):
+        col = names.index("image") if "image" in names else 0
+    else:
+        col, rows = 0, iter([first, *rows])
+    return [(line, _resolve(row[col].strip(), base)) for line, row in rows if len(row) > col and row[col].strip()]
 
 
 def read_manifest(
@@ -358,7 +364,7 @@ def read_manifest(
 def _drop_bad_images(manifest: Manifest) -> Manifest:
     local = [i for i, ref in enumerate(manifest.images) if not is_url(ref)]
     paths = [manifest.resolve(i) for i in local]
-    with _strict_pil(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         problems = list(pool.map(_image_problem, paths, chunksize=64))
     skipped = [
         SkippedRow(line=int(manifest.lines[i]), image=manifest.images[i], reason=reason)

@@ -37,12 +37,14 @@ from callbacks.soft_threshold import SoftThresholdCallback
 from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
 from datamodules.pretrain_datamodule import PretrainDataModule
 from lightning_modules.au_detector import AUDetector
+from lightning_modules.backbones import WeightsError
+from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
 from datamodules.au_datamodule import AUDataModule
 from datamodules.download import DownloadSettings, download_manifests
-from datamodules.manifest import EMOTIONET_AUS, read_manifest
+from datamodules.manifest import EMOTIONET_AUS, ManifestError, read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from experiments.predict import predict
 
@@ -151,8 +153,34 @@ class TrackedCLI(LightningCLI):
     def __init__(self, model_class, datamodule_class, args: Sequence[str] | None = None, **kwargs):
         self.tracking: TrackingSettings | None = None  # set when the CLI builds the MLflow logger itself
         self.resumed_run: str | None = None
+        self.checkpoint_run: str | None = None  # the MLflow run the --ckpt_path file was written by
         super().__init__(model_class, datamodule_class, save_config_callback=None, auto_configure_optimizers=False,
                          args=args, **kwargs)
+
+    # Checkpoints are data: ``--ckpt_path`` is read with weights_only=True by every subcommand, so
+    # weights_only is not an option (the file is checked here first, for an error that names it).
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip | {"weights_only"} for name, skip in LightningCLI.subcommands().items()}
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        command = self.config.get("subcommand")
+        ckpt = (self.config[command] if command else self.config).get("ckpt_path")
+        if ckpt and Path(ckpt).is_file():
+            self.checkpoint_run = run_id_from_checkpoint(ckpt)
+
+    def fit(self, **kwargs) -> None:
+        self.trainer.fit(weights_only=True, **kwargs)
+
+    def validate(self, **kwargs) -> None:
+        self.trainer.validate(weights_only=True, **kwargs)
+
+    def test(self, **kwargs) -> None:
+        self.trainer.test(weights_only=True, **kwargs)
+
+    def predict(self, **kwargs) -> None:
+        self.trainer.predict(weights_only=True, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--mlflow", type=str, default="mlflow.yaml", help="MLflow settings (tracking URI, ...)")
@@ -166,11 +194,9 @@ class TrackedCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self._subconfig()
         if config.trainer.get("logger") is None and "logger" not in kwargs:
-            ckpt = config.get("ckpt_path")
-            run_id = run_id_from_checkpoint(ckpt) if ckpt and Path(ckpt).is_file() else None
             self.tracking = TrackingSettings.read(config.mlflow)
-            kwargs["logger"] = self.tracking.logger(config.run_name, run_id, tags=config.tags)
-            self.resumed_run = run_id
+            kwargs["logger"] = self.tracking.logger(config.run_name, self.checkpoint_run, tags=config.tags)
+            self.resumed_run = self.checkpoint_run
         return super().instantiate_trainer(**kwargs)
 
     def _log_config(self) -> None:
@@ -317,9 +343,20 @@ def _data_section(args: list[str]) -> list[str]:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``au-detect``; ``args`` defaults to the command line (tests pass a list)."""
-    given = args
-    args = list(sys.argv[1:] if args is None else args)
+    """Entry point of ``au-detect``; ``args`` defaults to the command line (tests pass a list).
+
+    From the command line, a file that is refused (a checkpoint that is not data, a malformed
+    manifest) ends the command with its message, not a traceback.
+    """
+    if args is not None:
+        return _main(args, list(args))
+    try:
+        _main(None, sys.argv[1:])
+    except (CheckpointError, WeightsError, ManifestError) as e:
+        raise SystemExit(f"au-detect: error: {e}") from None
+
+
+def _main(given: Sequence[str] | None, args: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args and args[0] == "ablation":
         from experiments.ablation import main as ablation_main  # it drives the CLIs defined here

@@ -31,7 +31,8 @@ import numpy as np
 
 from datamodules.alignment import detection_copy
 from datamodules.manifest import au_column_name
-from datamodules.sources import DEFAULT_MAX_PIXELS, InputError, Source, expand, read_image, video_frames
+from datamodules.images import DEFAULT_MAX_PIXELS, InputError, read_image
+from datamodules.sources import Source, expand, video_frames
 from lightning_modules.predictor import (MLFLOW_SCHEMES, AUPredictor, Face, Precision, columns, frame_records,
                                          status_record)
 

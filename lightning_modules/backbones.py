@@ -23,6 +23,8 @@ import timm
 import torch
 from torch import nn
 
+from lightning_modules.checkpoints import CheckpointError, load_checkpoint
+
 log = logging.getLogger(__name__)
 
 STRIPPABLE_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "net.", "_orig_mod.")
@@ -51,16 +53,19 @@ class LoadReport:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"backbone weights {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear error
-        raise WeightsError(f"backbone weights {path}: cannot be read safely (tensors only): "
-                           f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - every failure becomes one clear error
+            raise WeightsError(f"backbone weights {path}: not a readable safetensors file "
+                               f"({type(e).__name__}: {e})") from None
+    else:
+        try:
+            obj = load_checkpoint(path, "backbone weights")
+        except CheckpointError as e:
+            raise WeightsError(str(e)) from None
     for _ in range(3):  # unwrap {"state_dict": {...}} and the like
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in CHECKPOINT_CONTAINERS if isinstance(obj.get(k), Mapping)), None)

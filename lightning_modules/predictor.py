@@ -27,6 +27,7 @@ from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.manifest import au_column_name
 from datamodules.sources import NO_FACE, OK
 from lightning_modules.au_detector import AUNet
+from lightning_modules.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ class AUPredictor:
     def from_checkpoint(cls, path: str | Path, device: str | None = None, **detection) -> "AUPredictor":
         """From a Lightning checkpoint of :class:`AUDetector` (branch weights come from it, so the
         pretraining checkpoints it started from need not exist any more)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a Lightning checkpoint of the AU detector (no hyper_parameters/state_dict)")
         hp = ckpt["hyper_parameters"]
         spec = {"aus": [int(a) for a in hp["aus"]], "backbone": hp["backbone"], "branches": list(hp["branches"]),
@@ -130,7 +131,7 @@ class AUPredictor:
         folder = Path(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
         net = build_net(config["net"])
-        net.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        net.load_state_dict(load_checkpoint(folder / WEIGHTS_FILE, "predictor weights"))
         return cls(net, _alignment(config["alignment"], detection), config["net"], config["mean"], config["std"],
                    device)
 

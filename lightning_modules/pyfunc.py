@@ -29,7 +29,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from datamodules.manifest import au_column_name
-from datamodules.sources import DEFAULT_MAX_PIXELS, InputError, read_image
+from datamodules.images import DEFAULT_MAX_PIXELS, InputError, read_image
 from lightning_modules.predictor import LANDMARKS, columns, frame_records, status_record
 
 PACKAGES = ("datamodules", "lightning_modules")  # what loading the model imports

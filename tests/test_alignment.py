@@ -21,7 +21,7 @@ from datamodules.alignment import (NO_FACE, AlignedSplit, AlignmentSettings, Fac
                                    box_iou, cache_key, centre_crop, detection_copy, similarity_transform,
                                    warp_face)
 from datamodules.manifest import read_manifest
-from datamodules.sources import read_image
+from datamodules.images import read_image
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
 from .conftest import SMALL_ALIGNMENT

@@ -25,7 +25,7 @@ import yaml
 
 from datamodules.alignment import box_iou
 from experiments.cli import AUDetectCLI, main
-from datamodules.sources import InputError, read_image
+from datamodules.images import InputError, read_image
 from experiments.predict import run
 from lightning_modules.predictor import AUPredictor, columns
 
