@@ -74,6 +74,8 @@ def check_file(path: str | os.PathLike, name: str | None = None) -> int:
         raise InputError(MISSING, f"{name}: no such file") from None
     except OSError as e:  # permission, a loop of links, a name too long...
         raise InputError(UNREADABLE, f"{name}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL byte in the name
+        raise InputError(UNREADABLE, f"{name!r}: not a valid file name ({e})") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
         raise InputError(UNREADABLE, f"{name}: {kind}")

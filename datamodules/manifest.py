@@ -165,6 +165,8 @@ def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
             try:
                 for row in reader:
                     start, last = last + 1, reader.line_num
+                    if any("\0" in cell for cell in row):  # csv takes NUL bytes; no text file holds them
+                        raise ManifestError(f"{path}:{start}: a NUL byte: not a text file")
                     if any(cell.strip() for cell in row):
                         yield start, row
             except csv.Error as e:

@@ -12,31 +12,61 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
 
 from datamodules.images import (DEFAULT_MAX_PIXELS, EMPTY, IMAGE_SUFFIXES, MISSING, TOO_LARGE, UNREADABLE,
-                                InputError, check_file)
+                                InputError, check_file, probe, read_image)
 from datamodules.manifest import ManifestError, read_image_list
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".txt")
 # Statuses of an output row besides the decoder's (missing, empty, unreadable, too_large).
 OK, NO_FACE, BROKEN_VIDEO = "ok", "no_face", "broken_video"
+# Decoded frames held at once, in a batch or decoded ahead of it, are capped by pixels as well as
+# by count: a folder of 50 MP photos (150 MB each as RGB) holds a few at a time, not a batch's worth.
+BATCH_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
 class Source:
-    """One file to predict on (``kind``: image or video), or an entry that failed to expand
-    (``kind``: also folder or list, ``error`` set)."""
+    """One input to predict on: an image or video file (``path``), an image's bytes (``data``,
+    a request row; ``path`` then names it in messages), or an entry that failed to expand
+    (``error`` set; ``kind`` may then be folder or list). ``key`` is what the output rows call
+    it (the path, or a request's row number)."""
 
     path: str
     kind: str
     error: InputError | None = None
+    data: bytes | None = field(default=None, repr=False)
+    key: str | int | None = None
+
+    @property
+    def label(self) -> str | int:
+        return self.path if self.key is None else self.key
+
+
+@dataclass
+class Frame:
+    """A frame on its way to the detector (``pixels`` RGB uint8, ``copy`` its detection copy when
+    made while decoding), or an input that yielded none (``error``)."""
+
+    source: Source
+    frame: int | None = None  # index in a video
+    time_s: float | None = None
+    pixels: np.ndarray | None = None
+    copy: tuple[np.ndarray, float] | None = None
+    error: InputError | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.pixels is None else self.pixels.shape[0] * self.pixels.shape[1]
 
 
 def _kind(path: Path) -> str:
@@ -147,3 +177,75 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
         cap.release()
     if index == 0:
         raise InputError(BROKEN_VIDEO, f"{path}: no frame could be decoded")
+
+
+def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2,
+           prepare: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None, ahead: int = 16,
+           budget: int = BATCH_PIXELS) -> Iterator[Frame]:
+    """Every frame of the sources, in order; image files and bytes decoded ahead in ``workers``
+    threads (with ``prepare``, e.g. the detection copy, made there too) while the caller works.
+
+    At most ``ahead`` images, and at most ``budget`` pixels, are decoded ahead: each image's
+    size is read from its header before it is queued, so the bound holds before any pixel is
+    decoded (one image larger than the budget goes through alone). Videos stream frame by frame.
+    """
+    pool = ThreadPoolExecutor(max(1, workers))
+    pending: deque[tuple[Source, Future | InputError, int]] = deque()  # in order, with their pixels
+    held = 0
+
+    def decode(src: Source) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
+        pixels = read_image(src.data if src.data is not None else src.path, max_pixels, name=src.path)
+        return pixels, prepare(pixels) if prepare is not None else None
+
+    def drain(count: int, room: int = 0) -> Iterator[Frame]:
+        nonlocal held
+        while pending and (len(pending) > count or held + room > budget):
+            src, job, size = pending.popleft()
+            held -= size
+            try:
+                if isinstance(job, InputError):
+                    raise job
+                pixels, copy = job.result()
+                yield Frame(src, pixels=pixels, copy=copy)
+            except InputError as e:
+                yield Frame(src, error=e)
+
+    try:
+        for src in sources:
+            if src.error is not None:
+                pending.append((src, src.error, 0))  # a row in its place, without waiting
+            elif src.kind == "video":
+                yield from drain(0)
+                try:
+                    for index, t, rgb in video_frames(src.path, every, max_pixels):
+                        yield Frame(src, index, t, rgb)
+                except InputError as e:
+                    yield Frame(src, error=e)
+            else:
+                try:
+                    size = probe(src.data if src.data is not None else src.path, max_pixels, name=src.path).pixels
+                except InputError as e:
+                    pending.append((src, e, 0))
+                    continue
+                yield from drain(ahead - 1, size)
+                pending.append((src, pool.submit(decode, src), size))
+                held += size
+        yield from drain(0)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def batches(frames: Iterable[Frame], size: int, pixels: int = BATCH_PIXELS) -> Iterator[list[Frame]]:
+    """Frames in batches of at most ``size`` decoded frames holding at most ``pixels`` pixels (a
+    larger frame alone); inputs without pixels ride along with the batch they come in."""
+    batch: list[Frame] = []
+    count = held = 0
+    for frame in frames:
+        if count and (count == size or held + frame.size > pixels):
+            yield batch
+            batch, count, held = [], 0, 0
+        batch.append(frame)
+        if frame.pixels is not None:
+            count, held = count + 1, held + frame.size
+    if batch:
+        yield batch

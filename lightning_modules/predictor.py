@@ -17,15 +17,15 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
-from datamodules.alignment import AlignmentSettings, FaceDetector, warp_face
+from datamodules.alignment import AlignmentSettings, FaceDetector, detection_copy, warp_face
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.manifest import au_column_name
-from datamodules.sources import NO_FACE, OK
+from datamodules.sources import BATCH_PIXELS, NO_FACE, OK, Frame, batches
 from lightning_modules.au_detector import AUNet
 from lightning_modules.checkpoints import load_checkpoint
 
@@ -201,6 +201,27 @@ class AUPredictor:
         return out
 
 
+    def predict_frames(self, frames: Iterable[Frame], batch_frames: int = 32,
+                       batch_pixels: int = BATCH_PIXELS) -> Iterator[tuple[Frame, list[Face] | None]]:
+        """Each frame with its faces (None for an input that yielded no pixels), in order; frames
+        are detected in batches of ``batch_frames``, fewer when they hold ``batch_pixels``.
+
+        A frame's pixels are released when the next frame is asked for (the next batch decodes
+        meanwhile, and memory must not hold both): copy them to keep them.
+        """
+        for batch in batches(frames, batch_frames, batch_pixels):
+            found = self.predict([f.pixels for f in batch if f.pixels is not None],
+                                 [f.copy for f in batch if f.pixels is not None])
+            faces = iter(found)
+            for f in batch:
+                yield f, (next(faces) if f.pixels is not None else None)
+                f.pixels = f.copy = None
+
+    def detection_copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """The downscaled copy MTCNN runs on (made ahead, in decoding threads, by :func:`frames`)."""
+        return detection_copy(image, self.alignment.detect_max_side)
+
+
 def inference_copy(net: AUNet) -> AUNet:
     """A copy of ``net`` for inference only: each branch's batch norms folded into the convolutions
     before them (same outputs to ~1e-6, one pass over each activation fewer), channels-last weights
@@ -270,7 +291,11 @@ def status_record(source: str, status: str, message: str, frame: int | None = No
     return {"source": source, "frame": frame, "time_s": time_s, "face": None, "status": status, "message": message}
 
 
-def frame_records(source: str, frame: int | None, time_s: float | None, faces: list[Face], aus) -> list[dict]:
+def frame_records(frame: Frame, faces: list[Face] | None, aus: Sequence[int]) -> list[dict]:
+    """The rows of one frame: one per face, or one saying why there is none."""
+    source = frame.source.label
+    if frame.error is not None:
+        return [status_record(source, frame.error.status, str(frame.error), frame.frame, frame.time_s)]
     if not faces:
-        return [status_record(source, NO_FACE, "no face detected", frame, time_s)]
-    return [face_record(source, frame, time_s, i, f, aus) for i, f in enumerate(faces)]
+        return [status_record(source, NO_FACE, "no face detected", frame.frame, frame.time_s)]
+    return [face_record(source, frame.frame, frame.time_s, i, f, aus) for i, f in enumerate(faces)]

@@ -1,4 +1,4 @@
-"""The detector as an MLflow pyfunc model: images in, one row per face out.
+"""The detector as an MLflow pyfunc model: image bytes in, one row per face out.
 
 ``au-detect fit`` logs the best model as ``runs:/<run id>/model``. It holds the predictor
 folder (weights, AU list, fitted thresholds, alignment and normalisation settings), this
@@ -6,35 +6,78 @@ project's code, pinned requirements and a signature: input a column ``image`` of
 bytes (JPEG, PNG, ...), output the columns of ``au-detect predict``'s CSV, with ``source`` the
 input row. Detection and alignment happen inside, so a client sends plain photos:
 
-    mlflow models serve -m runs:/<run id>/model --env-manager local -p 5001
+    mlflow models serve -m runs:/<run id>/model --env-manager local -h 127.0.0.1 -p 5001
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
       -d "{\\"dataframe_records\\": [{\\"image\\": \\"$(base64 -w0 face.jpg)\\"}]}"
 
 (MLflow reads base64 text as bytes for a ``binary`` column.)
+
+A served model answers people it does not know, so:
+
+* it is logged as *models from code* (:mod:`lightning_modules.pyfunc_model`): loading it runs this
+  project's code and reads the weights as tensors; nothing is unpickled;
+* a row is image bytes, never a path: text is taken as base64 and anything else is refused for
+  that row, with the same answer whether or not a file of that name exists on the server;
+* memory is bounded per request: the rows are decoded and detected a chunk of at most
+  ``batch_pixels`` at a time, one request at a time, and a request is refused whole (HTTP 400)
+  past ``max_rows`` rows, ``max_request_bytes`` of images or ``max_request_pixels`` decoded
+  pixels (read from the headers, before decoding). A single image over ``max_pixels`` gets a
+  ``too_large`` row. The limits are the model's config (:class:`RequestLimits`), changed at load time with
+  ``mlflow.pyfunc.load_model(uri, model_config={...})`` or, for ``mlflow models serve``, with
+  ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_rows": 16}'``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import importlib.metadata
 import io
-import os
 import tempfile
+import threading
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from datamodules.images import DEFAULT_MAX_PIXELS, EMPTY, UNREADABLE, InputError, probe
 from datamodules.manifest import au_column_name
-from datamodules.images import DEFAULT_MAX_PIXELS, InputError, read_image
-from lightning_modules.predictor import LANDMARKS, columns, frame_records, status_record
+from datamodules.sources import BATCH_PIXELS, Source, frames
+from lightning_modules.predictor import LANDMARKS, columns, frame_records
 
 PACKAGES = ("datamodules", "lightning_modules")  # what loading the model imports
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "torchmetrics", "jsonargparse",
                 "albumentations", "opencv-python-headless", "pillow", "numpy", "pandas", "mlflow")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request to the served model may ask for (the model's config).
+
+    Args:
+        max_rows: images in one request.
+        max_request_bytes: encoded image bytes in one request, all rows together.
+        max_request_pixels: decoded pixels in one request, all rows together (from the headers).
+        max_pixels: pixels of one image; a larger one gets a ``too_large`` row, undecoded.
+        batch_pixels: decoded pixels held at once (what bounds the server's memory).
+    """
+
+    max_rows: int = 64
+    max_request_bytes: int = 64_000_000
+    max_request_pixels: int = 400_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_pixels: int = BATCH_PIXELS
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "RequestLimits":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in (config or {}).items() if k in known})
 
 
 class AUModel(mlflow.pyfunc.PythonModel):
@@ -44,39 +87,64 @@ class AUModel(mlflow.pyfunc.PythonModel):
         from lightning_modules.predictor import AUPredictor
 
         self.predictor = AUPredictor.from_dir(context.artifacts["predictor"])
-        self.max_pixels = int(os.environ.get("AU_DETECT_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+        self.limits = RequestLimits.from_config(context.model_config)
+        self._one_at_a_time = threading.Lock()  # the server runs requests in threads: one decodes at a time
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if "image" not in getattr(model_input, "columns", ()):
+            raise MlflowException.invalid_parameter_value("the request needs a column 'image' of image bytes")
+        sources = self._sources(list(model_input["image"]))
         aus = self.predictor.aus
-        decoded: list[np.ndarray | InputError] = []
-        for i, value in enumerate(model_input["image"]):
-            try:
-                decoded.append(read_image(_as_bytes(value), self.max_pixels, name=f"row {i}"))
-            except InputError as e:
-                decoded.append(e)
-        good = [d for d in decoded if not isinstance(d, InputError)]
-        faces = iter(self.predictor.predict(good))
-        records = []
-        for i, d in enumerate(decoded):
-            if isinstance(d, InputError):
-                records.append(status_record(i, d.status, str(d)))
-            else:
-                records += frame_records(i, None, None, next(faces), aus)
+        records: list[dict] = []
+        with self._one_at_a_time:
+            decoded = frames(sources, max_pixels=self.limits.max_pixels, workers=2,
+                             prepare=self.predictor.detection_copy, budget=self.limits.batch_pixels)
+            for frame, faces in self.predictor.predict_frames(decoded, batch_pixels=self.limits.batch_pixels):
+                records += frame_records(frame, faces, aus)
         return pd.DataFrame.from_records(records, columns=columns(aus))
 
+    def _sources(self, values: list) -> list[Source]:
+        """One source per row, checked against the request limits before anything is decoded."""
+        limits = self.limits
+        if len(values) > limits.max_rows:
+            raise MlflowException.invalid_parameter_value(
+                f"{len(values)} images in one request; at most {limits.max_rows} (max_rows)")
+        sources = [_source(i, v) for i, v in enumerate(values)]
+        size = sum(len(s.data) for s in sources if s.data is not None)
+        if size > limits.max_request_bytes:
+            raise MlflowException.invalid_parameter_value(
+                f"{size / 1e6:.1f} MB of images in one request; at most {limits.max_request_bytes / 1e6:.1f} MB "
+                "(max_request_bytes)")
+        pixels = 0
+        for s in sources:
+            if s.data is not None:
+                try:
+                    pixels += probe(s.data, limits.max_pixels, name=s.path).pixels
+                except InputError:
+                    pass  # that row gets its own status
+        if pixels > limits.max_request_pixels:
+            raise MlflowException.invalid_parameter_value(
+                f"{pixels / 1e6:.0f} MP of images in one request; at most {limits.max_request_pixels / 1e6:.0f} MP "
+                "(max_request_pixels)")
+        return sources
 
-def _as_bytes(value) -> bytes:
-    """Bytes as they come; text as a file path that exists, else as base64."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
+
+def _source(row: int, value) -> Source:
+    """A request row as image bytes. Text is base64 (MLflow's JSON already decodes a binary column;
+    CSV and Python callers may send text); nothing is ever taken for a path on the server."""
+    name = f"row {row}"
     if isinstance(value, str):
-        if len(value) < 4096 and os.path.isfile(value):
-            return Path(value).read_bytes()
         try:
-            return base64.b64decode(value, validate=True)
-        except ValueError:
-            return b"\0not base64"  # decodes to an unreadable image: a status row, not a crash
-    raise TypeError(f"image values must be bytes, base64 text or a path, got {type(value).__name__}")
+            value = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            return Source(name, "image", InputError(UNREADABLE, f"{name}: text that is not base64-encoded image "
+                                                                "bytes (the model takes image bytes, never a path)"),
+                          key=row)
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+        return Source(name, "image", data=bytes(value), key=row)
+    if isinstance(value, (bytes, bytearray, memoryview)) or value is None or (isinstance(value, float) and np.isnan(value)):
+        return Source(name, "image", InputError(EMPTY, f"{name}: no image"), key=row)
+    return Source(name, "image", InputError(UNREADABLE, f"{name}: {type(value).__name__} is not image bytes"), key=row)
 
 
 def signature(aus) -> ModelSignature:
@@ -101,16 +169,17 @@ def requirements() -> list[str]:
     return out
 
 
-def log_model(predictor, name: str = "model", registered_model_name: str | None = None):
-    """Log a predictor as a pyfunc model on the active MLflow run; returns MLflow's ModelInfo."""
+def log_model(predictor, name: str = "model", registered_model_name: str | None = None,
+              limits: RequestLimits = RequestLimits()):
+    """Log a predictor as a pyfunc model (from code) on the active MLflow run; returns MLflow's ModelInfo."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = predictor.save(Path(tmp) / "predictor")
         return mlflow.pyfunc.log_model(
-            name=name, python_model=AUModel(), artifacts={"predictor": str(folder)},
+            name=name, python_model=str(MODEL_CODE), artifacts={"predictor": str(folder)},
             code_paths=[str(root / p) for p in PACKAGES], signature=signature(predictor.aus),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
-            registered_model_name=registered_model_name)
+            model_config=asdict(limits), registered_model_name=registered_model_name)
 
 
 def _example_image() -> bytes:

@@ -246,7 +246,6 @@ def test_large_photos_are_held_by_pixels_not_only_by_count(tmp_path, monkeypatch
     """With a 4 MP budget, 30 photos of 1 MP go through in batches of 4 frames and the frames
     decoded at once stay near two budgets (tracemalloc peak), where batches of 16 with 20 decoded
     ahead would hold 36 frames (108 MB)."""
-    import experiments.predict as predict_module
     from datamodules.alignment import AlignmentSettings
     from lightning_modules.au_detector import AUNet
 
@@ -257,13 +256,13 @@ def test_large_photos_are_held_by_pixels_not_only_by_count(tmp_path, monkeypatch
     spec = {"aus": [1, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
     predictor = AUPredictor(AUNet(aus=[1, 12], backbone="resnet18", branches=["face"]),
                             AlignmentSettings(crop_size=32), spec, device="cpu")
-    monkeypatch.setattr(predict_module, "BATCH_PIXELS", 4_000_000)
     sizes = []
     detect = predictor.predict
     monkeypatch.setattr(predictor, "predict", lambda frames, copies: (sizes.append(len(frames)), detect(frames, copies))[1])
     tracemalloc.start()
     try:
-        summary = run(predictor, [str(folder)], str(tmp_path / "out.csv"), batch_frames=16, progress=False)
+        summary = run(predictor, [str(folder)], str(tmp_path / "out.csv"), batch_frames=16, progress=False,
+                      batch_pixels=4_000_000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
