@@ -20,6 +20,7 @@ from lightning_modules.au_detector import AUNet
 from lightning_modules.predictor import AUPredictor
 
 from .fuzz_inputs import corpus, seed_images
+from .training_helpers import local_tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
@@ -96,7 +97,7 @@ def test_mlflow_model_gives_every_mutated_row_its_rows(fuzz_folder, tmp_path):
     from lightning_modules.pyfunc import log_model
 
     _, items = fuzz_folder
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    local_tracking(tmp_path)
     with mlflow.start_run():
         info = log_model(_predictor())
     model = mlflow.pyfunc.load_model(info.model_uri)

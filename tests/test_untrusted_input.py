@@ -30,7 +30,7 @@ from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.predictor import AUPredictor
 
-from .training_helpers import DEMO, write_mlflow_yaml
+from .training_helpers import DEMO, local_tracking, write_mlflow_yaml
 
 AU_DETECT = str(Path(sys.executable).with_name("au-detect"))
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
@@ -83,7 +83,7 @@ def test_crafted_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys):
         AUPredictor.from_dir(folder)
     from lightning_modules.pyfunc import log_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/models.db")
+    local_tracking(tmp_path / "models")
     with mlflow.start_run():
         info = log_model(predictor)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "downloaded")))
@@ -127,14 +127,12 @@ def served(tmp_path_factory):
     """``mlflow models serve`` of a small logged detector (random weights: these tests are about
     what the server reads and holds, not about its answers), with its process tree's pids."""
     tmp = tmp_path_factory.mktemp("served")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
+    uri = local_tracking(tmp, "served")
     torch.manual_seed(0)
     predictor = AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
                             AlignmentSettings(crop_size=32), SPEC, device="cpu")
     from lightning_modules.pyfunc import log_model
 
-    mlflow.set_experiment("served")
     with mlflow.start_run() as run:
         log_model(predictor)
     port = _free_port()
@@ -261,7 +259,7 @@ def test_request_limits_and_rows(tmp_path):
 
     from lightning_modules.pyfunc import log_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    local_tracking(tmp_path)
     predictor = AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
                             AlignmentSettings(crop_size=32), SPEC, device="cpu")
     with mlflow.start_run():

@@ -27,6 +27,16 @@ def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detec
     return path
 
 
+def local_tracking(folder: Path, experiment: str = "tests") -> str:
+    """Track into a SQLite store in ``folder``, artifacts beside it (not in ./mlruns of the cwd)."""
+    uri = f"sqlite:///{folder}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    if MlflowClient(uri).get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=str(folder / "artifacts"))
+    mlflow.set_experiment(experiment)
+    return uri
+
+
 def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epochs: int = 2,
                    train_batches: int = 3) -> list[str]:
     """The demo config, shrunk: the session's 120-scene SynthAU at 64 px, a few batches."""
