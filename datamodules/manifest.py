@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +269,68 @@ def read_image_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     else:
         col, rows = 0, iter([first, *rows])
     return [(line, _resolve(row[col].strip(), base)) for line, row in rows if len(row) > col and row[col].strip()]
+
+
+def read_columns(path: str | os.PathLike, columns: Sequence[str], image_column: str | None = None,
+                 root: str | os.PathLike | None = None) -> list[tuple[int, str, list[str]]]:
+    """``(line, image path, [values of columns])`` of a CSV/TSV with a header and no AU columns
+    (e.g. images and their identities). The image is the ``image_column`` (default: the first);
+    relative paths start at ``root`` (default: the file's folder).
+
+    Raises ``ManifestError`` naming the file, line and column for a missing column or a short row.
+    """
+    path = Path(path)
+    rows = _rows(path, _delimiter(path))
+    first = next(rows, None)
+    if first is None:
+        raise ManifestError(f"{path} is empty")
+    line, header = first[0], [h.strip() for h in first[1]]
+    for name in [*columns, *([image_column] if image_column else [])]:
+        if name not in header:
+            raise ManifestError(f"{path}:{line}: no {name!r} column (columns: {header})")
+    image_col = header.index(image_column) if image_column else 0
+    cols = [header.index(c) for c in columns]
+    base = Path(root) if root is not None else path.parent
+    out = []
+    for line, row in rows:
+        if len(row) <= max(image_col, *cols):
+            raise ManifestError(f"{path}:{line}: expected {len(header)} cells, found {len(row)}")
+        out.append((line, _resolve(row[image_col].strip(), base), [row[j].strip() for j in cols]))
+    if not out:
+        raise ManifestError(f"{path} has a header but no rows")
+    return out
+
+
+def write_manifest(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]],
+                   only_if_changed: bool = False) -> Path:
+    """Write a manifest: tab-separated, header first (EmotioNet's own form). Written to a
+    temporary name and renamed, so a reader never sees half a file; with ``only_if_changed`` an
+    identical file is left untouched (its mtime, and so the alignment caches keyed on it, stay).
+
+    Raises ``ValueError`` for a cell holding a tab or a line break (it would shift the columns).
+    """
+    path = Path(path)
+    lines = []
+    for cells in [header, *rows]:
+        text = [str(c) for c in cells]
+        bad = next((c for c in text if any(ch in c for ch in "\t\n\r")), None)
+        if bad is not None:
+            raise ValueError(f"{path}: a cell with a tab or line break cannot be written: {bad!r}")
+        lines.append("\t".join(text) + "\n")
+    content = "".join(lines)
+    if only_if_changed and path.is_file() and path.read_text(encoding="utf-8") == content:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_manifest(

@@ -37,7 +37,6 @@ transfer to the device.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -52,12 +51,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from datamodules.manifest import EMOTIONET_AUS, Manifest, ManifestError, read_manifest
+from datamodules.images import IMAGE_SUFFIXES
+from datamodules.manifest import (EMOTIONET_AUS, UNLABELLED, Manifest, ManifestError, au_column_name, read_columns,
+                                  read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
 TASKS = ("identity", "expression")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DUMMY_AUS = (1,)  # the derived manifests' one AU column, all 999
 
 
@@ -101,26 +101,10 @@ def image_folder_items(root: str | Path) -> list[tuple[str, str]]:
 
 def write_derived_manifest(path: Path, items: Sequence[tuple[str, str]], column: str) -> Path:
     """A manifest in EmotioNet form for images that have no AU labels: ``image``, ``AU1`` (all
-    ``999``) and the class column. Written atomically, and only when its content changes (so
-    its alignment cache stays valid)."""
-    for image, label in items:
-        if any(c in image + label for c in "\t\n\r"):
-            raise ValueError(f"image path or class name with a tab or newline: {image!r} / {label!r}")
-    text = "\t".join(["image", "AU1", column]) + "\n" + "".join(f"{im}\t999\t{lab}\n" for im, lab in items)
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _delimiter(path: Path) -> str:
-    if path.suffix.lower() == ".csv":
-        return ","
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return "\t" if "\t" in f.readline() or path.suffix.lower() in (".tsv", ".txt") else ","
+    ``999``) and the class column; rewritten only when its content changes (so its alignment
+    cache stays valid)."""
+    return write_manifest(path, ["image", au_column_name(DUMMY_AUS[0]), column],
+                          ((image, UNLABELLED, label) for image, label in items), only_if_changed=True)
 
 
 class PretrainAugmentation:
@@ -272,25 +256,8 @@ class PretrainDataModule(L.LightningDataModule):
     def _read_plain_manifest(self, path: Path) -> list[tuple[str, str]]:
         """(absolute image path, class) of a manifest without AU columns."""
         hp = self.hparams
-        root = Path(hp.image_root) if hp.image_root is not None else path.parent
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter=_delimiter(path))
-            header = [h.strip() for h in next(reader, [])]
-            if self.column not in header:
-                raise ValueError(f"manifest {path} has no {self.column!r} column (columns: {header}); set data.column")
-            image_col = header.index(hp.image_column) if hp.image_column is not None else 0
-            class_col = header.index(self.column)
-            items = []
-            for row in reader:
-                if not any(c.strip() for c in row):
-                    continue
-                if len(row) <= max(image_col, class_col):
-                    raise ManifestError(f"{path}:{reader.line_num}: expected {len(header)} cells, found {len(row)}")
-                image = Path(row[image_col].strip()).expanduser()
-                items.append((os.path.abspath(image if image.is_absolute() else root / image), row[class_col].strip()))
-        if not items:
-            raise ManifestError(f"{path} has no rows")
-        return items
+        rows = read_columns(path, [self.column], hp.image_column, hp.image_root)
+        return [(image, label) for _, image, (label,) in rows]
 
     def _align(self) -> tuple[Manifest, Path]:
         manifest, name = self.manifest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,45 @@ def test_positive_rate_matches_hand_count(tmp_path):
     assert rate[0] == pytest.approx(0.5)
     assert rate[1] == pytest.approx(1 / 3)
     assert np.isnan(rate[2])
+
+
+def test_write_manifest_round_trips_and_leaves_an_unchanged_file_alone(tmp_path):
+    from datamodules.manifest import write_manifest
+
+    path = tmp_path / "out" / "m.tsv"
+    rows = [("a.jpg", 1, 0, 999, "p1"), ("b c.jpg", 0, 1, 0, "p2")]
+    write_manifest(path, ["image", "AU1", "AU2", "AU4", "identity"], rows)
+    m = read_manifest(path, aus=AUS3)
+    assert m.images == ["a.jpg", "b c.jpg"] and m.extra["identity"] == ["p1", "p2"]
+    np.testing.assert_array_equal(m.labels, [[1, 0, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(m.mask, [[1, 1, 0], [1, 1, 1]])
+    before = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    write_manifest(path, ["image", "AU1", "AU2", "AU4", "identity"], rows, only_if_changed=True)
+    assert path.stat().st_mtime_ns == before  # its alignment caches stay valid
+    write_manifest(path, ["image", "AU1", "AU2", "AU4", "identity"], rows[:1], only_if_changed=True)
+    assert len(read_manifest(path, aus=AUS3)) == 1
+    with pytest.raises(ValueError, match="tab or line break"):
+        write_manifest(path, ["image"], [("x\ty.jpg",)])
+    assert len(read_manifest(path, aus=AUS3)) == 1 and [p.name for p in path.parent.iterdir()] == ["m.tsv"]
+
+
+def test_read_columns_and_image_lists(tmp_path):
+    from datamodules.manifest import read_columns, read_image_list
+
+    path = write(tmp_path / "ids.csv", "path,identity\nx/1.jpg,7\n\n/abs/2.jpg,8\n")
+    assert read_columns(path, ["identity"], image_column="path") == [
+        (2, str(tmp_path / "x" / "1.jpg"), ["7"]), (4, "/abs/2.jpg", ["8"])]
+    with pytest.raises(ManifestError, match=r"ids.csv:1: no 'expression' column"):
+        read_columns(path, ["expression"])
+    write(tmp_path / "short.csv", "image,identity\na.jpg\n")
+    with pytest.raises(ManifestError, match=r"short.csv:2: expected 2 cells, found 1"):
+        read_columns(tmp_path / "short.csv", ["identity"])
+    # a plain list has no header: its first line is an image too; a manifest's header is skipped
+    write(tmp_path / "list.txt", "a.jpg\nsub/b.png\n")
+    assert read_image_list(tmp_path / "list.txt") == [(1, str(tmp_path / "a.jpg")), (2, str(tmp_path / "sub/b.png"))]
+    write(tmp_path / "m.tsv", "AU12\timage\n1\tc.jpg\n")
+    assert read_image_list(tmp_path / "m.tsv") == [(2, str(tmp_path / "c.jpg"))]
+    (tmp_path / "nul.txt").write_bytes(b"a.jpg\nb\x00.jpg\n")
+    with pytest.raises(ManifestError, match=r"nul.txt:2: a NUL byte"):
+        read_image_list(tmp_path / "nul.txt")
