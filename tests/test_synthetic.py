@@ -9,8 +9,9 @@ import pytest
 
 from datamodules import synthetic
 from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, read_manifest
-from datamodules.synthetic import (EXPRESSIONS, FaceSpec, SynthAUSettings, _labels, generate_synthau, render_face,
-                                   sample_aus, sample_identity)
+from datamodules.synthetic import SynthAUSettings, generate_synthau
+from datamodules.synthetic_face import FaceSpec, render_face, sample_identity
+from datamodules.synthetic_labels import EXPRESSIONS, sample_aus, sample_labels
 
 FRONT_LIGHT = np.array([0.0, 0.0, 1.0])
 
@@ -53,7 +54,7 @@ def test_label_statistics_like_emotionet():
     rows = []
     for _ in range(20_000):
         _, intensity, _ = sample_aus(rng)
-        rows.append(_labels(rng, intensity, EMOTIONET_AUS))
+        rows.append(sample_labels(rng, intensity, EMOTIONET_AUS))
     y = np.array(rows)
     labelled = y != UNLABELLED
     rate = (y == 1).sum(0) / labelled.sum(0)
