@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from datamodules import alignment
 from datamodules.alignment import (NO_FACE, AlignedSplit, AlignmentSettings, FaceDetector, align_manifest,
@@ -349,3 +351,160 @@ def test_centre_method_crops_the_middle_without_detection(synthau, tmp_path, mon
     assert "centre-cropped (no detection)" in alignment.summarize(split.report)
     with pytest.raises(ValueError, match="method"):
         AlignmentSettings(method="dlib")
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged caches
+
+CROP_BYTES = 64 * 64 * 3
+
+
+@pytest.fixture
+def val_cache(synthau, tmp_path, monkeypatch) -> tuple[Path, np.ndarray]:
+    """The val split (12 crops) aligned with checksums over chunks of 4 crops; and a copy of its crops."""
+    monkeypatch.setattr(alignment, "CHECKSUM_CHUNK_BYTES", 4 * CROP_BYTES)
+    folder = align_manifest(read_manifest(synthau / "val.tsv"), tmp_path / "cache", SMALL_ALIGNMENT)
+    return folder, np.array(AlignedSplit.open(folder).crops)
+
+
+def _realign(synthau, folder: Path) -> Path:
+    return align_manifest(read_manifest(synthau / "val.tsv"), folder.parent, SMALL_ALIGNMENT)
+
+
+def _flip_byte(folder: Path, sample: int) -> None:
+    crops = np.load(folder / "crops.npy", mmap_mode="r")
+    offset = crops.offset + sample * CROP_BYTES + 1000
+    del crops
+    with open(folder / "crops.npy", "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_report_records_sizes_and_checksums(val_cache):
+    folder, crops = val_cache
+    report = json.loads((folder / "report.json").read_text())
+    assert report["files"] == {"crops.npy": (folder / "crops.npy").stat().st_size,
+                               "samples.npz": (folder / "samples.npz").stat().st_size}
+    sums = report["crop_checksums"]
+    assert sums["algorithm"] == "crc32" and sums["samples_per_chunk"] == 4
+    assert sums["crc32"] == [zlib.crc32(crops[i:i + 4].tobytes()) for i in (0, 4, 8)]
+    split = AlignedSplit.open(folder)
+    assert split.verify() is True and split.checks.done.tolist() == [1, 1, 1]
+
+
+def test_truncated_crops_are_aligned_again(synthau, val_cache, caplog):
+    """A finished cache whose crops.npy lost its end (a full disk, a copy cut short): opening it
+    names the folder, and align_manifest removes it and aligns the same crops again."""
+    folder, crops = val_cache
+    os.truncate(folder / "crops.npy", (folder / "crops.npy").stat().st_size // 2)
+    with pytest.raises(alignment.CacheError, match=f"{folder}.*crops.npy has .* bytes.*au-detect prepare"):
+        AlignedSplit.open(folder)
+    with caplog.at_level("WARNING"):
+        assert _realign(synthau, folder) == folder
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(folder) in warning and "crops.npy" in warning
+    np.testing.assert_array_equal(AlignedSplit.open(folder).crops, crops)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nothing left aside
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: os.truncate(f / "report.json", 300), "report.json is unreadable"),
+    (lambda f: (f / "report.json").write_text((f / "report.json").read_text().replace('"aligned": 12', '"aligned": 11')),
+     "report.json is unreadable"),
+    (lambda f: (f / "report.json").unlink(), "report.json is missing"),
+    (lambda f: (f / "samples.npz").unlink(), "samples.npz is missing"),
+    (lambda f: (f / "samples.npz").write_bytes(b"PK" + bytes((f / "samples.npz").stat().st_size - 2)),
+     "samples.npz is unreadable"),
+], ids=["report-truncated", "report-garbled", "report-deleted", "samples-deleted", "samples-zeroed"])
+def test_damaged_report_or_samples_are_aligned_again(synthau, val_cache, caplog, damage, problem):
+    folder, crops = val_cache
+    labels = AlignedSplit.open(folder).labels
+    damage(folder)
+    with pytest.raises(alignment.CacheError, match=problem):
+        AlignedSplit.open(folder)
+    with caplog.at_level("WARNING"):
+        assert _realign(synthau, folder) == folder
+    assert any(str(folder) in r.getMessage() and problem in r.getMessage() for r in caplog.records)
+    split = AlignedSplit.open(folder)
+    np.testing.assert_array_equal(split.crops, crops)
+    np.testing.assert_array_equal(split.labels, labels)
+
+
+def test_flipped_byte_is_found_when_its_chunk_is_read(synthau, val_cache):
+    """Sizes still agree, so opening succeeds; reading a sample of the damaged chunk (and only
+    that chunk) raises, as does verify(); the folder is then marked and realigned by the next run."""
+    folder, crops = val_cache
+    _flip_byte(folder, 5)
+    lazy, eager = AlignedSplit.open(folder), AlignedSplit.open(folder)
+    np.testing.assert_array_equal(lazy.crops[1], crops[1])  # chunks 0 and 2 are intact
+    np.testing.assert_array_equal(lazy.crops[10:12], crops[10:12])
+    with pytest.raises(alignment.CacheError, match=rf"{folder} is damaged: the crops of chunk 1 \(samples 4-7\)"):
+        lazy.crops[5]
+    with pytest.raises(alignment.CacheError, match=r"chunk 1 \(samples 4-7\)"):
+        lazy.crops[[2, 6]]  # a fancy index reads chunk 1 too
+    assert lazy.checks.done.tolist() == [1, 0, 1]
+    with pytest.raises(alignment.CacheError, match=rf"{folder} .*chunk 1 \(samples 4-7\) of crops.npy"):
+        eager.verify()
+    for check_crops in (True, False):  # the note the failed read left makes the folder unusable
+        with pytest.raises(alignment.CacheError, match=r"chunk 1 .*found while reading it earlier"):
+            AlignedSplit.open(folder, check_crops=check_crops)
+    assert _realign(synthau, folder) == folder
+    np.testing.assert_array_equal(AlignedSplit.open(folder).crops, crops)
+
+
+def test_spawned_loader_worker_checks_its_own_mapping(val_cache):
+    """A pickled split (spawned worker) maps crops.npy again and still verifies what it reads; the
+    error comes back to the main process as a CacheError naming the folder and the chunk."""
+    from datamodules.au_datamodule import AlignedFaceDataset
+
+    folder, crops = val_cache
+    split = AlignedSplit.open(folder)
+    split.verify()
+    again = pickle.loads(pickle.dumps(split))
+    assert again.checks is not None and again.checks.done.tolist() == [0, 0, 0]  # its own record
+    np.testing.assert_array_equal(again.crops[7], crops[7])
+    _flip_byte(folder, 9)
+    loader = torch.utils.data.DataLoader(AlignedFaceDataset(split), batch_size=4, num_workers=1,
+                                         multiprocessing_context="spawn")
+    with pytest.raises(alignment.CacheError, match=rf"{folder} .*chunk 2 \(samples 8-11\)"):
+        list(loader)
+    # This process verified chunk 2 before the damage and does not hash it again (once per process).
+    assert split.crops[9].tobytes() != crops[9].tobytes()
+
+
+def test_forked_loader_workers_share_verified_chunks(val_cache):
+    """Workers forked from the process that opened the split record their checks where the others
+    (and the parent) see them: a chunk is hashed once, not once per worker."""
+    from datamodules.au_datamodule import AlignedFaceDataset
+
+    folder, crops = val_cache
+    split = AlignedSplit.open(folder)
+    loader = torch.utils.data.DataLoader(AlignedFaceDataset(split), batch_size=2, num_workers=2,
+                                         multiprocessing_context="fork")
+    images = torch.cat([b["image"] for b in loader])
+    np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), crops)
+    assert split.checks.done.tolist() == [1, 1, 1]  # the parent never read a sample itself
+
+
+def test_cache_without_checksums_is_kept(synthau, val_cache, caplog):
+    """A cache written before checksums is reused (sizes derived from its header and counts), not
+    realigned; verify() has nothing to check; a truncated one is still found and realigned."""
+    folder, crops = val_cache
+    report = json.loads((folder / "report.json").read_text())
+    del report["files"], report["crop_checksums"]
+    (folder / "report.json").write_text(json.dumps(report))
+    before = (folder / "crops.npy").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="datamodules.alignment"):
+        assert _realign(synthau, folder) == folder
+    assert (folder / "crops.npy").stat().st_mtime_ns == before
+    assert any("predates crop checksums" in r.getMessage() for r in caplog.records)
+    split = AlignedSplit.open(folder)
+    assert split.checks is None and split.verify() is False
+    np.testing.assert_array_equal(split.crops, crops)
+    os.truncate(folder / "crops.npy", (folder / "crops.npy").stat().st_size - 1)
+    _realign(synthau, folder)
+    rebuilt = AlignedSplit.open(folder)
+    assert "crop_checksums" in rebuilt.report
+    np.testing.assert_array_equal(rebuilt.crops, crops)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +138,24 @@ def test_url_manifests_are_downloaded_then_aligned(synthau, image_server, tmp_pa
     assert len(list((tmp_path / "downloads" / "images").iterdir())) == 35
     batch = next(iter(dm.val_dataloader()))
     assert batch["image"].shape == (4, 3, 64, 64)
+
+
+def test_fit_realigns_a_truncated_cache(data, tmp_path, caplog):
+    """setup("fit") on caches where val's crops.npy was cut short: val is aligned again (the warning
+    names its folder), train is reused, and the val batches hold the original crops."""
+    cache = tmp_path / "cache"
+    shutil.copytree(data.hparams.cache_dir, cache)
+    (val,) = cache.glob("val-*")
+    (train,) = cache.glob("train-*")
+    original = np.array(data.splits["val"].crops)
+    train_mtime = (train / "crops.npy").stat().st_mtime_ns
+    os.truncate(val / "crops.npy", (val / "crops.npy").stat().st_size - 4096)
+    dm = AUDataModule(data_root=data.hparams.data_root, synth=SMALL, cache_dir=str(cache), alignment=SMALL_ALIGNMENT,
+                      batch_size=16, num_workers=0)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert any(str(val) in r.getMessage() and "crops.npy" in r.getMessage() for r in caplog.records)
+    assert dm.splits["val"].path == val and (train / "crops.npy").stat().st_mtime_ns == train_mtime
+    np.testing.assert_array_equal(dm.splits["val"].crops, original)
+    batch = next(iter(dm.val_dataloader()))
+    np.testing.assert_array_equal(batch["image"].permute(0, 2, 3, 1).numpy(), original)
