@@ -27,6 +27,7 @@ import time
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,7 +37,7 @@ import torch
 
 from datamodules.manifest import Manifest
 from datamodules.mtcnn_cascade import detect_batch
-from datamodules.images import InputError, read_image
+from datamodules.sources import Frame, Source, batches, frames
 
 try:
     import fcntl
@@ -280,36 +281,6 @@ class FaceDetector:
 
 # ----------------------------------------------------------------------------------------------
 # The cache
-
-
-class _ImageReader(torch.utils.data.Dataset):
-    """Decodes images and makes their detection copies in loader workers."""
-
-    def __init__(self, paths: Sequence[str], max_side: int):
-        self.paths, self.max_side = list(paths), max_side
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = read_image(self.paths[i])  # the decoder prediction uses: allowlist, bomb guard
-        except InputError as e:  # missing, empty, damaged, too large: the message names the file
-            return i, None, None, 1.0, str(e)
-        copy, f = detection_copy(image, self.max_side)
-        return i, image, copy, f, None
-
-
-def _as_list(items: list) -> list:
-    return items
-
-
-def _iterate_images(paths: Sequence[str], max_side: int, batch_size: int, workers: int) -> Iterator[list]:
-    reader = _ImageReader(paths, max_side)
-    loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_as_list, prefetch_factor=4 if workers else None,
-                                         persistent_workers=False)
-    yield from loader
 
 
 def cache_key(manifest: Manifest, settings: AlignmentSettings, root: str | Path | None = None) -> str:
@@ -613,8 +584,9 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
                    progress: bool = False, checkpoint_every: int = 1024) -> Path:
     """Align every image of a manifest into a cache folder; return that folder (reused if present).
 
-    ``workers`` decode images in other processes; on a small CPU machine in-process decoding
-    (0) is faster, since MTCNN already uses the cores. With a GPU, workers keep it fed.
+    ``workers`` threads decode images ahead of detection (0: each batch is decoded when its turn
+    comes); at most 64 MP of them are held at once, so huge photos cannot exhaust memory. With a
+    GPU, a few workers keep it fed.
 
     Rows whose image is missing or cannot be decoded are left out and listed in the report; an
     image without a detectable face gets the centre crop, flagged ``no_face``.
@@ -766,7 +738,11 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         if progress:
             print(f"  resuming: {resumed}/{n} images aligned before", flush=True)
     detector = None if centred or not len(todo) else detector or FaceDetector(settings, device)
-    paths = [manifest.resolve(int(i), root) for i in todo]
+    # The decoder prediction uses (allowlist, pixel limit), in threads, ahead of detection and
+    # bounded in pixels as well as in count: a folder of 50 MP photos holds a few at a time.
+    images = [Source(manifest.resolve(int(i), root), "image", key=int(i)) for i in todo]
+    prepare = None if centred else partial(detection_copy, max_side=settings.detect_max_side)
+    decoded = frames(images, workers=workers, prepare=prepare, ahead=2 * settings.batch_size)
     start = time.perf_counter()
     count = 0
     chunk: dict[str, list] = {"indices": [], "unreadable": []}  # done since the last journal line
@@ -783,36 +759,40 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         for v in chunk.values():
             v.clear()
 
-    for items in _iterate_images(paths, settings.detect_max_side, settings.batch_size, workers):
-        items = [(int(todo[j]), image, copy, f, err) for j, image, copy, f, err in items]
-        good = [it for it in items if it[1] is not None]
-        for i, _, _, _, err in items:
-            if err is not None:
-                bad = {"line": int(manifest.lines[i]), "image": manifest.images[i], "error": err}
+    for items in batches(decoded, settings.batch_size):
+        good = [f for f in items if f.pixels is not None]
+        for f in items:
+            if f.error is not None:
+                i = f.source.key
+                bad = {"line": int(manifest.lines[i]), "image": manifest.images[i], "error": str(f.error)}
                 unreadable.append(bad)
                 chunk["unreadable"].append(bad)
-        groups: dict[tuple, list] = {}
-        for it in good:
-            groups.setdefault(it[2].shape, []).append(it)
+        groups: dict[tuple, list[Frame]] = {}
+        for f in good:
+            groups.setdefault(f.copy[0].shape if f.copy else (), []).append(f)
         if centred:
-            for i, image, _, _, _ in good:
-                crops[i] = centre_crop(image, size)
+            for f in good:
+                i = f.source.key
+                crops[i] = centre_crop(f.pixels, size)
                 records[i] = {"line": int(manifest.lines[i]), "image": manifest.images[i], "status": CENTRE}
             groups = {}
         for group in groups.values():
-            dets = detector.detect_copies([it[2] for it in group], [it[3] for it in group])
-            for (i, image, _, _, _), det in zip(group, dets):
+            dets = detector.detect_copies([f.copy[0] for f in group], [f.copy[1] for f in group])
+            for f, det in zip(group, dets):
+                i = f.source.key
                 rec = {"line": int(manifest.lines[i]), "image": manifest.images[i], "faces": len(det)}
                 if len(det):
                     j = det.pick(settings.selection)
-                    crops[i] = warp_face(image, det.landmarks[j], settings)
+                    crops[i] = warp_face(f.pixels, det.landmarks[j], settings)
                     rec.update(status=FACE, box=det.boxes[j].round(1).tolist(),
                                landmarks=det.landmarks[j].round(1).tolist(), score=round(float(det.scores[j]), 4))
                 else:
-                    crops[i] = centre_crop(image, size)
+                    crops[i] = centre_crop(f.pixels, size)
                     rec.update(status=NO_FACE)
                 records[i] = rec
-        chunk["indices"] += [i for i, *_ in items]
+        chunk["indices"] += [f.source.key for f in items]
+        for f in good:  # released before the next batch is decoded
+            f.pixels = f.copy = None
         if len(chunk["indices"]) >= checkpoint_every:
             commit()
         count += len(items)

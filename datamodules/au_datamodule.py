@@ -66,7 +66,7 @@ class AUDataModule(L.LightningDataModule):
         synth: SynthAU's size and seed.
         cache_dir: where aligned crops are cached.
         alignment: face detection and crop settings.
-        align_workers: image decoding processes while aligning (0: in the main process).
+        align_workers: image decoding threads while aligning (0: decode in turn with detection).
         download_dir: where the images of manifests that hold URLs (EmotioNet) are downloaded;
             their rows then read local paths, and rows whose image failed are dropped (counted).
         download: the downloader's concurrency, timeouts, retries and size limits.

@@ -165,7 +165,7 @@ class PretrainDataModule(L.LightningDataModule):
             neither ``manifest`` nor ``image_folder`` is given.
         cache_dir: where aligned crops (and derived manifests) are cached.
         alignment: face detection and crop settings (as for the AU data).
-        align_workers: image decoding processes while aligning.
+        align_workers: image decoding threads while aligning (0: decode in turn with detection).
         batch_size, num_workers: per process.
         seed: seed of the split.
         augment: flip and jitter training images.

@@ -183,19 +183,30 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
            prepare: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None, ahead: int = 16,
            budget: int = BATCH_PIXELS) -> Iterator[Frame]:
     """Every frame of the sources, in order; image files and bytes decoded ahead in ``workers``
-    threads (with ``prepare``, e.g. the detection copy, made there too) while the caller works.
+    threads (with ``prepare``, e.g. the detection copy, made there too) while the caller works
+    (``workers=0``: decoded in the caller's thread, when asked for).
 
     At most ``ahead`` images, and at most ``budget`` pixels, are decoded ahead: each image's
     size is read from its header before it is queued, so the bound holds before any pixel is
     decoded (one image larger than the budget goes through alone). Videos stream frame by frame.
     """
-    pool = ThreadPoolExecutor(max(1, workers))
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
     pending: deque[tuple[Source, Future | InputError, int]] = deque()  # in order, with their pixels
     held = 0
 
     def decode(src: Source) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
         pixels = read_image(src.data if src.data is not None else src.path, max_pixels, name=src.path)
         return pixels, prepare(pixels) if prepare is not None else None
+
+    def submit(src: Source) -> Future:
+        if pool is not None:
+            return pool.submit(decode, src)
+        done: Future = Future()
+        try:
+            done.set_result(decode(src))
+        except InputError as e:
+            done.set_exception(e)
+        return done
 
     def drain(count: int, room: int = 0) -> Iterator[Frame]:
         nonlocal held
@@ -228,11 +239,12 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
                     pending.append((src, e, 0))
                     continue
                 yield from drain(ahead - 1, size)
-                pending.append((src, pool.submit(decode, src), size))
+                pending.append((src, submit(src), size))
                 held += size
         yield from drain(0)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def batches(frames: Iterable[Frame], size: int, pixels: int = BATCH_PIXELS) -> Iterator[list[Frame]]:
