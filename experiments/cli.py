@@ -43,7 +43,7 @@ from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
 
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
 from datamodules.au_datamodule import AUDataModule
-from datamodules.download import DownloadSettings, download_manifests
+from datamodules.download import DownloadInterrupted, DownloadSettings, download_manifests
 from datamodules.manifest import EMOTIONET_AUS, ManifestError, read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from experiments.predict import predict
@@ -98,18 +98,28 @@ def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str |
 
 
 def download(manifest: list[str], out: str = "data/emotionet", settings: DownloadSettings = DownloadSettings(),
-             aus: Sequence[int] = EMOTIONET_AUS, has_header: bool = True, progress: bool = True) -> None:
+             aus: Sequence[int] = EMOTIONET_AUS, has_header: bool = True, progress: bool = True,
+             retry_failed: bool = False) -> None:
     """Download the images of manifests that reference URLs (EmotioNet), resumably.
 
     Args:
         manifest: manifests whose image column holds http(s) URLs.
         out: folder for images/, the <name>.local.tsv manifests and download_report.json.
-        settings: concurrency, timeouts, retries and size limits.
+        settings: concurrency, the deadline of each file's whole transfer (settings.timeout, retries
+            included), retries and size limits.
         aus: AU columns of the manifests.
         has_header: False for EmotioNet's raw header-less files.
         progress: show a progress bar.
+        retry_failed: request again the URLs whose failure the previous download_report.json lists
+            as permanent (HTTP 404, not an image, too large...); by default they are not asked again.
     """
-    report = download_manifests(manifest, out, settings, aus=aus, progress=progress, has_header=has_header)
+    try:
+        report = download_manifests(manifest, out, settings, aus=aus, progress=progress, has_header=has_header,
+                                    retry_failed=retry_failed)
+    except DownloadInterrupted as e:  # Ctrl-C: say what was saved, exit as an interrupted command does
+        if e.report is not None:
+            print(e.report.summary())
+        raise SystemExit(130) from None
     print(report.summary())
     for source, local in report.local_manifests.items():
         print(f"  {source} -> {local or 'no row left'}")
