@@ -6,17 +6,29 @@ On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
 - whenever the monitored validation score improves: ``thresholds.json`` (the fitted per-AU
   thresholds and the epoch), ``au_report.csv``/``.md`` (per-AU support, thresholds, F1 and
   accuracy at 0.5 and at the fitted thresholds) and the PR curves per AU;
-- at fit end: the best checkpoint and the best model as an MLflow pyfunc model that takes
+- at fit end: the best checkpoint, the best model as an MLflow pyfunc model that takes
   images and does detection and alignment itself (``runs:/<run id>/model``, see
-  :mod:`lightning_modules.pyfunc`); ``au-detect predict --model runs:/<run id>/model`` uses it too.
+  :mod:`lightning_modules.pyfunc`; ``au-detect predict --model runs:/<run id>/model`` uses it
+  too) and, last, ``best.json``.
 The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes the same run.
+
+Crash consistency: the files of the best validation are rendered once into a record (their
+contents) that every checkpoint keeps with the best score and epoch. The files are written before
+the epoch's checkpoint (ModelCheckpoint always runs last), so a kill in between leaves them
+describing an epoch that the checkpoints do not know; a resumed fit therefore writes them again
+from the best checkpoint's record, and so does the end of fit, before the model is logged from the
+same checkpoint. ``best.json`` comes after the model: once it is there the run's artifacts are
+complete. A run killed at the end of fit resumes from its last checkpoint, where training is over,
+so only the end of fit runs again.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +105,8 @@ class MLflowArtifacts(L.Callback):
     """Plots, thresholds, reports, the best checkpoint and the model, on the MLflow run.
 
     Args:
-        monitor: validation metric that decides the best epoch (higher is better).
+        monitor: validation metric that decides the best epoch (higher is better); ModelCheckpoint's
+            monitor, since the artifacts and the model are those of its best checkpoint.
         log_model: log the best model at the end of fit as an MLflow pyfunc model that takes
             images (:mod:`lightning_modules.pyfunc`; ``runs:/<run id>/model``).
         registered_model_name: also register it under this name (the CLI sets it from
@@ -109,6 +122,24 @@ class MLflowArtifacts(L.Callback):
         self.sample_grid = sample_grid
         self.best: float | None = None
         self.best_epoch: int | None = None
+        # The best validation's artifacts as file contents ({"epoch", "step", "score", "files"}),
+        # kept in checkpoints: a resume writes exactly these again.
+        self.record: dict | None = None
+        self._restored = False  # state came from a checkpoint: the run's files are repaired at train start
+        self._written: tuple[int, int] | None = None  # (epoch, step) of the record this process wrote
+
+    @property
+    def state_key(self) -> str:
+        # The monitor only: log_model, sample_grid or the registered name may change on resume.
+        return self._generate_state_key(monitor=self.monitor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "record": self.record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
+        self.record = state_dict.get("record")
+        self._restored = True
 
     # -- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -130,6 +161,59 @@ class MLflowArtifacts(L.Callback):
         client, run_id = self._client(trainer)
         if client is not None:
             client.log_text(run_id, text, name)
+
+    def _write(self, trainer: L.Trainer, record: dict | None) -> None:
+        """A record's files, in one upload."""
+        client, run_id = self._client(trainer)
+        if client is None or record is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in record["files"].items():
+                path = Path(tmp, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(content)
+            client.log_artifacts(run_id, tmp)
+        self._written = (record["epoch"], record["step"])
+
+    @staticmethod
+    def _best_checkpoint(trainer: L.Trainer) -> tuple[str | None, dict | None]:
+        """ModelCheckpoint's best file and its content (None, None without one)."""
+        path = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        return (path, load_checkpoint(path)) if path and Path(path).is_file() else (None, None)
+
+    def _record_of(self, path: str | None, ckpt: dict | None) -> dict | None:
+        """The record a checkpoint keeps of its own epoch: the source of truth for the run's files.
+        Without one, this process's record (warned about when there is a checkpoint)."""
+        if ckpt is None:
+            return self.record
+        record = (ckpt.get("callbacks", {}).get(self.state_key) or {}).get("record")
+        if record is not None and (record["epoch"], record["step"]) == (ckpt.get("epoch"), ckpt.get("global_step")):
+            return record
+        log.warning("MLflowArtifacts: the best checkpoint %s keeps no artifacts of its epoch %s for %r (an older "
+                    "checkpoint, or checkpoint.monitor is not mlflow_artifacts.monitor): thresholds.json and "
+                    "au_report describe epoch %s", path, ckpt.get("epoch"), self.monitor, self.best_epoch)
+        return self.record
+
+    def _render(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> dict:
+        """This validation's files, as contents; thresholds and scores from the soft-threshold callback."""
+        soft = next((c for c in trainer.callbacks if hasattr(c, "last_predictions")), None)
+        thresholds = pl_module.thresholds.detach().cpu().numpy()
+        epoch = trainer.current_epoch
+        payload = {"epoch": epoch, "step": trainer.global_step, self.monitor: value,
+                   "criterion": getattr(soft, "criterion", None),
+                   "thresholds": {au_column_name(a): float(t) for a, t in zip(pl_module.aus, thresholds)}}
+        files: dict[str, str | bytes] = {"thresholds.json": json.dumps(payload, indent=1)}
+        if soft is not None and getattr(soft, "last_scores", None) is not None:
+            rows = au_report(pl_module.aus, soft.last_scores_default, soft.last_scores, thresholds)
+            files["au_report.csv"] = _csv(rows)
+            files["au_report.md"] = f"Validation, epoch {epoch}\n\n" + _markdown(rows)
+            probs, labels, mask, _ = soft.last_predictions
+            files["plots/pr_curves.png"] = _png(pr_curves_figure(pl_module.aus, np.asarray(probs), np.asarray(labels),
+                                                                 np.asarray(mask), thresholds))
+        return {"epoch": epoch, "step": trainer.global_step, "score": value, "files": files}
 
     # -- hooks --------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -166,22 +250,18 @@ class MLflowArtifacts(L.Callback):
         if value is None:
             return
         value = float(value)
-        if self.best is not None and not value > self.best:
+        if self.best is not None and not value > self.best:  # strictly better, as ModelCheckpoint decides
             return
         self.best, self.best_epoch = value, trainer.current_epoch
-        soft = next((c for c in trainer.callbacks if hasattr(c, "last_predictions")), None)
-        thresholds = pl_module.thresholds.detach().cpu().numpy()
-        payload = {"epoch": trainer.current_epoch, "step": trainer.global_step, self.monitor: value,
-                   "criterion": getattr(soft, "criterion", None),
-                   "thresholds": {au_column_name(a): float(t) for a, t in zip(pl_module.aus, thresholds)}}
-        self._text(trainer, json.dumps(payload, indent=1), "thresholds.json")
-        if soft is not None and getattr(soft, "last_scores", None) is not None:
-            rows = au_report(pl_module.aus, soft.last_scores_default, soft.last_scores, thresholds)
-            self._text(trainer, _csv(rows), "au_report.csv")
-            self._text(trainer, f"Validation, epoch {trainer.current_epoch}\n\n" + _markdown(rows), "au_report.md")
-            probs, labels, mask, _ = soft.last_predictions
-            self._figure(trainer, pr_curves_figure(pl_module.aus, np.asarray(probs), np.asarray(labels),
-                                                   np.asarray(mask), thresholds), "plots/pr_curves.png")
+        self.record = self._render(trainer, pl_module, value)
+        self._write(trainer, self.record)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a resume: the killed process may have written the files of a validation whose
+        # checkpoint it never saved (or only part of them); the best checkpoint says which is right.
+        if self._restored:
+            self._restored = False
+            self._write(trainer, self._record_of(*self._best_checkpoint(trainer)))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         logger = mlflow_logger(trainer)
@@ -192,26 +272,57 @@ class MLflowArtifacts(L.Callback):
         client, run_id = self._client(trainer)
         if client is None:
             return
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        if best and Path(best).is_file():
+        best, ckpt = self._best_checkpoint(trainer)
+        record = self._record_of(best, ckpt)
+        if record is not None and self._written != (record["epoch"], record["step"]):
+            self._write(trainer, record)  # the files must describe the checkpoint the model comes from
+        if best:
             client.log_artifact(run_id, best, "checkpoints")
+        model_uri = None
         aligned = getattr(getattr(trainer.datamodule, "alignment", None), "method", None) == "mtcnn"
         if self.log_model and aligned:  # a model that detects and aligns needs MTCNN-aligned training
             # The best epoch's weights (not the last ones), on the CPU: the trained module stays as it is.
-            if best and Path(best).is_file():
-                state = {k[len("net."):]: v for k, v in load_checkpoint(best)["state_dict"].items()
-                         if k.startswith("net.")}
+            if ckpt is not None:
+                state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
             else:
                 state = {k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()}
-            _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, state, pl_module, trainer,
-                              self.registered_model_name)
-        summary = {"best_epoch": self.best_epoch, self.monitor: self.best, "best_checkpoint": best or None}
+            info = _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, state, pl_module, trainer,
+                                     self.registered_model_name)
+            _delete_other_models(client, run_id, keep=info.model_id)
+            model_uri = f"runs:/{run_id}/model"
+        # Last: with best.json there, the run's artifacts are complete.
+        summary = {"best_epoch": record["epoch"] if record else self.best_epoch,
+                   self.monitor: record["score"] if record else self.best, "best_checkpoint": best, "model": model_uri}
         self._text(trainer, json.dumps(summary, indent=1), "best.json")
 
 
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _delete_other_models(client, run_id: str, keep: str, name: str = "model") -> None:
+    """Delete the models an earlier, killed attempt at logging left on this run (``runs:/<id>/model``
+    resolves to the newest, but a half-logged one is no model to keep)."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    token = None
+    while True:
+        page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
+        for model in page:
+            if model.source_run_id == run_id and model.model_id != keep:
+                client.delete_logged_model(model.model_id)
+        token = page.token
+        if not token:
+            return
+
+
 def _log_pyfunc_model(tracking_uri: str, run_id: str, state: dict, pl_module: L.LightningModule,
-                      trainer: L.Trainer, registered_model_name: str | None) -> None:
-    """Log the image-in pyfunc model (detection and alignment inside) on the logger's run."""
+                      trainer: L.Trainer, registered_model_name: str | None):
+    """Log the image-in pyfunc model (detection and alignment inside) on the logger's run; MLflow's ModelInfo."""
     import mlflow
 
     from lightning_modules.predictor import AUPredictor, build_net
@@ -230,6 +341,6 @@ def _log_pyfunc_model(tracking_uri: str, run_id: str, state: dict, pl_module: L.
     mlflow.set_tracking_uri(tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            log_model(predictor, registered_model_name=registered_model_name)
+            return log_model(predictor, registered_model_name=registered_model_name)
     finally:
         mlflow.set_tracking_uri(previous)

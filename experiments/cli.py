@@ -30,6 +30,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.backbone_export import BackboneExport
 from callbacks.mlflow_artifacts import MLflowArtifacts, mlflow_logger, run_id_from_checkpoint
@@ -155,7 +156,8 @@ class TrackedCLI(LightningCLI):
     Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets ``trainer.logger``
     itself. Lightning's SaveConfigCallback is replaced by logging the resolved config to the
     MLflow run (params and ``config.yaml``), which works for any tracking URI. A checkpoint
-    written by a tracked run carries its run id, so ``--ckpt_path`` continues that run.
+    written by a tracked run carries its run id, so ``--ckpt_path`` continues that run;
+    ``fit --ckpt_path last`` continues the newest interrupted run of the experiment.
     """
 
     summary_metrics: tuple[str, ...] = ()
@@ -176,9 +178,55 @@ class TrackedCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         command = self.config.get("subcommand")
-        ckpt = (self.config[command] if command else self.config).get("ckpt_path")
+        config = self.config[command] if command else self.config
+        if command == "fit" and config.get("ckpt_path") == "last" and config.trainer.get("logger") is None:
+            config.ckpt_path = self.last_interrupted_checkpoint(config)
+        ckpt = config.get("ckpt_path")
         if ckpt and Path(ckpt).is_file():
             self.checkpoint_run = run_id_from_checkpoint(ckpt)
+
+    @staticmethod
+    def last_interrupted_checkpoint(config) -> str | None:
+        """``fit --ckpt_path last``: the newest ``last.ckpt`` of a run of this experiment that did not finish.
+
+        Lightning would look in ModelCheckpoint's folder, which is named after the MLflow run, so a new
+        command never finds one. Here the folders of all the experiment's runs are searched
+        (``<save dir>/<experiment id>/<run id>/checkpoints``, or ``checkpoint.dirpath`` when set), and
+        a checkpoint counts when its run exists and is not FINISHED (killed, failed, or never marked).
+        Says which file it took, or that there is none and a new run starts.
+        """
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        tracking = TrackingSettings.read(config.mlflow)
+        root = Path(tracking.logger().save_dir or config.trainer.get("default_root_dir") or ".")
+        client = MlflowClient(tracking.tracking_uri)
+        experiment = client.get_experiment_by_name(tracking.experiment_name)
+        found: list[tuple[float, Path, str]] = []
+        if experiment is not None:
+            folders = list(root.glob(f"{experiment.experiment_id}/*/checkpoints"))
+            dirpath = (config.get("checkpoint") or {}).get("dirpath")
+            folders += [Path(dirpath)] if dirpath else []
+            for path in (p for folder in folders for p in folder.glob("last*.ckpt")):
+                try:
+                    run_id = run_id_from_checkpoint(path)
+                    run = client.get_run(run_id) if run_id else None
+                except (CheckpointError, MlflowException) as e:  # a damaged file, a run deleted for good
+                    logging.getLogger(__name__).warning("--ckpt_path last: skipping %s (%s)", path, e)
+                    continue
+                if (run is not None and run.info.experiment_id == experiment.experiment_id
+                        and run.info.lifecycle_stage == "active" and run.info.status != "FINISHED"):
+                    found.append((path.stat().st_mtime, path, run_id))
+        if found:
+            _, path, run_id = max(found)
+            message = f"--ckpt_path last: resuming MLflow run {run_id} from {path}"
+        else:
+            path = None
+            message = (f"--ckpt_path last: no interrupted run of experiment '{tracking.experiment_name}' "
+                       f"under {root}; starting a new run")
+        if rank_zero_only.rank == 0:  # DDP's other ranks resolve it too
+            print(message)
+        return None if path is None else str(path)
 
     def fit(self, **kwargs) -> None:
         self.trainer.fit(weights_only=True, **kwargs)
