@@ -1,7 +1,7 @@
 """Alignment throughput: the project's batched, downscaled MTCNN pipeline against the plain loop.
 
 Baseline: facenet-pytorch's per-image ``MTCNN.detect`` on each full-size scene (decode included),
-as a user would write it. Ours: ``align_manifest`` end to end (decode in a worker, detect on a
+as a user would write it. Ours: ``align_manifest`` end to end (decode in turn or in a thread ahead, detect on a
 downscaled copy in batches, warp, write the cache). Both run on the same SynthAU scenes in the
 same process, alternating, and the table gives medians over the repeats and the ratio.
 Detection rate counts a scene when the chosen face overlaps the labelled face's true box.
@@ -72,7 +72,7 @@ def main() -> None:
             "MTCNN.detect per image, full size (baseline)": lambda: baseline(paths, truth),
             "align_manifest, defaults (320 copy, min face 24, batch 32)": lambda: ours(
                 manifest, truth, AlignmentSettings(), 0),
-            "  same, with 1 decode worker process": lambda: ours(manifest, truth, AlignmentSettings(), 1),
+            "  same, with 1 decoding thread ahead": lambda: ours(manifest, truth, AlignmentSettings(), 1),
             "  same, min face 20 (MTCNN's default) on the 320 copy": lambda: ours(
                 manifest, truth, AlignmentSettings(min_face_size=20), 0),
             "  same, no downscaling (640), min face 20": lambda: ours(
