@@ -35,6 +35,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
 from datamodules.manifest import au_column_name
@@ -244,7 +245,9 @@ class MLflowArtifacts(L.Callback):
                 self._text(trainer, json.dumps(summary, indent=1), f"data/alignment_{stage}.json")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self._client(trainer)[0] is None:
+        # Only a fit chooses the best epoch: `au-detect validate` on a checkpoint continues the
+        # training run and must not rewrite what describes that run's best model.
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self._client(trainer)[0] is None:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +24,16 @@ def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
     facts = check_run(uri, "au-detect-test")
     # Test with the fitted thresholds stored in the checkpoint, into the same run.
     ckpt = facts["client"].download_artifacts(facts["run_id"], "checkpoints")
-    (path,) = list(__import__("pathlib").Path(ckpt).glob("*.ckpt"))
+    (path,) = list(Path(ckpt).glob("*.ckpt"))
     main(["test", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs"), "--ckpt_path", str(path)])
     run = facts["client"].get_run(facts["run_id"])
     assert {"test/f1", "test/f1_default", "test/score", "test/f1/AU12"} <= set(run.data.metrics)
+    # Validating a checkpoint continues its run but leaves the fit's best-epoch files as they were.
+    before = Path(facts["client"].download_artifacts(facts["run_id"], "thresholds.json", str(tmp_path / "a"))).read_text()
+    main(["validate", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs"), "--ckpt_path", str(path),
+          "--soft_threshold.criterion", "score"])
+    after = Path(facts["client"].download_artifacts(facts["run_id"], "thresholds.json", str(tmp_path / "b"))).read_text()
+    assert after == before
 
 
 def _free_port() -> int:
