@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest  # noqa: E402
 from datamodules.manifest import read_manifest  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
-from experiments.cli import AUDetectCLI  # noqa: E402
+from experiments.lightning_cli import AUDetectCLI  # noqa: E402
 from lightning_modules.au_detector import AUNet  # noqa: E402
 from lightning_modules.losses import SelectiveLearningLoss  # noqa: E402
 

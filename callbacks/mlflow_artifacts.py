@@ -289,7 +289,7 @@ class MLflowArtifacts(L.Callback):
                 state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
             else:
                 state = {k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()}
-            info = _log_pyfunc_model(mlflow_logger(trainer)._tracking_uri, run_id, state, pl_module, trainer,
+            info = _log_pyfunc_model(client.tracking_uri, run_id, state, pl_module, trainer,
                                      self.registered_model_name)
             _delete_other_models(client, run_id, keep=info.model_id)
             model_uri = f"runs:/{run_id}/model"
@@ -337,9 +337,7 @@ def _log_pyfunc_model(tracking_uri: str, run_id: str, state: dict, pl_module: L.
             "aux_heads": bool(hp.aux_heads)}
     net = build_net(spec)
     net.load_state_dict(state)
-    normalize = getattr(data, "_normalize", None)
-    predictor = AUPredictor(net, data.alignment, spec, *((normalize.mean, normalize.std) if normalize else ()),
-                            device="cpu")
+    predictor = AUPredictor(net, data.alignment, spec, data.normalize.mean, data.normalize.std, device="cpu")
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:

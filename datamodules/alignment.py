@@ -29,12 +29,13 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import torch
 
+from datamodules import files
 from datamodules.manifest import Manifest
 from datamodules.mtcnn_cascade import detect_batch
 from datamodules.sources import Frame, Source, batches, frames
@@ -411,10 +412,8 @@ def _describe_chunks(bad: Sequence[int], chunk: int, n: int) -> str:
 
 def _mark_damaged(folder: Path, problem: str) -> bool:
     """Leave a note that the next align_manifest reads as "align again"; False if it cannot."""
-    tmp = folder / f".{DAMAGED}.{os.getpid()}"
     try:
-        tmp.write_text(problem + "\n")
-        os.replace(tmp, folder / DAMAGED)
+        files.write_text(folder / DAMAGED, problem + "\n")
     except OSError:  # a read-only cache: the message says to delete it instead
         return False
     return True
@@ -823,7 +822,7 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
     np.savez(out / "samples.npz", labels=manifest.labels[kept], mask=manifest.mask[kept],
              face_found=found[kept], lines=manifest.lines[kept])
     for file in ("crops.npy", "samples.npz"):  # on the disk before a report vouches for them
-        _fsync(out / file)
+        files.sync(out / file)
     final_crops = np.load(out / "crops.npy", mmap_mode="r")
     chunk = max(1, CHECKSUM_CHUNK_BYTES // (size * size * 3))
     samples = [records[i] for i in kept]
@@ -855,25 +854,8 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
     aligned_sheet(AlignedSplit(out, final_crops, manifest.labels[kept], manifest.mask[kept], found[kept],
                                manifest.lines[kept], report), out / "aligned_sheet.png")
     (out / JOURNAL).unlink()
-    _write_durably(out / "report.json", json.dumps(report, indent=1))  # last: marks the cache complete
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Write whole or not at all: a kill mid-write must not leave a torn report that marks a cache complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # Last, and whole: a torn report must not mark a cache complete.
+    files.write_text(out / "report.json", json.dumps(report, indent=1))
 
 
 def summarize(report: dict) -> str:

@@ -73,6 +73,9 @@ class AUDataModule(L.LightningDataModule):
         batch_size: per process (DDP multiplies it by the number of processes).
         num_workers: loader processes per training process.
         balanced_sampling: draw training samples with :class:`MultilabelBalancedSampler`.
+        shard_sampler: the sampler takes this rank's share of each draw itself: for a Trainer
+            with ``use_distributed_sampler=False`` (the CLI sets it from that option). Lightning
+            otherwise shards any sampler itself, and sharding twice would drop samples.
         sampling_power: exponent of the inverse AU frequency in the sampling weights.
         num_samples: samples drawn per epoch when balancing (default: the training set size).
         augment: flip (with left/right AU swap) and jitter training images.
@@ -100,6 +103,7 @@ class AUDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         balanced_sampling: bool = False,
+        shard_sampler: bool = False,
         sampling_power: float = 1.0,
         num_samples: int | None = None,
         augment: bool = True,
@@ -131,7 +135,7 @@ class AUDataModule(L.LightningDataModule):
         self.manifest_paths["predict"] = predict_manifest or self.manifest_paths["test"]
         self.splits: dict[str, AlignedSplit] = {}
         self.reports: dict[str, dict] = {}
-        self._normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std)
         self._url_manifests: dict[str, bool] = {}
 
     # -- preparation ------------------------------------------------------------------------
@@ -197,12 +201,8 @@ class AUDataModule(L.LightningDataModule):
         split = self.splits["train"]
         shard = {}
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            # Lightning shards any sampler itself unless told not to (use_distributed_sampler=False);
-            # only then must the sampler take its own share.
-            connector = getattr(trainer, "_accelerator_connector", None)
-            if not getattr(connector, "use_distributed_sampler", True):
-                shard = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+        if self.hparams.shard_sampler and trainer is not None and trainer.world_size > 1:
+            shard = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
         return MultilabelBalancedSampler(split.labels, split.mask, num_samples=self.hparams.num_samples,
                                          seed=self.hparams.seed, power=self.hparams.sampling_power, **shard)
 
@@ -227,7 +227,7 @@ class AUDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """uint8 -> normalised float on the device, where it is cheap."""
-        batch["image"] = self._normalize(batch["image"])
+        batch["image"] = self.normalize(batch["image"])
         return batch
 
     # -- facts other parts use ---------------------------------------------------------------

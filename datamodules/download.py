@@ -17,7 +17,7 @@ module downloads what can be downloaded and says exactly what could not:
   are retried with exponential backoff while the deadline allows; permanent ones (other HTTP
   4xx, unsupported schemes, too large, not an image...) are not. The permanent ones are also
   remembered: they are listed in ``download_report.json`` and the next run does not request
-  those URLs again (``retry_failed=True``, ``au-detect download --retry_failed true``, asks again).
+  those URLs again (``retry_failed=True``, ``au-detect download --retry_failed``, asks again).
 * A file counts as downloaded only once it is complete and verified: size limits on the declared
   ``Content-Length`` and on the bytes actually streamed, the body compared with the declared
   length, content sniffed (an HTML page served as ``image/jpeg`` is not an image), then the
@@ -61,10 +61,8 @@ or ``au-detect download --manifest emotionet/train.tsv --out data/emotionet``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import http.client
-import io
 import json
 import logging
 import os
@@ -93,14 +91,14 @@ from urllib3.exceptions import (
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
-    ProtocolError,
     ResponseError,
 )
 from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from .images import TOO_LARGE, InputError, verify_image
-from .manifest import EMOTIONET_AUS, _delimiter, _rows, read_manifest
+from . import files
+from .manifest import EMOTIONET_AUS, read_manifest, read_rows, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +238,7 @@ class DownloadReport:
             lines.append(f"failed by reason: {reasons}")
         if self.remembered:
             lines.append(f"{self.remembered} permanent failures remembered from the previous report, not requested "
-                         "again (--retry_failed true asks again)")
+                         "again (--retry_failed asks again)")
         if self.unfinished:
             lines.append(f"interrupted: {self.unfinished} images not finished, no local manifest written; "
                          "run again to resume")
@@ -255,7 +253,7 @@ class DownloadReport:
     def to_json(self, path: str | os.PathLike) -> None:
         data = asdict(self)
         data["failures"] = [{**f, "rows": [list(r) for r in f["rows"]]} for f in self.failures]
-        _write_atomic(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+        files.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class DownloadInterrupted(KeyboardInterrupt):
@@ -843,7 +841,7 @@ def remembered_failures(report: str | os.PathLike) -> dict[str, DownloadResult]:
         url, reason = (f.get("url"), f.get("reason")) if isinstance(f, dict) else (None, None)
         if isinstance(url, str) and isinstance(reason, str) and is_permanent(reason):
             first = str(f.get("detail", "")).partition(_REMEMBERED)[0]  # not a note on a note
-            note = f"{_REMEMBERED}{report}, not requested again; --retry_failed true (retry_failed=True) asks again]"
+            note = f"{_REMEMBERED}{report}, not requested again; --retry_failed (retry_failed=True) asks again]"
             remembered[url] = DownloadResult(url, "failed", reason=reason, detail=first + note, remembered=True)
     return remembered
 
@@ -931,19 +929,6 @@ def download_images(
     log.info("%d URLs in %.1f s: %d downloaded, %d present, %d failed (%d remembered)", len(unique),
              time.perf_counter() - start, counts["downloaded"], counts["present"], counts["failed"], len(remembered))
     return {u: results[u] for u in unique}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def local_manifest_path(manifest: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -1041,10 +1026,9 @@ def _write_local_manifest(
 ) -> tuple[int, int, Counter]:
     """Copy ``path`` row by row into ``dest`` (TSV) with local image paths; drop unavailable rows."""
     wanted = dict(zip(lines, images))
-    rows = _rows(path, _delimiter(path))
+    rows = read_rows(path)
+    header = next(rows)[1] if has_header else None
     out_rows: list[list[str]] = []
-    if has_header:
-        out_rows.append(next(rows)[1])
     kept, dropped, why = 0, 0, Counter()
     for line, row in rows:
         ref = wanted.get(line)
@@ -1062,9 +1046,7 @@ def _write_local_manifest(
     if kept != len(images) - dropped:
         raise RuntimeError(f"{path}: re-reading found {kept + dropped} rows, read_manifest found {len(images)}")
     if kept:
-        buf = io.StringIO()
-        csv.writer(buf, delimiter="\t", lineterminator="\n").writerows(out_rows)
-        _write_atomic(dest, buf.getvalue())
+        write_manifest(dest, header, out_rows)
     elif dest.exists():
         dest.unlink()
     return kept, dropped, why

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from datamodules import files
 from datamodules.images import MISSING, InputError, verify_image
 
 EMOTIONET_AUS: tuple[int, ...] = (
@@ -154,6 +155,15 @@ def _delimiter(path: Path) -> str:
         return ","
     with open(path, encoding="utf-8-sig", newline="") as f:
         return "\t" if "\t" in f.readline() else ","
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
+    """The cells of every non-blank row of a manifest (header included) with its 1-based line, as
+    written: the delimiter follows the suffix (``.tsv``/``.txt`` tab, ``.csv`` comma), else a tab
+    on the first line. Raises ``ManifestError`` naming file and line for text that is not UTF-8,
+    holds NUL bytes or is not CSV."""
+    path = Path(path)
+    return _rows(path, _delimiter(path))
 
 
 def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
@@ -301,36 +311,22 @@ def read_columns(path: str | os.PathLike, columns: Sequence[str], image_column: 
     return out
 
 
-def write_manifest(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]],
+def write_manifest(path: str | os.PathLike, header: Sequence[str] | None, rows: Iterable[Sequence[object]],
                    only_if_changed: bool = False) -> Path:
-    """Write a manifest: tab-separated, header first (EmotioNet's own form). Written to a
-    temporary name and renamed, so a reader never sees half a file; with ``only_if_changed`` an
-    identical file is left untouched (its mtime, and so the alignment caches keyed on it, stay).
+    """Write a manifest: tab-separated, the header first (EmotioNet's own form; None for its
+    header-less raw files), whole or not at all (:func:`datamodules.files.write_text`); with
+    ``only_if_changed`` an identical file is left untouched, so the caches keyed on it stay valid.
 
     Raises ``ValueError`` for a cell holding a tab or a line break (it would shift the columns).
     """
-    path = Path(path)
     lines = []
-    for cells in [header, *rows]:
+    for cells in ([header] if header is not None else []) + list(rows):
         text = [str(c) for c in cells]
         bad = next((c for c in text if any(ch in c for ch in "\t\n\r")), None)
         if bad is not None:
             raise ValueError(f"{path}: a cell with a tab or line break cannot be written: {bad!r}")
         lines.append("\t".join(text) + "\n")
-    content = "".join(lines)
-    if only_if_changed and path.is_file() and path.read_text(encoding="utf-8") == content:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return files.write_text(path, "".join(lines), only_if_changed=only_if_changed)
 
 
 def read_manifest(

@@ -217,7 +217,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.datasets: dict[str, LabelledFaceDataset] = {}
         self.report: dict = {}
         self._num_classes: int | None = None
-        self._normalize = Normalize(mean, std)
+        self.normalize = Normalize(mean, std)
 
     # -- the source -------------------------------------------------------------------------
     def manifest(self) -> tuple[Manifest, str]:
@@ -370,5 +370,5 @@ class PretrainDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """uint8 -> normalised float on the device, where it is cheap."""
-        batch["image"] = self._normalize(batch["image"])
+        batch["image"] = self.normalize(batch["image"])
         return batch

@@ -24,9 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name
+from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name, write_manifest
 from datamodules.synthetic_face import FaceSpec, Identity, render_face, sample_identity
-from datamodules.synthetic_labels import EXPRESSIONS, sample_labels  # noqa: F401  (EXPRESSIONS: re-exported)
+from datamodules.synthetic_labels import sample_labels
 from datamodules.synthetic_scene import render_scene
 
 SYNTHAU_VERSION = 1
@@ -81,13 +81,10 @@ def _split_of(settings: SynthAUSettings) -> list[str]:
     return split
 
 
-def write_manifest(path: Path, rows: list[dict]) -> None:
-    """EmotioNet form: tab-separated, image first, then one column per AU, then the extras."""
+def _write_split(path: Path, rows: list[dict]) -> None:
+    """A split's manifest in EmotioNet form: image, one column per AU, then identity and expression."""
     header = ["image"] + [au_column_name(a) for a in EMOTIONET_AUS] + ["identity", "expression"]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(header) + "\n")
-        for r in rows:
-            f.write("\t".join([r["image"], *map(str, r["labels"]), str(r["identity"]), r["expression"]]) + "\n")
+    write_manifest(path, header, ([r["image"], *r["labels"], r["identity"], r["expression"]] for r in rows))
 
 
 def label_statistics(rows: list[dict]) -> dict:
@@ -185,7 +182,7 @@ def generate_synthau(root: str | Path, settings: SynthAUSettings = SynthAUSettin
         for r in rows:
             r["width"], r["height"] = settings.width, settings.height
         for split in SPLITS:
-            write_manifest(tmp / f"{split}.tsv", [r for r in rows if r["split"] == split])
+            _write_split(tmp / f"{split}.tsv", [r for r in rows if r["split"] == split])
         with open(tmp / "faces.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

@@ -42,256 +42,41 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_artifacts import mlflow_logger
 from datamodules.synthetic import SynthAUSettings, generate_synthau
+from experiments.ablation_report import bar_chart, markdown_table, orderings, table_csv
+from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, Row, row_metrics
+from experiments.ablation_store import Ablation
+from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 from experiments.tracking import TrackingSettings
 
-log = logging.getLogger(__name__)
+def with_overrides(config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config file's content with dotted keys set in it: what LightningCLI takes as ``args``.
 
-# Table 2 of the seed paper (EmotioNet 2020 validation): Acc, F1, Avg.
-PAPER_TABLE2 = {
-    "face": (0.921, 0.384, 0.652),
-    "emotion": (0.925, 0.429, 0.677),
-    "dual": (0.925, 0.494, 0.710),
-    "align": (0.927, 0.527, 0.727),
-    "balanced": (0.915, 0.552, 0.734),
-}
-METRICS = ("accuracy", "f1", "avg")  # as the paper reports them, at each row's own decision rule
-# F1 at the fitted thresholds whatever the row: how good the scores are, apart from the decision
-# rule (a short run without soft thresholds may decide almost nothing positive at 0.5).
-COLUMNS = METRICS + ("f1_fitted",)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of the ablation: what the AU model is trained with."""
-
-    key: str
-    label: str
-    branches: tuple[str, ...] = ("face", "emotion")
-    align: bool = True
-    sampling: bool = False
-    selective: bool = False
-    thresholds: bool = False
-    pretrained: bool = True
-    source: str | None = None  # evaluated from another row's model instead of trained
-
-    def overrides(self, weights: dict[str, str]) -> dict[str, Any]:
-        """What this row changes in the AU config."""
-        return {
-            "model.branches": list(self.branches),
-            "model.face_weights": weights.get("face") if self.pretrained and "face" in self.branches else None,
-            "model.emotion_weights": weights.get("emotion") if self.pretrained and "emotion" in self.branches else None,
-            "model.loss": "selective" if self.selective else "bce",
-            "data.balanced_sampling": self.sampling,
-            "data.alignment.method": "mtcnn" if self.align else "center",
-            # Without soft thresholds the run is judged, and its checkpoint chosen, at 0.5.
-            "checkpoint.monitor": "val/score_fitted" if self.thresholds else "val/score",
-        }
-
-
-ROWS = (
-    Row("face", "F_face", branches=("face",), align=False),
-    Row("emotion", "F_emotion", branches=("emotion",), align=False),
-    Row("dual", "F_face + F_emotion", align=False),
-    Row("align", "Align + F_face + F_emotion"),
-    Row("balanced", "Align + F_face + F_emotion + balancing", sampling=True, selective=True, thresholds=True),
-    Row("scratch", "Align + dual + balancing, no transfer (random branches)", sampling=True, selective=True,
-        thresholds=True, pretrained=False),
-    Row("sampling", "Align + dual + balanced sampling only", sampling=True),
-    Row("selective", "Align + dual + selective learning only", selective=True),
-    Row("thresholds", "Align + dual + soft thresholds only", thresholds=True, source="align"),
-    # The branch comparison again, aligned: without alignment a small face in a scene's centre
-    # crop may carry too little signal for any branch to show.
-    Row("face_align", "Align + F_face", branches=("face",)),
-    Row("emotion_align", "Align + F_emotion", branches=("emotion",)),
-)
-ROW_BY_KEY = {r.key: r for r in ROWS}
-# (claim, better row, worse row, metrics): the orderings the paper's Table 2 argues for.
-ORDERINGS = (
-    ("transfer over scratch", "balanced", "scratch", ("avg", "f1_fitted")),
-    ("dual over F_face", "dual", "face", ("avg", "f1_fitted")),
-    ("dual over F_emotion", "dual", "emotion", ("avg", "f1_fitted")),
-    ("dual over F_face, aligned", "align", "face_align", ("avg", "f1_fitted")),
-    ("dual over F_emotion, aligned", "align", "emotion_align", ("avg", "f1_fitted")),
-    ("aligned over unaligned", "align", "dual", ("avg", "f1_fitted")),
-    ("balancing raises mean F1", "balanced", "align", ("f1",)),
-)
-
-
-def cli_args(overrides: dict[str, Any]) -> list[str]:
-    """``{"model.branches": ["face"]}`` -> ``["--model.branches=[\"face\"]"]`` (values as JSON).
-
-    >>> cli_args({"trainer.max_epochs": 4, "model.face_weights": None, "data.alignment.method": "center"})
-    ['--trainer.max_epochs=4', '--model.face_weights=null', '--data.alignment.method=center']
+    >>> with_overrides("experiments/demo.yaml", {"trainer.max_epochs": 2, "model.scheduler.init_args.T_max": 2,
+    ...                                          "run_name": "a"})["model"]["scheduler"]["init_args"]["T_max"]
+    2
     """
-    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
-
-
-def row_metrics(metrics: dict[str, float], thresholds: bool) -> dict[str, float]:
-    """A row's Acc, F1 and Avg from its test metrics: at the fitted thresholds or at 0.5.
-
-    >>> row_metrics({"test/accuracy": 0.9, "test/f1": 0.5, "test/accuracy_default": 0.8, "test/f1_default": 0.4}, False)
-    {'accuracy': 0.8, 'f1': 0.4, 'avg': 0.6000000000000001}
-    """
-    suffix = "" if thresholds else "_default"
-    acc, f1 = float(metrics[f"test/accuracy{suffix}"]), float(metrics[f"test/f1{suffix}"])
-    return {"accuracy": acc, "f1": f1, "avg": (acc + f1) / 2}
-
-
-class Ablation:
-    """The runs of one ablation in one MLflow experiment (see the module's docstring)."""
-
-    def __init__(self, name: str, tracking: TrackingSettings, mlflow_config: str):
-        self.name, self.tracking, self.mlflow_config = name, tracking, mlflow_config
-        self.client = MlflowClient(tracking.tracking_uri)
-        experiment = self.client.get_experiment_by_name(tracking.experiment_name)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            tracking.experiment_name, artifact_location=tracking.artifact_location)
-
-    def _runs(self, role: str, extra: str = "") -> list:
-        query = f"tags.ablation = '{self.name}' and tags.`ablation.role` = '{role}'" + extra
-        return self.client.search_runs([self.experiment_id], query, max_results=5000)
-
-    def summary_run(self) -> str:
-        """The parent run of every run of this ablation (created once, found again on resume)."""
-        found = self._runs("summary")
-        if found:
-            return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"ablation {self.name}",
-                                     tags={**self.tracking.tags, "ablation": self.name, "ablation.role": "summary"})
-        return run.info.run_id
-
-    def tags(self, parent: str, role: str, **more: str) -> dict[str, str]:
-        return {"ablation": self.name, "ablation.role": role, "mlflow.parentRunId": parent, **more}
-
-    def finished(self, row: str, seed: int) -> str | None:
-        """The id of a finished, evaluated run of ``row`` at ``seed``, if there is one."""
-        for run in self._runs("row", f" and tags.`ablation.row` = '{row}' and tags.`ablation.seed` = '{seed}'"):
-            if run.info.status == RunStatus.to_string(RunStatus.FINISHED) and "ablation/f1" in run.data.metrics:
-                return run.info.run_id
-        return None
-
-    def pretraining(self) -> list[str]:
-        """One line per pretraining run of this ablation: its validation figures."""
-        lines = []
-        for run in self._runs("pretrain"):
-            m = run.data.metrics
-            figures = ", ".join(f"{k} {m[k]:.3f}" for k in sorted(m) if k.startswith("val/") and "loss" not in k)
-            lines.append(f"{run.data.tags.get('ablation.task')}: {figures}")
-        return sorted(lines)
-
-    def run_minutes(self) -> float:
-        """Training time the ablation's runs took, summed from MLflow (start to end of each)."""
-        runs = self._runs("row") + self._runs("pretrain")
-        return sum((r.info.end_time - r.info.start_time) / 60000 for r in runs if r.info.end_time)
-
-    def table(self) -> dict[str, dict]:
-        """Per row: the seeds' figures as MLflow holds them, their mean and spread."""
-        out: dict[str, dict] = {}
-        for run in self._runs("row"):
-            if "ablation/f1" not in run.data.metrics:
-                continue
-            entry = out.setdefault(run.data.tags["ablation.row"], {"seeds": [], **{m: [] for m in COLUMNS}})
-            entry["seeds"].append(int(run.data.tags["ablation.seed"]))
-            for m in METRICS:
-                entry[m].append(run.data.metrics[f"ablation/{m}"])
-            entry["f1_fitted"].append(run.data.metrics["test/f1"])
-        for entry in out.values():
-            for m in COLUMNS:
-                values = np.array(entry[m])
-                entry[f"{m}_mean"] = float(values.mean())
-                entry[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        return {k: out[k] for k in ROW_BY_KEY if k in out}
-
-
-def _fmt(entry: dict, metric: str) -> str:
-    return f"{entry[f'{metric}_mean']:.3f} ± {entry[f'{metric}_std']:.3f}"
-
-
-def markdown_table(table: dict[str, dict]) -> str:
-    """The ablation as a Markdown table, the paper's Table 2 beside it."""
-    lines = ["| Row | Method | Seeds | Acc | F1 | Avg | F1 at fitted thr. | Paper Acc | Paper F1 | Paper Avg |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, entry in table.items():
-        paper = PAPER_TABLE2.get(key)
-        paper_cells = [f"{v:.3f}" for v in paper] if paper else ["", "", ""]
-        lines.append(f"| {key} | {ROW_BY_KEY[key].label} | {len(entry['seeds'])} | "
-                     + " | ".join(_fmt(entry, m) for m in COLUMNS) + " | " + " | ".join(paper_cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def orderings(table: dict[str, dict]) -> list[str]:
-    """Which of the paper's orderings hold here (mean over seeds, with the spread to judge by)."""
-    out = []
-    for claim, better, worse, metrics in ORDERINGS:
-        if better not in table or worse not in table:
-            continue
-        a, b = table[better], table[worse]
-        for metric in metrics:
-            delta = a[f"{metric}_mean"] - b[f"{metric}_mean"]
-            spread = max(a[f"{metric}_std"], b[f"{metric}_std"])
-            verdict = "holds" if delta > 0 else "does not hold"
-            out.append(f"{claim}, by {metric}: {verdict} ({better} {a[f'{metric}_mean']:.3f} vs {worse} "
-                       f"{b[f'{metric}_mean']:.3f}, difference {delta:+.3f}, largest seed spread {spread:.3f})")
-    return out
-
-
-def table_csv(table: dict[str, dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["row", "method", "seeds"] + [f"{m}_{s}" for m in COLUMNS for s in ("mean", "std")])
-    for key, entry in table.items():
-        writer.writerow([key, ROW_BY_KEY[key].label, " ".join(map(str, sorted(entry["seeds"])))]
-                        + [round(entry[f"{m}_{s}"], 5) for m in COLUMNS for s in ("mean", "std")])
-    return buffer.getvalue()
-
-
-def bar_chart(table: dict[str, dict]):
-    """Grouped bars of Acc, F1, Avg and F1 at fitted thresholds per row (error bars: spread over
-    seeds), the paper's values as marks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(table)
-    x = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) + 2), 4.8))
-    width = 0.2
-    labels = {"accuracy": "Acc", "f1": "F1", "avg": "Avg", "f1_fitted": "F1 at fitted thresholds"}
-    for j, (metric, colour) in enumerate(zip(COLUMNS, ("#9ecae1", "#3182bd", "#08519c", "#fd8d3c"))):
-        means = [table[k][f"{metric}_mean"] for k in keys]
-        stds = [table[k][f"{metric}_std"] for k in keys]
-        offset = (j - 1.5) * width
-        ax.bar(x + offset, means, width, yerr=stds, capsize=2, color=colour, label=labels[metric])
-        paper = [(i, PAPER_TABLE2[k][j]) for i, k in enumerate(keys) if k in PAPER_TABLE2 and j < 3]
-        if paper:
-            ax.scatter([i + offset for i, _ in paper], [v for _, v in paper], marker="_", s=120,
-                       color="black", zorder=3, label="paper (Table 2)" if j == 0 else None)
-    ax.set_xticks(x, keys, rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test score")
-    seeds = max(len(table[k]["seeds"]) for k in keys)
-    ax.set_title(f"Ablation: mean over {seeds} seeds (bars), paper's Table 2 (black marks)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=5, frameon=False)
-    fig.tight_layout()
-    return fig
+    content = yaml.safe_load(Path(config).read_text()) or {}
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = content
+        for name in parents:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[last] = value
+    return content
 
 
 def _finish_run(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
@@ -302,37 +87,31 @@ def _finish_run(client: MlflowClient, run_id: str, metrics: dict[str, float]) ->
 def pretrain(task: str, config: str, overrides: dict[str, Any], path: Path, ablation: Ablation, parent: str,
              mlflow_config: str) -> str:
     """Pretrain one branch with its ``au-detect pretrain-*`` command unless ``path`` exists."""
-    from experiments.cli import PretrainCLI
-
     if path.is_file():
         print(f"[ablation] reusing {path}")
         return str(path)
     tags = ablation.tags(parent, "pretrain", **{"ablation.task": task})
-    overrides = {"trainer.default_root_dir": str(path.parent / task), **overrides}
-    args = ["fit", "--config", config, *cli_args(overrides), f"--export.path={path}", f"--mlflow={mlflow_config}",
-            f"--run_name={ablation.name} {task}", f"--tags={json.dumps(tags)}"]
-    print(f"[ablation] au-detect {task} " + " ".join(args))
-    PretrainCLI(task, args=args)
+    overrides = {"trainer.default_root_dir": str(path.parent / task), **overrides, "export.path": str(path),
+                 "mlflow": mlflow_config, "run_name": f"{ablation.name} {task}", "tags": tags}
+    print(f"[ablation] au-detect {task} fit --config {config} with {overrides}")
+    PretrainCLI(task, args={"fit": with_overrides(config, overrides)})
     return str(path)
 
 
 def train_row(row: Row, seed: int, fit_config: str, fit_overrides: dict[str, Any], weights: dict[str, str],
               ablation: Ablation, parent: str, out: Path) -> str:
     """``au-detect fit`` then ``au-detect test`` on the best checkpoint; returns the run id."""
-    from experiments.cli import AUDetectCLI
-
     tags = ablation.tags(parent, "row", **{"ablation.row": row.key, "ablation.seed": str(seed)})
-    args = ["--config", fit_config, *cli_args({**fit_overrides, **row.overrides(weights)}),
-            *cli_args({"seed_everything": seed, "data.seed": seed, "model.loss_seed": seed,
-                       "trainer.default_root_dir": str(out / row.key / f"seed{seed}")}),
-            f"--mlflow={ablation.mlflow_config}", f"--run_name={ablation.name} {row.key} seed{seed}",
-            f"--tags={json.dumps(tags)}"]
-    print(f"[ablation] row {row.key} seed {seed}: au-detect fit " + " ".join(args[2:]))
-    fit = AUDetectCLI(args=["fit", *args])
+    overrides = {**fit_overrides, **row.overrides(weights), "seed_everything": seed, "data.seed": seed,
+                 "model.loss_seed": seed, "trainer.default_root_dir": str(out / row.key / f"seed{seed}"),
+                 "mlflow": ablation.mlflow_config, "run_name": f"{ablation.name} {row.key} seed{seed}", "tags": tags}
+    config = with_overrides(fit_config, overrides)
+    print(f"[ablation] row {row.key} seed {seed}: au-detect fit --config {fit_config} with {overrides}")
+    fit = AUDetectCLI(args={"fit": config})
     run_id = mlflow_logger(fit.trainer).run_id
     best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
     # The test run continues the fit's MLflow run (the checkpoint carries its id).
-    test = AUDetectCLI(args=["test", *args, f"--ckpt_path={best}"])
+    test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
     metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items() if k.startswith("test/")}
     _finish_run(ablation.client, run_id, row_metrics(metrics, row.thresholds))
     return run_id

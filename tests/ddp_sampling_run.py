@@ -44,7 +44,7 @@ if __name__ == "__main__":
     data_root, cache_dir, out, wrap = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "1"
     data = AUDataModule(data_root=data_root, synth=SynthAUSettings(num_images=120, seed=3), cache_dir=cache_dir,
                         alignment=AlignmentSettings(crop_size=64), batch_size=8, num_workers=0,
-                        balanced_sampling=True, augment=False, seed=17)
+                        balanced_sampling=True, shard_sampler=not wrap, augment=False, seed=17)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, use_distributed_sampler=wrap,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from experiments.ablation import PAPER_TABLE2, ROW_BY_KEY, markdown_table, orderings, row_metrics
+from experiments.ablation_report import markdown_table, orderings
+from experiments.ablation_rows import PAPER_TABLE2, ROW_BY_KEY, row_metrics
 from experiments.cli import main
 
 from .conftest import SMALL

@@ -121,19 +121,40 @@ def test_every_shipped_config_parses(config, capsys):
     assert printed["model"]["backbone"].startswith("resnet") and printed["trainer"]["max_epochs"] > 0
 
 
-def test_ablation_config_overrides_are_options_of_its_commands(capsys, monkeypatch):
-    """The ablation config parses, and every override it passes on is accepted by fit/pretrain."""
-    from experiments.ablation import ROW_BY_KEY, build_parser, cli_args
+class _Parsed(Exception):
+    """Raised by :func:`_parsed` once LightningCLI has parsed (and validated) its args."""
+
+
+def _parsed(cli_class, *args, config: dict):
+    """What a LightningCLI makes of a config given as a dict (as the ablation gives it), parsed
+    and type-checked but nothing built: LightningCLI's own hook before instantiation stops it."""
+    class ParseOnly(cli_class):
+        def before_instantiate_classes(self) -> None:
+            raise _Parsed(self.config[self.config.subcommand])
+
+    with pytest.raises(_Parsed) as parsed:
+        ParseOnly(*args, args={"fit": config})
+    return parsed.value.args[0]
+
+
+def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
+    """The ablation config parses, and every config it hands fit and pretraining (a dict: the
+    config file with the row's changes) is accepted by them."""
+    from experiments.ablation import build_parser, with_overrides
+    from experiments.ablation_rows import ROW_BY_KEY
+    from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
     monkeypatch.chdir(DEMO.parents[1])  # the config's paths are relative to the project root
-    parser = build_parser()
-    cfg = parser.parse_path(str(DEMO.parent / "ablation_demo.yaml"))
+    cfg = build_parser().parse_path(str(DEMO.parent / "ablation_demo.yaml"))
     weights = {"face": "face.pt", "emotion": "emotion.pt"}
     for key, row in ROW_BY_KEY.items():
-        overrides = {**cfg.fit_overrides, **row.overrides(weights)}
-        printed = _printed_config(["fit", "--config", cfg.fit_config, *cli_args(overrides)], capsys)
-        assert printed["trainer"]["max_epochs"] == cfg.fit_overrides["trainer.max_epochs"], key
-        assert printed["data"]["alignment"]["method"] == ("mtcnn" if row.align else "center"), key
+        config = with_overrides(cfg.fit_config, {**cfg.fit_overrides, **row.overrides(weights), "run_name": key})
+        parsed = _parsed(AUDetectCLI, config=config)
+        assert parsed.trainer.max_epochs == cfg.fit_overrides["trainer.max_epochs"], key
+        assert parsed.data.alignment.method == ("mtcnn" if row.align else "center"), key
+        assert parsed.model.branches == list(row.branches) and parsed.run_name == key
     for task, config in (("pretrain-face", cfg.face_config), ("pretrain-expression", cfg.expression_config)):
-        printed = _printed_config([task, "fit", "--config", config, *cli_args(cfg.pretrain_overrides)], capsys)
-        assert printed["data"]["alignment"]["crop_size"] == cfg.pretrain_overrides["data.alignment.crop_size"]
+        parsed = _parsed(PretrainCLI, task, config=with_overrides(config, {**cfg.pretrain_overrides,
+                                                                          "export.path": "b.pt"}))
+        assert parsed.data.alignment.crop_size == cfg.pretrain_overrides["data.alignment.crop_size"]
+        assert parsed.export.path == "b.pt"

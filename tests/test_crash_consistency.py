@@ -23,7 +23,7 @@ import pytest
 from jsonargparse import Namespace
 from mlflow import MlflowClient
 
-from experiments.cli import TrackedCLI
+from experiments.lightning_cli import TrackedCLI
 from lightning_modules.checkpoints import load_checkpoint
 
 from .training_helpers import small_fit_args, write_mlflow_yaml

@@ -498,7 +498,7 @@ def test_second_run_fetches_only_missing_images_and_transient_failures(server, t
         f = seconds[url]
         assert f["reason"] == firsts[url]["reason"] and f["attempts"] == 0, url
         assert f["detail"].startswith(firsts[url]["detail"]), url
-        assert f"remembered from {report}" in f["detail"] and "--retry_failed true" in f["detail"], url
+        assert f"remembered from {report}" in f["detail"] and "--retry_failed" in f["detail"], url
     for path in TRANSIENT:
         assert "remembered" not in seconds[server.base + path]["detail"], path
     assert second.remembered == len(PERMANENT) + 1 and first.remembered == 0
@@ -521,7 +521,7 @@ def test_second_run_fetches_only_missing_images_and_transient_failures(server, t
 
 
 def test_which_statuses_are_remembered(server, tmp_path):
-    """4xx are permanent but 408 and 429; 5xx are not; au-detect download --retry_failed true asks again."""
+    """4xx are permanent but 408 and 429; 5xx are not; au-detect download --retry_failed asks again."""
     from experiments.cli import main
 
     codes = [400, 401, 403, 404, 408, 410, 429, 451, 500, 502, 503]
@@ -544,7 +544,7 @@ def test_which_statuses_are_remembered(server, tmp_path):
         {str(c): 2 if c in retried else 0 for c in codes}
 
     before = server.snapshot()
-    main(args + ["--retry_failed", "true"])
+    main(args + ["--retry_failed"])
     third = server.snapshot() - before
     assert {c: third[f"/status/{c}"] for c in codes} == {c: 2 if c in retried else 1 for c in codes}
     assert third["/img/a.jpg"] == 0  # present

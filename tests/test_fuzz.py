@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -28,7 +29,7 @@ SUFFIX = {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "webp": ".webp", "tiff":
 STATUSES = {"ok", "no_face", "missing", "empty", "unreadable", "too_large"}
 
 
-def _scene(synthau: Path, width: int) -> "np.ndarray":  # noqa: F821
+def _scene(synthau: Path, width: int) -> np.ndarray:
     image = cv2.imread(str(next((synthau / "images").rglob("*.jpg"))))
     return cv2.cvtColor(cv2.resize(image, (width, width * 3 // 4), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
 

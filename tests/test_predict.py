@@ -7,11 +7,7 @@ import csv
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
-import time
 import tracemalloc
 import urllib.request
 import zlib
@@ -24,12 +20,13 @@ import torch
 import yaml
 
 from datamodules.alignment import box_iou
-from experiments.cli import AUDetectCLI, main
+from experiments.cli import main
+from experiments.lightning_cli import AUDetectCLI
 from datamodules.images import InputError, read_image
 from experiments.predict import run
 from lightning_modules.predictor import AUPredictor, columns
 
-from .training_helpers import small_fit_args, write_mlflow_yaml
+from .training_helpers import served_model, small_fit_args, write_mlflow_yaml
 
 MODEL_NAME = "au-detector-test"
 
@@ -293,12 +290,6 @@ def test_read_image_turns_by_exif_and_gives_rgb(tmp_path):
     assert read_image((tmp_path / "palette.gif").read_bytes()).shape == (2, 3, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_like_au_detect_predict(synthau, truth, trained, tmp_path):
     """``mlflow models serve`` on the logged model, an image posted as in the README's curl,
@@ -306,29 +297,10 @@ def test_mlflow_models_serve_answers_like_au_detect_predict(synthau, truth, trai
     ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
     image = tmp_path / "scene.jpg"
     shutil.copy(synthau / ref, image)
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent  # the server starts uvicorn from PATH, as in an activated venv
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"runs:/{trained['run_id']}/model",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-3000:])
-                time.sleep(1)
+    with served_model(f"runs:/{trained['run_id']}/model", trained["uri"], tmp_path) as (url, _):
         body = json.dumps({"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}]})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
         served = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
-    finally:
-        server.terminate()
-        server.wait(30)
     # au-detect predict with the registered model (the MLflow model, not the edited checkpoint)
     out = tmp_path / "cli.csv"
     main(["predict", "--model", f"models:/{MODEL_NAME}/1", "--input", str(image), "--out", str(out),

@@ -213,7 +213,7 @@ def test_expression_pretraining(expression_run, synthau):
 
 
 def test_expression_class_list_and_weights(synthau, cache):
-    from datamodules.synthetic import EXPRESSIONS
+    from datamodules.synthetic_labels import EXPRESSIONS
 
     fixed = list(EXPRESSIONS)
     dm = _datamodule(synthau, cache, "expression", classes=fixed)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import flatten_config
+from experiments.lightning_cli import flatten_config
 from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
 
 ROOT = Path(__file__).resolve().parents[1]

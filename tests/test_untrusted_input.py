@@ -30,7 +30,7 @@ from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.predictor import AUPredictor
 
-from .training_helpers import DEMO, local_tracking, write_mlflow_yaml
+from .training_helpers import DEMO, local_tracking, served_model, write_mlflow_yaml
 
 AU_DETECT = str(Path(sys.executable).with_name("au-detect"))
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
@@ -114,14 +114,6 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
 # -- the served model ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``mlflow models serve`` of a small logged detector (random weights: these tests are about
@@ -135,28 +127,8 @@ def served(tmp_path_factory):
 
     with mlflow.start_run() as run:
         log_model(predictor)
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                raise AssertionError(server.stdout.read().decode()[-3000:])
-            time.sleep(1)
-    yield {"url": f"http://127.0.0.1:{port}/invocations", "pid": server.pid, "tmp": tmp}
-    server.terminate()
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    with served_model(f"runs:/{run.info.run_id}/model", uri, tmp) as (url, server):
+        yield {"url": url, "pid": server.pid, "tmp": tmp}
 
 
 def _post(url: str, body: bytes, content_type: str) -> tuple[int, str]:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -98,3 +106,38 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
     report = Path(client.download_artifacts(run_id, "au_report.csv")).read_text().splitlines()
     assert report[0].startswith("AU,support,positives,threshold,f1@0.5,f1@fitted") and len(report) == 25
     return {"run_id": run_id, "metrics": metrics, "client": client}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served_model(model_uri: str, tracking_uri: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mlflow models serve`` of a logged model on 127.0.0.1, answering ``/ping``: yields its
+    ``/invocations`` URL and the server process; stopped on exit."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # the server starts uvicorn from PATH, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/invocations", server
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -1,0 +1,122 @@
+"""The data commands of ``au-detect``: render SynthAU, download EmotioNet's images, align, prepare.
+
+    au-detect synth    --root data/synthau --num_images 2000
+    au-detect download --manifest train.tsv val.tsv --out data/emotionet
+    au-detect align    --manifests '[data/synthau/train.tsv]'
+    au-detect prepare  --config experiments/demo.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
+from datamodules.download import DownloadInterrupted, DownloadSettings, download_manifests
+from datamodules.manifest import EMOTIONET_AUS, read_manifest
+from datamodules.synthetic import SynthAUSettings, generate_synthau
+from experiments.lightning_cli import AUDetectCLI
+
+
+def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num_identities: int = 120,
+          width: int = 640, height: int = 480, val_fraction: float = 0.1, test_fraction: float = 0.1,
+          workers: int | None = None, force: bool = False) -> None:
+    """Render the SynthAU data set.
+
+    Args:
+        root: output folder (images/, train.tsv, val.tsv, test.tsv, faces.jsonl, contact_sheet.png).
+        num_images: scenes in all splits together.
+        seed: the data set is a pure function of its settings and this seed.
+        num_identities: synthetic people.
+        width: scene width in pixels.
+        height: scene height in pixels.
+        val_fraction: share of scenes in the validation split.
+        test_fraction: share of scenes in the test split.
+        workers: rendering processes (default: up to 4).
+        force: render again even if ``root`` holds a complete data set with these settings.
+    """
+    settings = SynthAUSettings(num_images=num_images, seed=seed, num_identities=num_identities, width=width,
+                               height=height, val_fraction=val_fraction, test_fraction=test_fraction)
+    summary = generate_synthau(root, settings, workers=workers, force=force)
+    print(f"SynthAU in {root}: {summary['counts']}, {summary['identities']} identities, "
+          f"{len(summary['expressions'])} expressions")
+    print(f"  AUs under 5% positive: {summary['aus_under_5pct']}, over 20%: {summary['aus_over_20pct']}, "
+          f"unlabelled (999): {100 * summary['unlabelled_share']:.1f}%")
+    print(f"  contact sheet: {Path(root) / 'contact_sheet.png'}, AU gallery: {Path(root) / 'au_gallery.png'}")
+
+
+def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str | None = None,
+          aus: Sequence[int] = EMOTIONET_AUS, alignment: AlignmentSettings = AlignmentSettings(),
+          workers: int = 0, device: str | None = None) -> None:
+    """Detect, align and cache the faces of one or more manifests.
+
+    Args:
+        manifests: manifest files (EmotioNet form, TSV or CSV with a header).
+        cache_dir: where the crop caches go (one folder per manifest, keyed by content and settings).
+        image_root: folder that relative image paths start from (default: the manifest's folder).
+        aus: AU columns to read.
+        alignment: detection and crop settings.
+        workers: image decoding threads (0: decode in turn with detection, fastest on a small CPU).
+        device: torch device for MTCNN (default: cuda when available).
+    """
+    for path in manifests:
+        manifest = read_manifest(path, aus=aus, root=image_root)
+        folder = align_manifest(manifest, cache_dir, alignment, root=image_root, workers=workers, device=device,
+                                progress=True)
+        _print_report(AlignedSplit.open(folder).report, folder)
+
+
+def download(manifest: list[str], out: str = "data/emotionet", settings: DownloadSettings = DownloadSettings(),
+             aus: Sequence[int] = EMOTIONET_AUS, has_header: bool = True, progress: bool = True,
+             retry_failed: bool = False) -> None:
+    """Download the images of manifests that reference URLs (EmotioNet), resumably.
+
+    Args:
+        manifest: manifests whose image column holds http(s) URLs.
+        out: folder for images/, the <name>.local.tsv manifests and download_report.json.
+        settings: concurrency, the deadline of each file's whole transfer (settings.timeout, retries
+            included), retries and size limits.
+        aus: AU columns of the manifests.
+        has_header: False for EmotioNet's raw header-less files.
+        progress: show a progress bar.
+        retry_failed: request again the URLs whose failure the previous download_report.json lists
+            as permanent (HTTP 404, not an image, too large...); by default they are not asked again.
+    """
+    try:
+        report = download_manifests(manifest, out, settings, aus=aus, progress=progress, has_header=has_header,
+                                    retry_failed=retry_failed)
+    except DownloadInterrupted as e:  # Ctrl-C: say what was saved, exit as an interrupted command does
+        if e.report is not None:
+            print(e.report.summary())
+        raise SystemExit(130) from None
+    print(report.summary())
+    for source, local in report.local_manifests.items():
+        print(f"  {source} -> {local or 'no row left'}")
+    if not report.rows_kept:
+        raise SystemExit(1)
+
+
+def prepare(args: Sequence[str]) -> None:
+    """Prepare the data of a training config: generate SynthAU or download, align every split, report.
+
+    ``args`` are those of ``au-detect fit`` (``--config experiments/demo.yaml``, overrides): the
+    config is parsed by the same LightningCLI, without tracking or branch weights (the data need
+    neither, and pretrained branches may not exist yet), and only its data module does anything.
+    """
+    cli = AUDetectCLI(args=[*args, "--trainer.logger=false", "--model.face_weights=null",
+                            "--model.emotion_weights=null"], run=False)
+    data = cli.datamodule
+    data.prepare_data()
+    data.setup()
+    for stage, report in data.reports.items():
+        _print_report(report, data.splits[stage].path if stage in data.splits else None)
+
+
+def _print_report(report: dict, folder: Path | None) -> None:
+    print(summarize(report))
+    if folder is not None:
+        print(f"  cache: {folder}  (report.json, aligned_sheet.png)")
+    for row in report["skipped_rows"][:10]:
+        print(f"  skipped line {row['line']}: {row['image']}: {row['error']}")
+    if len(report["skipped_rows"]) > 10:
+        print(f"  ... {len(report['skipped_rows']) - 10} more in report.json")

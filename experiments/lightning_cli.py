@@ -1,0 +1,257 @@
+"""The LightningCLIs of ``au-detect``: the AU detector and the two pretraining tasks, tracked in MLflow.
+
+    au-detect fit|validate|test --config experiments/demo.yaml          AUDetectCLI
+    au-detect pretrain-face|pretrain-expression fit --config ...        PretrainCLI
+
+Every option comes from a class signature (jsonargparse): ``--help`` lists them, ``--config
+file.yaml`` takes them from YAML, ``--print_config`` shows the result. Runs go to the MLflow
+tracking server of ``--mlflow`` (``mlflow.yaml``), one run per job; checkpoints carry the run id
+and are read as data only (:mod:`lightning_modules.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.backbone_export import BackboneExport
+from callbacks.mlflow_artifacts import MLflowArtifacts, mlflow_logger, run_id_from_checkpoint
+from callbacks.soft_threshold import SoftThresholdCallback
+from datamodules.au_datamodule import AUDataModule
+from datamodules.pretrain_datamodule import PretrainDataModule
+from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+from lightning_modules.au_detector import AUDetector
+from lightning_modules.checkpoints import CheckpointError
+from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
+
+log = logging.getLogger(__name__)
+
+# CLI-only keys: where and how a run is tracked, not what is trained.
+NOT_PARAMS = ("ckpt_path", "config", "mlflow", "run_name", "tags")
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Lightning's way to keep the config with the logger, for MLflow: the resolved config as the
+    run's ``config.yaml`` and every value as a param. A resumed run that changes a value (e.g.
+    ``max_epochs``) gets a ``resumed_with/<key>`` tag instead, as MLflow params are immutable.
+    Works for any tracking URI, where Lightning's file-writing default does not."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        client, run_id = logger.experiment, logger.run_id
+        client.log_text(run_id, text, "config.yaml")
+        params = flatten_config(yaml.safe_load(text), skip=NOT_PARAMS)
+        existing = client.get_run(run_id).data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        if new:
+            logger.log_hyperparams(new)
+        for k, v in params.items():
+            if k in existing and existing[k] != v:
+                client.set_tag(run_id, f"resumed_with/{k}", v[:5000])
+        client.set_tag(run_id, "au_detect.command", stage)
+
+
+class TrackedCLI(LightningCLI):
+    """A LightningCLI whose runs are tracked in MLflow.
+
+    Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets ``trainer.logger``
+    itself; the resolved config goes to the run (:class:`MLflowSaveConfig`). A checkpoint written
+    by a tracked run carries its run id, so ``--ckpt_path`` continues that run; ``fit
+    --ckpt_path last`` continues the newest interrupted run of the experiment.
+    """
+
+    summary_metrics: tuple[str, ...] = ()
+
+    def __init__(self, model_class, datamodule_class, args: Sequence[str] | None = None, **kwargs):
+        self.tracking: TrackingSettings | None = None  # set when the CLI builds the MLflow logger itself
+        self.resumed_run: str | None = None
+        self.checkpoint_run: str | None = None  # the MLflow run the --ckpt_path file was written by
+        super().__init__(model_class, datamodule_class, save_config_callback=MLflowSaveConfig,
+                         save_config_kwargs={"save_to_log_dir": False}, auto_configure_optimizers=False,
+                         args=args, **kwargs)
+
+    # Checkpoints are data: ``--ckpt_path`` is read with weights_only=True by every subcommand, so
+    # weights_only is not an option (the file is checked here first, for an error that names it).
+    # Prediction is ``au-detect predict`` (photos and videos in, CSV out), not Lightning's loop.
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip | {"weights_only"} for name, skip in LightningCLI.subcommands().items()
+                if name != "predict"}
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        command = self.config.get("subcommand")
+        config = self.config[command] if command else self.config
+        if command == "fit" and config.get("ckpt_path") == "last" and config.trainer.get("logger") is None:
+            config.ckpt_path = self.last_interrupted_checkpoint(config)
+        ckpt = config.get("ckpt_path")
+        if ckpt and Path(ckpt).is_file():
+            self.checkpoint_run = run_id_from_checkpoint(ckpt)
+
+    @staticmethod
+    def last_interrupted_checkpoint(config) -> str | None:
+        """``fit --ckpt_path last``: the newest ``last.ckpt`` of a run of this experiment that did not finish.
+
+        Lightning would look in ModelCheckpoint's folder, which is named after the MLflow run, so a new
+        command never finds one. Here the folders of all the experiment's runs are searched
+        (``<save dir>/<experiment id>/<run id>/checkpoints``, or ``checkpoint.dirpath`` when set), and
+        a checkpoint counts when its run exists and is not FINISHED (killed, failed, or never marked).
+        Says which file it took, or that there is none and a new run starts.
+        """
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        tracking = TrackingSettings.read(config.mlflow)
+        root = Path(tracking.logger().save_dir or config.trainer.get("default_root_dir") or ".")
+        client = MlflowClient(tracking.tracking_uri)
+        experiment = client.get_experiment_by_name(tracking.experiment_name)
+        found: list[tuple[float, Path, str]] = []
+        if experiment is not None:
+            folders = list(root.glob(f"{experiment.experiment_id}/*/checkpoints"))
+            dirpath = (config.get("checkpoint") or {}).get("dirpath")
+            folders += [Path(dirpath)] if dirpath else []
+            for path in (p for folder in folders for p in folder.glob("last*.ckpt")):
+                try:
+                    run_id = run_id_from_checkpoint(path)
+                    run = client.get_run(run_id) if run_id else None
+                except (CheckpointError, MlflowException) as e:  # a damaged file, a run deleted for good
+                    log.warning("--ckpt_path last: skipping %s (%s)", path, e)
+                    continue
+                if (run is not None and run.info.experiment_id == experiment.experiment_id
+                        and run.info.lifecycle_stage == "active" and run.info.status != "FINISHED"):
+                    found.append((path.stat().st_mtime, path, run_id))
+        if found:
+            _, path, run_id = max(found)
+            message = f"--ckpt_path last: resuming MLflow run {run_id} from {path}"
+        else:
+            path = None
+            message = (f"--ckpt_path last: no interrupted run of experiment '{tracking.experiment_name}' "
+                       f"under {root}; starting a new run")
+        if rank_zero_only.rank == 0:  # DDP's other ranks resolve it too
+            print(message)
+        return None if path is None else str(path)
+
+    def fit(self, **kwargs) -> None:
+        self.trainer.fit(weights_only=True, **kwargs)
+
+    def validate(self, **kwargs) -> None:
+        self.trainer.validate(weights_only=True, **kwargs)
+
+    def test(self, **kwargs) -> None:
+        self.trainer.test(weights_only=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--mlflow", type=str, default="mlflow.yaml", help="MLflow settings (tracking URI, ...)")
+        parser.add_argument("--run_name", type=Optional[str], default=None, help="MLflow run name")
+        parser.add_argument("--tags", type=dict[str, str], default={},
+                            help="MLflow tags of the run, over mlflow.yaml's (e.g. '{\"ablation\": \"t2\"}')")
+
+    def _subconfig(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._subconfig()
+        if config.trainer.get("logger") is None and "logger" not in kwargs:
+            self.tracking = TrackingSettings.read(config.mlflow)
+            kwargs["logger"] = self.tracking.logger(config.run_name, self.checkpoint_run, tags=config.tags)
+            self.resumed_run = self.checkpoint_run
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        logger = mlflow_logger(self.trainer)
+        if logger is not None and self.trainer.is_global_zero and self.tracking is not None:
+            print(f"MLflow run {logger.run_id} in experiment '{self.tracking.experiment_name}' at "
+                  f"{self.tracking.tracking_uri}" + (" (resumed)" if self.resumed_run else ""))
+
+    def after_fit(self) -> None:
+        logger = mlflow_logger(self.trainer)
+        if logger is not None and self.trainer.is_global_zero:
+            metrics = self.trainer.callback_metrics
+            score = {k: round(float(metrics[k]), 4) for k in self.summary_metrics if k in metrics}
+            print(f"Done: {score}. Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
+            if self.tracking is None:
+                return
+            uri = self.tracking.tracking_uri
+            where = f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "mlflow ui"
+            print(f"See the run: {where}  (then open http://127.0.0.1:5000, experiment "
+                  f"'{self.tracking.experiment_name}', run {logger.run_id})")
+
+
+class AUDetectCLI(TrackedCLI):
+    """LightningCLI for :class:`AUDetector` on :class:`AUDataModule`, tracked in MLflow.
+
+    The soft-threshold, checkpoint and MLflow-artifact callbacks are always there, each with its
+    own config section.
+    """
+
+    summary_metrics = ("val/f1_fitted", "val/score_fitted", "val/f1")
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs):
+        super().__init__(AUDetector, AUDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.aus", "model.aus")
+        parser.link_arguments("trainer.use_distributed_sampler", "data.shard_sampler", compute_fn=lambda used: not used)
+        parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/score_fitted", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
+                             "checkpoint.filename": "epoch{epoch:02d}-score{val/score_fitted:.4f}"})
+        parser.add_lightning_class_args(MLflowArtifacts, "mlflow_artifacts")
+        # The registered name is mlflow.yaml's, like everything else about where runs go.
+        parser.link_arguments("mlflow", "mlflow_artifacts.registered_model_name", compute_fn=registered_model_name)
+
+
+class PretrainCLI(TrackedCLI):
+    """LightningCLI for a transfer branch's pretraining task on :class:`PretrainDataModule`.
+
+    ``au-detect pretrain-face``: :class:`FaceRecognitionModule` (ArcFace on identities);
+    ``au-detect pretrain-expression``: :class:`ExpressionModule`. The number of classes comes from
+    the data; at the end of ``fit`` the backbone is written to ``export.path`` for the AU model.
+    """
+
+    TASKS = {"pretrain-face": (FaceRecognitionModule, "model.num_identities",
+                               ("val/verification_accuracy", "val/verification_auc")),
+             "pretrain-expression": (ExpressionModule, "model.num_classes", ("val/accuracy", "val/f1_macro"))}
+
+    def __init__(self, task: str, args: Sequence[str] | None = None, **kwargs):
+        model_class, self.classes_key, self.summary_metrics = self.TASKS[task]
+        super().__init__(model_class, PretrainDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.num_classes", self.classes_key, apply_on="instantiate")
+        parser.add_lightning_class_args(BackboneExport, "export")
+
+
+def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Nested config -> ``{"model.backbone": "resnet50", ...}`` as MLflow params (values as text).
+
+    >>> flatten_config({"model": {"lr": 0.1, "aus": [1, 2]}, "ckpt_path": None}, skip=("ckpt_path",))
+    {'model.lr': '0.1', 'model.aus': '[1, 2]'}
+    """
+    out = {}
+    for key, value in config.items():
+        if not prefix and key in skip:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{name}.", skip))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def registered_model_name(mlflow_yaml: str) -> str | None:
+    """``registered_model_name`` of an ``mlflow.yaml`` (None when there is no such file)."""
+    return TrackingSettings.read(mlflow_yaml).registered_model_name if Path(mlflow_yaml).is_file() else None
