@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest  # noqa: E402
+from datamodules.alignment import AlignmentSettings  # noqa: E402
+from datamodules.crop_cache import AlignedSplit, align_manifest  # noqa: E402
 from datamodules.au_datamodule import AlignedFaceDataset  # noqa: E402
 from datamodules.augmentation import AUAugmentation  # noqa: E402
 from datamodules.manifest import EMOTIONET_AUS, read_manifest  # noqa: E402

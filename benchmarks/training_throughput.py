@@ -26,7 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest  # noqa: E402
+from datamodules.alignment import AlignmentSettings  # noqa: E402
+from datamodules.crop_cache import AlignedSplit, align_manifest  # noqa: E402
 from datamodules.manifest import read_manifest  # noqa: E402
 from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
 from experiments.lightning_cli import AUDetectCLI  # noqa: E402

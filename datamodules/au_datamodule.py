@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
+from datamodules.alignment import AlignmentSettings
+from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, AUAugmentation, Normalize
 from datamodules.download import DownloadSettings, download_manifests, local_manifest_path
 from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, read_manifest

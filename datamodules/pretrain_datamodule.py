@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest
+from datamodules.alignment import AlignmentSettings
+from datamodules.crop_cache import AlignedSplit, align_manifest
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.images import IMAGE_SUFFIXES
 from datamodules.manifest import (EMOTIONET_AUS, UNLABELLED, Manifest, ManifestError, au_column_name, read_columns,

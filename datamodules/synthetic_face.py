@@ -324,7 +324,7 @@ class _Mouth:
     """Where the lips lie once the AUs have moved them (model units)."""
 
     y: float  # height of the lip line
-    half: float  # half-width, corner to centre
+    half: float  # half-width, corner to center
     thick: float  # lip thickness
     gap: float  # how far the lips part
     left: np.ndarray  # corners, image left and right

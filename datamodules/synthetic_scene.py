@@ -73,7 +73,7 @@ def _occlude(rng: np.random.Generator, img: np.ndarray, box: np.ndarray, lm: np.
 
 
 def _paste(scene: np.ndarray, face: np.ndarray, alpha: np.ndarray, lm: np.ndarray, center, size: float):
-    """Scale the face canvas so the head is ``size`` px tall and paste it centred at ``center``."""
+    """Scale the face canvas so the head is ``size`` px tall and paste it centered at ``center``."""
     canvas = face.shape[0]
     k = size / (canvas * 0.68)
     M = np.array([[k, 0, center[0] - k * canvas / 2], [0, k, center[1] - k * canvas / 2]])

@@ -28,7 +28,7 @@
 
    The last two repeat the branch comparison with alignment.
 
-   Without alignment the crop is the scene's centred square (``alignment.method: center``).
+   Without alignment the crop is the scene's center square (``alignment.method: center``).
    Without soft thresholds decisions are at 0.5. Soft thresholds do not change training, so the
    ``thresholds`` row is the ``align`` row's model decided at its fitted thresholds: a run of its
    own that points at its source (``ablation.source_run``) instead of a second, identical fit.

@@ -62,7 +62,7 @@ ROWS = (
     Row("sampling", "Align + dual + balanced sampling only", sampling=True),
     Row("selective", "Align + dual + selective learning only", selective=True),
     Row("thresholds", "Align + dual + soft thresholds only", thresholds=True, source="align"),
-    # The branch comparison again, aligned: without alignment a small face in a scene's centre
+    # The branch comparison again, aligned: without alignment a small face in a scene's center
     # crop may carry too little signal for any branch to show.
     Row("face_align", "Align + F_face", branches=("face",)),
     Row("emotion_align", "Align + F_emotion", branches=("emotion",)),

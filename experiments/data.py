@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest, summarize
+from datamodules.alignment import AlignmentSettings
+from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.download import DownloadInterrupted, DownloadSettings, download_manifests
 from datamodules.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau

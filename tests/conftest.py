@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.alignment import AlignedSplit, AlignmentSettings, align_manifest
+from datamodules.alignment import AlignmentSettings
+from datamodules.crop_cache import AlignedSplit, align_manifest
 from datamodules.manifest import read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 

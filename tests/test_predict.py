@@ -103,7 +103,7 @@ def test_folder_of_scenes_one_row_per_face_near_the_truth(synthau, truth, traine
 
     # The largest face of a training scene is aligned exactly as training aligned it: its
     # probabilities are the network's on the cached training crop.
-    from datamodules.alignment import AlignedSplit
+    from datamodules.crop_cache import AlignedSplit
 
     predictor = AUPredictor.load(trained["ckpt"], "cpu")
     train_cache = next(p for p in Path(trained["cache"]).iterdir() if p.name.startswith("train-"))

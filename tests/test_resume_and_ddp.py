@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from callbacks.soft_threshold import fit_thresholds
-from datamodules.alignment import AlignedSplit
+from datamodules.crop_cache import AlignedSplit
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from lightning_modules.metrics import au_scores
 
