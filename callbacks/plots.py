@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from datamodules.manifest import au_column_name  # noqa: E402
+from lightning_modules.metrics import ranked_counts  # noqa: E402
 
 
 def label_frequency_figure(aus: Sequence[int], raw: np.ndarray, sampled: np.ndarray | None = None):
@@ -32,14 +33,10 @@ def label_frequency_figure(aus: Sequence[int], raw: np.ndarray, sampled: np.ndar
 
 def precision_recall(probs: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and thresholds over every distinct score, highest threshold first."""
-    order = np.argsort(-probs, kind="stable")
-    p, y = probs[order], positive[order].astype(float)
-    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # the last entry of each tied score
-    tp = np.cumsum(y)[last]
-    fp = (last + 1) - tp
+    thresholds, tp, fp = ranked_counts(probs, positive)
     precision = tp / np.maximum(tp + fp, 1)
-    recall = tp / max(y.sum(), 1)
-    return precision, recall, p[last]
+    recall = tp / max(int(np.count_nonzero(positive)), 1)
+    return precision, recall, thresholds
 
 
 def pr_curves_figure(aus: Sequence[int], probs: np.ndarray, labels: np.ndarray, mask: np.ndarray,

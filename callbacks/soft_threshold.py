@@ -27,11 +27,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from lightning_modules.metrics import as_numpy, au_scores
+from lightning_modules.evaluation import dedupe_by_index, gather_rows
+from lightning_modules.metrics import as_numpy, au_scores, ranked_counts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CRITERIA", "fit_thresholds", "fit_threshold_1d", "dedupe_by_index", "SoftThresholdCallback"]
+__all__ = ["CRITERIA", "fit_thresholds", "fit_threshold_1d", "SoftThresholdCallback"]
 
 CRITERIA = ("f1", "score", "break_even")
 DEFAULT_THRESHOLD = 0.5
@@ -47,8 +48,8 @@ def _check_criterion(criterion: str) -> str:
 def fit_threshold_1d(probs: np.ndarray, positive: np.ndarray, criterion: str = "f1") -> float:
     """The best threshold for one AU, given its labelled entries only (1-D arrays).
 
-    Sorting once gives every candidate's counts by cumulative sums; tied probabilities are one
-    candidate that takes in all of them (the last position of each run of equal values).
+    The candidates and their counts come from :func:`ranked_counts` (tied probabilities are one
+    candidate that takes in all of them).
 
     >>> fit_threshold_1d(np.array([0.9, 0.8, 0.8, 0.3, 0.1]), np.array([1, 1, 0, 1, 0]), "f1")
     0.3
@@ -62,16 +63,7 @@ def fit_threshold_1d(probs: np.ndarray, positive: np.ndarray, criterion: str = "
     n_pos = int(y.sum())
     if n == 0 or n_pos == 0:
         return DEFAULT_THRESHOLD
-    order = np.argsort(-p, kind="stable")
-    ps, ys = p[order], y[order]
-    tp_all = np.cumsum(ys, dtype=np.int64)
-    fp_all = np.arange(1, n + 1, dtype=np.int64) - tp_all
-    # candidate = last entry of each run of equal probabilities: predicting prob >= ps[i] takes
-    # in exactly the entries 0..i
-    last = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
-    t = ps[last]
-    tp = tp_all[last]
-    fp = fp_all[last]
+    t, tp, fp = ranked_counts(p, y)
     fn = n_pos - tp
     tn = (n - n_pos) - fp
     # every value is one division of exact integers, so equal rationals give equal floats (exact ties)
@@ -117,29 +109,6 @@ def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "
     pos = y > 0.5
     return np.array([fit_threshold_1d(p[m[:, k], k], pos[m[:, k], k], criterion) for k in range(p.shape[1])],
                     dtype=np.float64)
-
-
-def dedupe_by_index(index: Any, *arrays: Any) -> tuple:
-    """Keep the first occurrence of each sample index; return ``(index, *arrays)`` ordered by index.
-
-    ``DistributedSampler`` pads the validation set by repeating samples so that every rank gets
-    the same number; the gathered predictions must drop the repeats. Works on numpy arrays and
-    torch tensors (each output has its input's type).
-
-    >>> dedupe_by_index(np.array([2, 0, 1, 2]), np.array([20., 0., 10., 21.]))
-    (array([0, 1, 2]), array([ 0., 10., 20.]))
-    """
-    idx = as_numpy(index).reshape(-1)
-    unique, first = np.unique(idx, return_index=True)
-    out: list[Any] = [torch.as_tensor(unique) if isinstance(index, torch.Tensor) else unique]
-    for a in arrays:
-        if len(a) != len(idx):
-            raise ValueError(f"array of length {len(a)} does not match the index's {len(idx)}")
-        if isinstance(a, torch.Tensor):
-            out.append(a[torch.as_tensor(first, device=a.device)])
-        else:
-            out.append(np.asarray(a)[first])
-    return tuple(out)
 
 
 def _au_name(au: Any) -> str:
@@ -192,23 +161,8 @@ class SoftThresholdCallback(pl.Callback):
         else:
             cat = {"probs": torch.zeros(0, num_aus), "labels": torch.zeros(0, num_aus),
                    "mask": torch.zeros(0, num_aus, dtype=torch.bool), "index": torch.zeros(0, dtype=torch.long)}
-        return {"probs": cat["probs"].float(), "labels": cat["labels"].float(),
-                "mask": cat["mask"].to(torch.uint8),  # uint8: every backend gathers it
+        return {"probs": cat["probs"].float(), "labels": cat["labels"].float(), "mask": cat["mask"].bool(),
                 "index": cat["index"].long().reshape(-1)}
-
-    @staticmethod
-    def _gather(pl_module: pl.LightningModule, local: dict[str, torch.Tensor],
-                world_size: int) -> dict[str, torch.Tensor]:
-        """All ranks' predictions, rank by rank; robust to ranks holding different counts."""
-        if world_size <= 1:
-            return local
-        n = local["index"].shape[0]
-        sizes = pl_module.all_gather(torch.tensor([n], dtype=torch.long))
-        sizes = [int(s) for s in torch.as_tensor(sizes).reshape(-1).cpu()]
-        longest = max(sizes)
-        padded = {k: torch.cat([v, v.new_zeros((longest - n, *v.shape[1:]))]) for k, v in local.items()}
-        gathered = pl_module.all_gather(padded)  # each (world, longest, ...)
-        return {k: torch.cat([v.cpu()[r, :sizes[r]] for r in range(len(sizes))]) for k, v in gathered.items()}
 
     # -- fitting -----------------------------------------------------------------------------
 
@@ -218,10 +172,10 @@ class SoftThresholdCallback(pl.Callback):
             return
         buffer = pl_module.thresholds
         k = int(buffer.shape[0])
-        data = self._gather(pl_module, self._local(k), trainer.world_size)
+        data = gather_rows(pl_module, self._local(k), trainer.world_size)
         self._outputs = []
-        index, probs, labels, mask = dedupe_by_index(data["index"].numpy(), data["probs"].numpy(),
-                                                     data["labels"].numpy(), data["mask"].numpy().astype(bool))
+        index, probs, labels, mask = (data[key].numpy() for key in ("index", "probs", "labels", "mask"))
+        index, probs, labels, mask = dedupe_by_index(index, probs, labels, mask)
         if len(index) == 0:
             log.warning("SoftThresholdCallback: no validation predictions; thresholds left unchanged")
             return

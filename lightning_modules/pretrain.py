@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -35,6 +36,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_modules.backbones import create_backbone
+from lightning_modules.evaluation import dedupe_by_index, gather_rows
+from lightning_modules.metrics import ranked_counts
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +173,15 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> tuple[float, flo
     >>> best_threshold(torch.tensor([0.9, 0.8, 0.1, 0.3]), torch.tensor([True, True, False, False]))
     (1.0, 0.800000011920929)
     """
-    scores, same = scores.double().reshape(-1).cpu(), same.bool().reshape(-1).cpu()
-    n = len(scores)
-    order = torch.argsort(scores)
-    s, y = scores[order], same[order].double()
-    # Threshold at the k-th sorted score: samples k.. are called "same".
-    neg_before = torch.cat([torch.zeros(1, dtype=torch.double), torch.cumsum(1 - y, 0)])  # TN if k = index
-    pos_from = y.sum() - torch.cat([torch.zeros(1, dtype=torch.double), torch.cumsum(y, 0)])  # TP
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = s[1:] != s[:-1]  # first index of each distinct score
-    candidates = torch.cat([torch.nonzero(starts).flatten(), torch.tensor([n])])
-    acc = (neg_before[candidates] + pos_from[candidates]) / n
-    best = int(torch.argmax(acc))  # first maximum: the lowest threshold
-    k = int(candidates[best])
-    threshold = float(s[k]) if k < n else float(s[-1]) + 1e-6
-    return float(acc[best]), threshold
+    scores = scores.double().reshape(-1).cpu().numpy()
+    same = same.bool().reshape(-1).cpu().numpy()
+    cut, tp, fp = ranked_counts(scores, same)  # highest threshold first
+    negatives = len(same) - int(same.sum())
+    # lowest threshold first, then "never the same" (TP = FP = 0)
+    correct = np.r_[(tp + negatives - fp)[::-1], negatives]
+    best = int(np.argmax(correct))  # first maximum: the lowest threshold
+    threshold = float(cut[::-1][best]) if best < len(cut) else float(cut[0]) + 1e-6
+    return float(correct[best] / len(same)), threshold
 
 
 def verification_scores(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0,
@@ -297,17 +294,12 @@ class FaceRecognitionModule(_BackboneExport, L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_embeddings:
             return
-        emb = torch.cat(self._val_embeddings)
-        labels = torch.cat(self._val_labels)
-        index = torch.cat(self._val_index)
+        rows = {"embedding": torch.cat(self._val_embeddings), "label": torch.cat(self._val_labels),
+                "index": torch.cat(self._val_index)}
         self._val_embeddings, self._val_labels, self._val_index = [], [], []
-        if self.trainer.world_size > 1:
-            # DistributedSampler gives every rank the same count (padding with repeats), so the
-            # gathered tensors stack; the index drops the repeats.
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
-            labels = self.all_gather(labels).reshape(-1)
-            index = self.all_gather(index).reshape(-1)
-        emb, labels = _first_of_each_index(emb, labels, index)
+        # every rank's embeddings, without the repeats DistributedSampler pads the set with
+        rows = gather_rows(self, rows, self.trainer.world_size)
+        _, emb, labels = dedupe_by_index(rows["index"], rows["embedding"], rows["label"])
         result = verification_scores(emb, labels, seed=self.hparams.verification_seed,
                                      max_pairs=self.hparams.max_pairs)
         if result is None:
@@ -322,16 +314,6 @@ class FaceRecognitionModule(_BackboneExport, L.LightningModule):
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())
-
-
-def _first_of_each_index(emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
-    """Keep one row per sample index (the first), sorted by index."""
-    index = index.reshape(-1).cpu()
-    order = torch.argsort(index, stable=True)
-    first = torch.ones(len(index), dtype=torch.bool)
-    first[1:] = index[order][1:] != index[order][:-1]
-    keep = order[first].to(emb.device)
-    return emb[keep], labels[keep]
 
 
 class ExpressionModule(_BackboneExport, L.LightningModule):

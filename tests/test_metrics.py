@@ -1,4 +1,5 @@
-"""EmotioNet Challenge metrics: numpy functions and the torchmetrics class agree with scikit-learn."""
+"""EmotioNet Challenge metrics: numpy functions and the torchmetrics class agree with scikit-learn, and so
+do the curves over thresholds; evaluation outputs of every rank are gathered and de-duplicated."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import doctest
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_curve, precision_score,
+                             recall_score)
 
+import lightning_modules.evaluation as evaluation_module
 import lightning_modules.metrics as metrics_module
-from lightning_modules.metrics import AUMetrics, au_confusion, au_scores
+from callbacks.plots import precision_recall
+from lightning_modules.evaluation import dedupe_by_index, gather_rows
+from lightning_modules.metrics import AUMetrics, au_confusion, au_scores, ranked_counts
 
 
 def random_case(seed: int, n: int = 200, k: int = 6, unlabelled: float = 0.2):
@@ -171,3 +176,116 @@ def test_dedupe_by_index_counts_each_sample_once():
     assert int(plain.compute()["support"].sum()) == int(mask.sum() + mask[0].sum())  # the repeat counted
     with pytest.raises(ValueError, match="index"):
         metric.update(torch.tensor(probs), torch.tensor(labels), torch.tensor(mask))
+
+
+def test_au_confusion_matches_sklearn_confusion_matrix():
+    probs, labels, mask = random_case(6, n=300, k=4)
+    probs[:20] = 0.5  # on the threshold: positive
+    counts = np.stack(au_confusion(probs, labels, mask, 0.5))
+    for k in range(4):
+        m = mask[:, k]
+        (tn, fp), (fn, tp) = confusion_matrix(labels[m, k] > 0.5, probs[m, k] >= 0.5, labels=[False, True])
+        np.testing.assert_array_equal(counts[:, k], [tp, fp, tn, fn])
+    one = np.stack(au_confusion(probs[:, 0], labels[:, 0], mask[:, 0], 0.5))  # a single AU, 1-D
+    np.testing.assert_array_equal(one[:, 0], counts[:, 0])
+
+
+# -- the counting behind curves: ranked_counts ------------------------------------------------
+
+def test_ranked_counts_by_hand():
+    # sorted: 0.9 (+), 0.8 (+), 0.8 (-), 0.3 (+), 0.1 (-); the tied 0.8 is one threshold
+    thresholds, tp, fp = ranked_counts(np.array([0.3, 0.9, 0.8, 0.8, 0.1]), np.array([1, 1, 1, 0, 0]))
+    np.testing.assert_array_equal(thresholds, [0.9, 0.8, 0.3, 0.1])
+    np.testing.assert_array_equal(tp, [1, 2, 3, 3])
+    np.testing.assert_array_equal(fp, [0, 1, 1, 2])
+    t32, _, _ = ranked_counts(np.array([0.7, 0.2], dtype=np.float32), np.array([True, False]))
+    assert t32.dtype == np.float32  # thresholds are score values: score >= t reproduces the counts
+    empty = ranked_counts(np.zeros(0), np.zeros(0, bool))
+    assert all(len(a) == 0 for a in empty)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ranked_counts_match_sklearn_at_every_threshold(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.random(400).round(2)  # many ties
+    positive = rng.random(400) < 0.3 + 0.4 * scores
+    thresholds, tp, fp = ranked_counts(scores, positive)
+    np.testing.assert_array_equal(thresholds, np.unique(scores)[::-1])
+    for t, a, b in zip(thresholds, tp, fp):
+        (_, fp_ref), (_, tp_ref) = confusion_matrix(positive, scores >= t, labels=[False, True])
+        assert (a, b) == (tp_ref, fp_ref)
+    # the F1 curve from the counts is scikit-learn's F1 at each threshold
+    f1 = 2 * tp / (tp + positive.sum() + fp)
+    np.testing.assert_allclose(f1, [f1_score(positive, scores >= t, zero_division=0) for t in thresholds],
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_precision_recall_curve_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.random(300).round(2).astype(np.float32)
+    positive = rng.random(300) < 0.2 + 0.5 * scores
+    precision, recall, thresholds = precision_recall(scores, positive)
+    # scikit-learn: thresholds ascending, and a last point (P = 1, R = 0) without a threshold
+    ref_p, ref_r, ref_t = precision_recall_curve(positive, scores)
+    np.testing.assert_array_equal(thresholds, ref_t[::-1])
+    np.testing.assert_allclose(precision, ref_p[:-1][::-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(recall, ref_r[:-1][::-1], rtol=0, atol=1e-12)
+
+
+# -- evaluation outputs of every rank as one set ----------------------------------------------
+
+def test_dedupe_by_index_keeps_first_occurrence_ordered_by_index():
+    index = np.array([5, 2, 5, 0, 2])
+    values = np.array([50.0, 20.0, 51.0, 0.0, 21.0])
+    rows = np.arange(10).reshape(5, 2)
+    idx, v, r = dedupe_by_index(index, values, rows)
+    np.testing.assert_array_equal(idx, [0, 2, 5])
+    np.testing.assert_array_equal(v, [0.0, 20.0, 50.0])
+    np.testing.assert_array_equal(r, [[6, 7], [2, 3], [0, 1]])
+    idx_t, v_t, mask_t = dedupe_by_index(torch.from_numpy(index), torch.from_numpy(values),
+                                         torch.tensor([True, False, False, True, True]))
+    assert isinstance(idx_t, torch.Tensor) and idx_t.tolist() == [0, 2, 5]
+    assert v_t.tolist() == [0.0, 20.0, 50.0] and mask_t.tolist() == [True, False, True]
+    idx_mixed, v_np = dedupe_by_index(torch.from_numpy(index), values)  # each output keeps its input's type
+    assert isinstance(idx_mixed, torch.Tensor) and isinstance(v_np, np.ndarray)
+    with pytest.raises(ValueError, match="length 4"):
+        dedupe_by_index(index, values[:4])
+
+
+class FakeRanks:
+    """What gather_rows uses of a LightningModule on rank 0, with the other ranks' rows given."""
+
+    def __init__(self, others: list[dict[str, torch.Tensor]]):
+        self.others = others
+
+    def all_gather(self, data):
+        if isinstance(data, torch.Tensor):  # the row counts
+            return torch.stack([data] + [torch.tensor([len(o["index"])]) for o in self.others])
+        out = {}
+        for key, mine in data.items():
+            theirs = [o[key].to(mine.dtype) for o in self.others]  # as the backend sees them
+            theirs = [torch.cat([t, t.new_zeros((len(mine) - len(t), *t.shape[1:]))]) for t in theirs]
+            out[key] = torch.stack([mine, *theirs])
+        return out
+
+
+def test_gather_rows_unequal_counts_rank_by_rank():
+    rows = [{"index": torch.tensor([0, 3, 6]), "mask": torch.tensor([[True], [False], [True]])},
+            {"index": torch.tensor([1, 4]), "mask": torch.tensor([[False], [False]])},
+            {"index": torch.tensor([2, 5, 8, 0]), "mask": torch.tensor([[True], [True], [False], [True]])}]
+    got = gather_rows(FakeRanks(rows[1:]), rows[0], world_size=3)
+    assert got["index"].tolist() == [0, 3, 6, 1, 4, 2, 5, 8, 0]
+    assert got["mask"].dtype == torch.bool  # bools travel as uint8 and come back as bools
+    assert got["mask"].reshape(-1).tolist() == [True, False, True, False, False, True, True, False, True]
+    index, mask = dedupe_by_index(got["index"], got["mask"])  # the repeated sample 0: rank 0's row
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, 8] and mask[0].item() is True
+    alone = gather_rows(None, rows[0], world_size=1)  # one rank: its own rows, nothing gathered
+    assert all(torch.equal(alone[k], rows[0][k]) for k in rows[0])
+    with pytest.raises(ValueError, match="one row per sample"):
+        gather_rows(FakeRanks(rows[1:]), {"index": torch.zeros(2), "mask": torch.zeros(3)}, world_size=3)
+
+
+def test_evaluation_doctests():
+    result = doctest.testmod(evaluation_module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

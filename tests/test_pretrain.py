@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import accuracy_score
 
 from datamodules.manifest import read_manifest
 from datamodules.pretrain_datamodule import PretrainDataModule
@@ -158,6 +159,18 @@ def test_verification_pairs_and_threshold_by_hand():
     acc, t = best_threshold(scores, same)
     assert acc == pytest.approx(5 / 6) and t == pytest.approx(0.4)  # the lower of the tied thresholds 0.4 / 0.7
     assert best_threshold(torch.tensor([0.5, 0.5]), torch.tensor([False, False]))[0] == 1.0  # "never the same"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_threshold_matches_brute_force_with_sklearn(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(200, generator=g) * 20).round() / 20  # many ties
+    same = torch.rand(200, generator=g) < 0.2 + 0.6 * scores
+    s, y = scores.double().numpy(), same.numpy()
+    candidates = np.r_[np.unique(s), s.max() + 1e-6]  # ascending, then "never the same"
+    accuracy = np.array([accuracy_score(y, s >= t) for t in candidates])
+    best = int(np.argmax(accuracy))  # the first maximum: the lowest threshold
+    assert best_threshold(scores, same) == (accuracy[best], candidates[best])
 
 
 def test_identity_split_holds_out_whole_identities(face_run, synthau):

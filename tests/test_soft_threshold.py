@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import callbacks.soft_threshold as soft_threshold_module
-from callbacks.soft_threshold import SoftThresholdCallback, dedupe_by_index, fit_thresholds
+from callbacks.soft_threshold import SoftThresholdCallback, fit_thresholds
+from lightning_modules.evaluation import dedupe_by_index
 from lightning_modules.metrics import au_scores
 
 

@@ -1,0 +1,72 @@
+"""Evaluation outputs of every rank as one set.
+
+Under DDP each rank sees its own share of the evaluation set, and ``DistributedSampler`` pads the
+shares to equal length by repeating samples. Metrics that need the whole set (fitted thresholds,
+verification pairs, de-duplicated AU counts) therefore gather every rank's rows
+(:func:`gather_rows`) and keep one row per sample index (:func:`dedupe_by_index`), so that they
+equal a single process's result on the same predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+__all__ = ["dedupe_by_index", "gather_rows"]
+
+
+def dedupe_by_index(index: Any, *arrays: Any) -> tuple:
+    """Keep the first occurrence of each sample index; return ``(index, *arrays)`` ordered by index.
+
+    ``DistributedSampler`` pads the evaluation set by repeating samples so that every rank gets
+    the same number; the gathered outputs must drop the repeats. Works on numpy arrays and torch
+    tensors (each output has its input's type, tensors stay on their device).
+
+    >>> dedupe_by_index(np.array([2, 0, 1, 2]), np.array([20., 0., 10., 21.]))
+    (array([0, 1, 2]), array([ 0., 10., 20.]))
+    >>> dedupe_by_index(torch.tensor([3, 1, 3]), torch.tensor([30., 10., 31.]))
+    (tensor([1, 3]), tensor([10., 30.]))
+    """
+    is_tensor = isinstance(index, torch.Tensor)
+    idx = (index.detach().cpu().numpy() if is_tensor else np.asarray(index)).reshape(-1)
+    unique, first = np.unique(idx, return_index=True)  # first: where each index occurs first
+    out: list[Any] = [torch.as_tensor(unique, device=index.device) if is_tensor else unique]
+    for a in arrays:
+        if len(a) != len(idx):
+            raise ValueError(f"array of length {len(a)} does not match the index's {len(idx)}")
+        if isinstance(a, torch.Tensor):
+            out.append(a[torch.as_tensor(first, device=a.device)])
+        else:
+            out.append(np.asarray(a)[first])
+    return tuple(out)
+
+
+def gather_rows(module: pl.LightningModule, rows: dict[str, torch.Tensor],
+                world_size: int) -> dict[str, torch.Tensor]:
+    """Every rank's rows, rank by rank, on the CPU; ranks may hold different numbers of rows.
+
+    ``rows`` maps names to tensors that share their first dimension (one row per sample).
+    ``all_gather`` needs equal shapes, so each rank pads to the longest count and the padding is
+    cut off again; bool tensors travel as uint8, which every backend gathers.
+    """
+    counts = {len(v) for v in rows.values()}
+    if len(counts) != 1:
+        raise ValueError(f"gather_rows needs one row per sample in every tensor, got lengths {sorted(counts)}")
+    if world_size <= 1:
+        return {k: v.cpu() for k, v in rows.items()}
+    n = counts.pop()
+    sizes = module.all_gather(torch.tensor([n], dtype=torch.long))
+    sizes = [int(s) for s in torch.as_tensor(sizes).reshape(-1).cpu()]
+    longest = max(sizes)
+    padded = {k: _sendable(v) for k, v in rows.items()}
+    padded = {k: torch.cat([v, v.new_zeros((longest - n, *v.shape[1:]))]) for k, v in padded.items()}
+    gathered = module.all_gather(padded)  # each (world, longest, ...)
+    return {k: torch.cat([v.cpu()[r, :sizes[r]] for r in range(len(sizes))]).to(rows[k].dtype)
+            for k, v in gathered.items()}
+
+
+def _sendable(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
