@@ -27,79 +27,26 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from callbacks.au_report import as_csv, as_markdown, au_report, prior_f1
+from callbacks.mlflow_run import RUN_ID_KEY, mlflow_logger
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
+from callbacks.soft_threshold import SoftThresholdCallback
+from datamodules.au_datamodule import AUDataModule
 from datamodules.manifest import au_column_name
+from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.predictor import AUPredictor
+from lightning_modules.pyfunc import log_model_to_run
 
 log = logging.getLogger(__name__)
-
-RUN_ID_KEY = "mlflow_run_id"
-
-
-def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-
-
-def run_id_from_checkpoint(path: str | Path) -> str | None:
-    """The MLflow run a checkpoint was written by (None for checkpoints from elsewhere)."""
-    ckpt = load_checkpoint(path)
-    return ckpt.get(RUN_ID_KEY) if isinstance(ckpt, dict) else None
-
-
-def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
-    """Mean F1 of the prior predictor: a constant score per AU, so at best "always positive"
-    (F1 = 2p / (1 + p) at positive rate p). The reference a trained model must beat.
-
-    >>> round(prior_f1(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), np.ones((4, 2), bool)), 4)  # (0.4 + 0.667) / 2
-    0.5333
-    """
-    labelled = mask.sum(0)
-    p = (labels * mask).sum(0) / np.maximum(labelled, 1)
-    return float(np.mean((2 * p / (1 + p))[labelled > 0]))
-
-
-def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray) -> list[dict]:
-    """One row per AU: what the model does at 0.5 and at its fitted threshold."""
-    rows = []
-    for i, au in enumerate(aus):
-        rows.append({
-            "AU": au_column_name(au), "support": int(scores_fitted["support"][i]),
-            "positives": int(scores_fitted["positives"][i]), "threshold": round(float(thresholds[i]), 4),
-            "f1@0.5": _r(scores_default["f1"][i]), "f1@fitted": _r(scores_fitted["f1"][i]),
-            "accuracy@0.5": _r(scores_default["accuracy"][i]), "accuracy@fitted": _r(scores_fitted["accuracy"][i]),
-        })
-    rows.append({"AU": "mean", "support": sum(r["support"] for r in rows), "positives": sum(r["positives"] for r in rows),
-                 "threshold": None, "f1@0.5": _r(scores_default["mean_f1"]), "f1@fitted": _r(scores_fitted["mean_f1"]),
-                 "accuracy@0.5": _r(scores_default["mean_accuracy"]),
-                 "accuracy@fitted": _r(scores_fitted["mean_accuracy"])})
-    return rows
-
-
-def _r(x: Any) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) else round(x, 4)
-
-
-def _csv(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    return "\n".join([",".join(keys)] + [",".join("" if r[k] is None else str(r[k]) for k in keys) for r in rows]) + "\n"
-
-
-def _markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 class MLflowArtifacts(L.Callback):
@@ -198,34 +145,38 @@ class MLflowArtifacts(L.Callback):
                     "au_report describe epoch %s", path, ckpt.get("epoch"), self.monitor, self.best_epoch)
         return self.record
 
-    def _render(self, trainer: L.Trainer, pl_module: L.LightningModule, value: float) -> dict:
+    def _render(self, trainer: L.Trainer, pl_module: AUDetector, value: float) -> dict:
         """This validation's files, as contents; thresholds and scores from the soft-threshold callback."""
-        soft = next((c for c in trainer.callbacks if hasattr(c, "last_predictions")), None)
+        soft = next((c for c in trainer.callbacks if isinstance(c, SoftThresholdCallback)), None)
         thresholds = pl_module.thresholds.detach().cpu().numpy()
         epoch = trainer.current_epoch
         payload = {"epoch": epoch, "step": trainer.global_step, self.monitor: value,
-                   "criterion": getattr(soft, "criterion", None),
+                   "criterion": soft.criterion if soft is not None else None,
                    "thresholds": {au_column_name(a): float(t) for a, t in zip(pl_module.aus, thresholds)}}
         files: dict[str, str | bytes] = {"thresholds.json": json.dumps(payload, indent=1)}
-        if soft is not None and getattr(soft, "last_scores", None) is not None:
+        if soft is not None and soft.last_scores is not None:
             rows = au_report(pl_module.aus, soft.last_scores_default, soft.last_scores, thresholds)
-            files["au_report.csv"] = _csv(rows)
-            files["au_report.md"] = f"Validation, epoch {epoch}\n\n" + _markdown(rows)
+            files["au_report.csv"] = as_csv(rows)
+            files["au_report.md"] = f"Validation, epoch {epoch}\n\n" + as_markdown(rows)
             probs, labels, mask, _ = soft.last_predictions
             files["plots/pr_curves.png"] = _png(pr_curves_figure(pl_module.aus, np.asarray(probs), np.asarray(labels),
                                                                  np.asarray(mask), thresholds))
         return {"epoch": epoch, "step": trainer.global_step, "score": value, "files": files}
 
     # -- hooks --------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, AUDetector):
+            raise TypeError(f"MLflowArtifacts reports on the AU detector (AUDetector), not {type(pl_module).__name__}")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: AUDetector) -> None:
         if self._client(trainer)[0] is None:
             return
         client, run_id = self._client(trainer)
-        for branch, report in getattr(getattr(pl_module, "net", None), "load_reports", {}).items():
+        for branch, report in pl_module.net.load_reports.items():
             client.set_tag(run_id, f"weights.{branch}", report[:5000])  # where each branch started from
         data = trainer.datamodule
         aus = pl_module.aus
-        if data is not None and hasattr(data, "label_frequencies") and "train" in getattr(data, "splits", {}):
+        if isinstance(data, AUDataModule) and "train" in data.splits:
             sampler = data.train_sampler()
             sampled = sampler.expected_positive_rate() if sampler is not None else None
             self._figure(trainer, label_frequency_figure(aus, data.label_frequencies("train"), sampled),
@@ -240,7 +191,7 @@ class MLflowArtifacts(L.Callback):
                              "plots/sample_grid.png")
             if "val" in data.splits:
                 client.log_metric(run_id, "val/f1_prior", prior_f1(data.splits["val"].labels, data.splits["val"].mask))
-            for stage, report in getattr(data, "reports", {}).items():
+            for stage, report in data.reports.items():
                 summary = {k: v for k, v in report.items() if k not in ("samples", "no_face_rows", "skipped_rows")}
                 self._text(trainer, json.dumps(summary, indent=1), f"data/alignment_{stage}.json")
 
@@ -267,6 +218,7 @@ class MLflowArtifacts(L.Callback):
             self._write(trainer, self._record_of(*self._best_checkpoint(trainer)))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # The run id travels with the checkpoint: --ckpt_path continues this run.
         logger = mlflow_logger(trainer)
         if logger is not None and trainer.is_global_zero:
             checkpoint[RUN_ID_KEY] = logger.run_id
@@ -282,16 +234,14 @@ class MLflowArtifacts(L.Callback):
         if best:
             client.log_artifact(run_id, best, "checkpoints")
         model_uri = None
-        aligned = getattr(getattr(trainer.datamodule, "alignment", None), "method", None) == "mtcnn"
+        data = trainer.datamodule
+        aligned = isinstance(data, AUDataModule) and data.alignment.method == "mtcnn"
         if self.log_model and aligned:  # a model that detects and aligns needs MTCNN-aligned training
             # The best epoch's weights (not the last ones), on the CPU: the trained module stays as it is.
-            if ckpt is not None:
-                state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-            else:
-                state = {k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()}
-            info = _log_pyfunc_model(client.tracking_uri, run_id, state, pl_module, trainer,
-                                     self.registered_model_name)
-            _delete_other_models(client, run_id, keep=info.model_id)
+            net = ckpt["state_dict"] if ckpt is not None else pl_module.state_dict()
+            predictor = AUPredictor.from_state(net, pl_module.hparams, data.alignment, data.normalize.mean,
+                                               data.normalize.std)
+            log_model_to_run(predictor, client, run_id, registered_model_name=self.registered_model_name)
             model_uri = f"runs:/{run_id}/model"
         # Last: with best.json there, the run's artifacts are complete.
         summary = {"best_epoch": record["epoch"] if record else self.best_epoch,
@@ -306,42 +256,3 @@ def _png(fig) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _delete_other_models(client, run_id: str, keep: str, name: str = "model") -> None:
-    """Delete the models an earlier, killed attempt at logging left on this run (``runs:/<id>/model``
-    resolves to the newest, but a half-logged one is no model to keep)."""
-    experiment_id = client.get_run(run_id).info.experiment_id
-    token = None
-    while True:
-        page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
-        for model in page:
-            if model.source_run_id == run_id and model.model_id != keep:
-                client.delete_logged_model(model.model_id)
-        token = page.token
-        if not token:
-            return
-
-
-def _log_pyfunc_model(tracking_uri: str, run_id: str, state: dict, pl_module: L.LightningModule,
-                      trainer: L.Trainer, registered_model_name: str | None):
-    """Log the image-in pyfunc model (detection and alignment inside) on the logger's run; MLflow's ModelInfo."""
-    import mlflow
-
-    from lightning_modules.predictor import AUPredictor, build_net
-    from lightning_modules.pyfunc import log_model
-
-    data = trainer.datamodule
-    hp = pl_module.hparams
-    spec = {"aus": list(pl_module.aus), "backbone": hp.backbone, "branches": list(hp.branches),
-            "aux_heads": bool(hp.aux_heads)}
-    net = build_net(spec)
-    net.load_state_dict(state)
-    predictor = AUPredictor(net, data.alignment, spec, data.normalize.mean, data.normalize.std, device="cpu")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            return log_model(predictor, registered_model_name=registered_model_name)
-    finally:
-        mlflow.set_tracking_uri(previous)

@@ -18,8 +18,8 @@ import torch
 
 from datamodules.mtcnn_cascade import detect_batch
 
-# 2: a face that must be shrunk is halved (2x2 means) within the window its crop reads, instead of
-# area-resizing the whole image to twice the crop's scale; checkpoints keep the version they used.
+# How faces bigger than the crop are shrunk (see warp_face); part of the cache key, and kept by
+# checkpoints so that prediction crops exactly as their training did.
 ALIGNMENT_VERSION = 2
 # ArcFace's 5-point template for 112x112 crops (eyes, nose tip, mouth corners), in [0, 1].
 ARCFACE_TEMPLATE = np.array(
@@ -215,7 +215,7 @@ class FaceDetector:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.mtcnn = MTCNN(min_face_size=settings.min_face_size, thresholds=list(settings.thresholds),
                            keep_all=True, select_largest=False, post_process=False, device=self.device)
-        # The cascade's inputs are NHWC images: channels-last nets run them ~1.4x faster on CPU.
+        # The cascade's inputs are NHWC images: channels-last nets take them without a layout change.
         for net in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet):
             net.to(memory_format=torch.channels_last)
 

@@ -68,9 +68,9 @@ def detect_batch(imgs: torch.Tensor, pnet, rnet, onet, min_face_size: int = 20,
     nchw = imgs.permute(0, 3, 1, 2)  # a view: channels-last memory, which the nets run fastest on
     b, _, h, w = nchw.shape
     empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
-    # Stage 1: P-net over the pyramid. Each level is an antialiased bilinear resize of the copy:
-    # on CPU torch resizes uint8 channels-last images with a vectorised path, ~2.5x faster than
-    # an area resize of float images (MTCNN's own pyramid was a resize of the uint8 image).
+    # Stage 1: P-net over the pyramid. Each level is an antialiased bilinear resize of the uint8
+    # copy: torch has a vectorised CPU path for uint8 channels-last images, and antialiasing keeps
+    # the small levels as smooth as an area resize would.
     source = nchw if nchw.dtype == torch.uint8 and nchw.device.type == "cpu" else nchw.float()
     all_boxes, all_inds = [], []
     for scale in _pyramid(h, w, min_face_size, factor):

@@ -52,7 +52,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from mlflow.tracking import MlflowClient
 
-from callbacks.mlflow_artifacts import mlflow_logger
+from callbacks.mlflow_run import mlflow_logger
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from experiments.ablation_report import bar_chart, markdown_table, orderings, table_csv
 from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, Row, row_metrics

@@ -21,7 +21,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.backbone_export import BackboneExport
-from callbacks.mlflow_artifacts import MLflowArtifacts, mlflow_logger, run_id_from_checkpoint
+from callbacks.mlflow_artifacts import MLflowArtifacts
+from callbacks.mlflow_run import mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule

@@ -13,7 +13,6 @@ is the LightningModule around it (loss, metrics, optimisation).
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import lightning as L
@@ -26,8 +25,6 @@ from datamodules.manifest import EMOTIONET_AUS, au_column_name
 from lightning_modules.backbones import create_backbone
 from lightning_modules.losses import MaskedBCEWithLogits, build_loss
 from lightning_modules.metrics import AUMetrics
-
-log = logging.getLogger(__name__)
 
 BRANCHES = ("face", "emotion")
 

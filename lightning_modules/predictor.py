@@ -114,17 +114,24 @@ class AUPredictor:
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a Lightning checkpoint of the AU detector (no hyper_parameters/state_dict)")
-        hp = ckpt["hyper_parameters"]
-        spec = {"aus": [int(a) for a in hp["aus"]], "backbone": hp["backbone"], "branches": list(hp["branches"]),
-                "aux_heads": bool(hp.get("aux_heads", False))}
         data = ckpt.get("datamodule_hyper_parameters") or {}
         if "alignment" not in data:
             log.warning("%s holds no data settings: default alignment and ImageNet normalisation assumed", path)
-        alignment = _alignment(data.get("alignment", AlignmentSettings()), detection)
+        return cls.from_state(ckpt["state_dict"], ckpt["hyper_parameters"],
+                              _alignment(data.get("alignment", AlignmentSettings()), detection),
+                              data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+
+    @classmethod
+    def from_state(cls, state_dict: dict, hparams: dict, alignment: AlignmentSettings | dict,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   device: str | None = "cpu") -> "AUPredictor":
+        """From an :class:`AUDetector`'s state dict and hyperparameters (a checkpoint's, or a live
+        module's) and the data settings it was trained with; the weights are copied to the CPU."""
+        spec = {"aus": [int(a) for a in hparams["aus"]], "backbone": hparams["backbone"],
+                "branches": list(hparams["branches"]), "aux_heads": bool(hparams.get("aux_heads", False))}
         net = build_net(spec)
-        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        net.load_state_dict(state)
-        return cls(net, alignment, spec, data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+        net.load_state_dict({k[len("net."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("net.")})
+        return cls(net, AlignmentSettings.coerce(alignment), spec, mean, std, device)
 
     @classmethod
     def from_dir(cls, folder: str | Path, device: str | None = None, **detection) -> "AUPredictor":

@@ -182,6 +182,29 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
             model_config=asdict(limits), registered_model_name=registered_model_name)
 
 
+def log_model_to_run(predictor, client, run_id: str, name: str = "model", registered_model_name: str | None = None):
+    """Log a predictor as ``runs:/<run_id>/<name>`` on the tracking server of ``client`` (an
+    ``MlflowClient``), then delete the models an earlier, killed attempt left on the run under the
+    same name (``runs:/<id>/model`` resolves to the newest, but a half-logged one is no model to keep)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = log_model(predictor, name=name, registered_model_name=registered_model_name)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    token = None
+    while True:
+        page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
+        for model in page:
+            if model.source_run_id == run_id and model.model_id != info.model_id:
+                client.delete_logged_model(model.model_id)
+        token = page.token
+        if not token:
+            return info
+
+
 def _example_image() -> bytes:
     """A small grey PNG: the request shape the MLflow UI shows (its answer is a no_face row)."""
     from PIL import Image

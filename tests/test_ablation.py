@@ -114,6 +114,7 @@ def test_ablation_end_to_end_resumes_and_reads_mlflow(synthau, tmp_path, capsys)
     assert "finished before" in capsys.readouterr().out
 
 
-def test_row_metrics_needs_the_test_metrics():
-    with pytest.raises(KeyError):
-        row_metrics({"test/f1": 0.5}, thresholds=True)
+def test_row_metrics_at_each_rows_decision_rule():
+    metrics = {"test/accuracy": 0.9, "test/f1": 0.5, "test/accuracy_default": 0.8, "test/f1_default": 0.3}
+    assert row_metrics(metrics, thresholds=True) == pytest.approx({"accuracy": 0.9, "f1": 0.5, "avg": 0.7})
+    assert row_metrics(metrics, thresholds=False) == pytest.approx({"accuracy": 0.8, "f1": 0.3, "avg": 0.55})

@@ -3,7 +3,6 @@ do the curves over thresholds; evaluation outputs of every rank are gathered and
 
 from __future__ import annotations
 
-import doctest
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ import torch
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_curve, precision_score,
                              recall_score)
 
-import lightning_modules.evaluation as evaluation_module
-import lightning_modules.metrics as metrics_module
 from callbacks.plots import precision_recall
 from lightning_modules.evaluation import dedupe_by_index, gather_rows
 from lightning_modules.metrics import AUMetrics, au_confusion, au_scores, ranked_counts
@@ -151,11 +148,6 @@ def test_aumetrics_constructor_threshold_and_shapes():
         metric.update(torch.zeros(3, 3), torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.bool))
 
 
-def test_doctests():
-    result = doctest.testmod(metrics_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_dedupe_by_index_counts_each_sample_once():
     """DistributedSampler's padding repeats a sample; the deduplicating metric ignores the repeat."""
     rng = np.random.default_rng(3)
@@ -284,8 +276,3 @@ def test_gather_rows_unequal_counts_rank_by_rank():
     assert all(torch.equal(alone[k], rows[0][k]) for k in rows[0])
     with pytest.raises(ValueError, match="one row per sample"):
         gather_rows(FakeRanks(rows[1:]), {"index": torch.zeros(2), "mask": torch.zeros(3)}, world_size=3)
-
-
-def test_evaluation_doctests():
-    result = doctest.testmod(evaluation_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

@@ -3,7 +3,6 @@ callback fits on the de-duplicated, gathered validation set and writes the modul
 
 from __future__ import annotations
 
-import doctest
 from types import SimpleNamespace
 
 import lightning as L
@@ -15,7 +14,6 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import callbacks.soft_threshold as soft_threshold_module
 from callbacks.soft_threshold import SoftThresholdCallback, fit_thresholds
 from lightning_modules.evaluation import dedupe_by_index
 from lightning_modules.metrics import au_scores
@@ -305,8 +303,3 @@ def test_callback_in_trainer():
     assert float(metrics["val/f1_fitted/AU6"]) == pytest.approx(scores["f1"][1], abs=1e-6)
     # the fitted thresholds beat (or tie) 0.5 on F1, as they were fitted for it
     assert scores["mean_f1"] >= au_scores(probs, labels, mask, 0.5)["mean_f1"] - 1e-12
-
-
-def test_doctests():
-    result = doctest.testmod(soft_threshold_module)
-    assert result.attempted > 0 and result.failed == 0

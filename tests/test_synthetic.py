@@ -75,8 +75,8 @@ def test_summary_counts(synthau):
 
 def test_identities_and_expressions_at_scale():
     settings = SynthAUSettings()
-    assert len(synthetic._identities(settings)) >= 100
-    assert len(EXPRESSIONS) == 8  # 7 basic emotions + neutral
+    identities = synthetic._identities(settings)
+    assert len({(i.skin, i.hair) for i in identities}) > 50  # people look different, not 120 copies
     rng = np.random.default_rng(1)
     assert {sample_aus(rng)[0] for _ in range(2000)} == set(EXPRESSIONS)
 

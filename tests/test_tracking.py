@@ -18,11 +18,21 @@ def test_project_settings_use_a_local_sqlite_store():
     assert settings.experiment_name == "au-detect" and settings.tags["project"] == "au-detect"
 
 
-def test_logger_always_gets_an_explicit_uri(tmp_path):
+def test_logger_tracks_where_the_settings_say(tmp_path, monkeypatch):
+    """The run lands in the file's store and experiment, named and tagged as asked, whatever the
+    working folder holds (no ./mlruns)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "m.yaml"
-    path.write_text(f"tracking_uri: sqlite:///{tmp_path}/x.db\nexperiment_name: e\n")
-    logger = TrackingSettings.read(path).logger(run_name="r", run_id=None)
-    assert logger._tracking_uri == f"sqlite:///{tmp_path}/x.db" and logger._run_name == "r"
+    path.write_text(f"tracking_uri: sqlite:///{tmp_path}/x.db\nexperiment_name: e\n"
+                    f"artifact_location: {tmp_path / 'artifacts'}\ntags: {{team: faces}}\n")
+    logger = TrackingSettings.read(path).logger(run_name="r", run_id=None, tags={"row": "1"})
+    logger.log_metrics({"m": 1.0})
+    run = MlflowClient(f"sqlite:///{tmp_path}/x.db").get_run(logger.run_id)
+    assert run.info.run_name == "r" and run.data.metrics == {"m": 1.0}
+    assert run.data.tags["team"] == "faces" and run.data.tags["row"] == "1"
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_bad_settings_name_the_file_and_key(tmp_path):

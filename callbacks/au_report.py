@@ -1,0 +1,57 @@
+"""The per-AU report of a validation: support, threshold, F1 and accuracy at 0.5 and at the fitted
+threshold, as rows, CSV and Markdown; and the prior predictor's F1, the figure a model must beat."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from datamodules.manifest import au_column_name
+
+
+def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
+    """Mean F1 of the prior predictor: a constant score per AU, so at best "always positive"
+    (F1 = 2p / (1 + p) at positive rate p). The reference a trained model must beat.
+
+    >>> round(prior_f1(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), np.ones((4, 2), bool)), 4)  # (0.4 + 0.667) / 2
+    0.5333
+    """
+    labelled = mask.sum(0)
+    p = (labels * mask).sum(0) / np.maximum(labelled, 1)
+    return float(np.mean((2 * p / (1 + p))[labelled > 0]))
+
+
+def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray) -> list[dict]:
+    """One row per AU: what the model does at 0.5 and at its fitted threshold."""
+    rows = []
+    for i, au in enumerate(aus):
+        rows.append({
+            "AU": au_column_name(au), "support": int(scores_fitted["support"][i]),
+            "positives": int(scores_fitted["positives"][i]), "threshold": round(float(thresholds[i]), 4),
+            "f1@0.5": _r(scores_default["f1"][i]), "f1@fitted": _r(scores_fitted["f1"][i]),
+            "accuracy@0.5": _r(scores_default["accuracy"][i]), "accuracy@fitted": _r(scores_fitted["accuracy"][i]),
+        })
+    rows.append({"AU": "mean", "support": sum(r["support"] for r in rows), "positives": sum(r["positives"] for r in rows),
+                 "threshold": None, "f1@0.5": _r(scores_default["mean_f1"]), "f1@fitted": _r(scores_fitted["mean_f1"]),
+                 "accuracy@0.5": _r(scores_default["mean_accuracy"]),
+                 "accuracy@fitted": _r(scores_fitted["mean_accuracy"])})
+    return rows
+
+
+def _r(x: Any) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else round(x, 4)
+
+
+def as_csv(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    return "\n".join([",".join(keys)] + [",".join("" if r[k] is None else str(r[k]) for k in keys) for r in rows]) + "\n"
+
+
+def as_markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
