@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.manifest import au_column_name
+from datamodules.manifest import au_column_name, positive_rate
 
 
 def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
@@ -18,9 +18,8 @@ def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
     >>> round(prior_f1(np.array([[1, 0], [0, 0], [0, 1], [0, 1]]), np.ones((4, 2), bool)), 4)  # (0.4 + 0.667) / 2
     0.5333
     """
-    labelled = mask.sum(0)
-    p = (labels * mask).sum(0) / np.maximum(labelled, 1)
-    return float(np.mean((2 * p / (1 + p))[labelled > 0]))
+    p = positive_rate(labels, mask)
+    return float(np.nanmean(2 * p / (1 + p)))
 
 
 def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray) -> list[dict]:

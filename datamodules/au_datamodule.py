@@ -23,7 +23,7 @@ from datamodules.alignment import AlignmentSettings
 from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, AUAugmentation, Normalize
 from datamodules.download import DownloadSettings, download_manifests, local_manifest_path
-from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, read_manifest
+from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, positive_rate, read_manifest
 from datamodules.sampling import MultilabelBalancedSampler
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
@@ -234,7 +234,4 @@ class AUDataModule(L.LightningDataModule):
     # -- facts other parts use ---------------------------------------------------------------
     def label_frequencies(self, stage: str = "train") -> np.ndarray:
         """Per-AU positive rate over labelled entries of a split (nan where none is labelled)."""
-        split = self.splits[stage]
-        labelled = split.mask.sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(labelled > 0, (split.labels * split.mask).sum(0) / labelled, np.nan)
+        return positive_rate(self.splits[stage].labels, self.splits[stage].mask)

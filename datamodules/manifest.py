@@ -127,15 +127,24 @@ class Manifest:
 
     def positive_rate(self) -> np.ndarray:
         """Per AU, positives / labelled entries (nan where no entry is labelled)."""
-        labelled = self.mask.sum(0)
-        positives = (self.labels * self.mask).sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(labelled > 0, positives / labelled, np.nan)
+        return positive_rate(self.labels, self.mask)
 
     def _root(self, root: Path | str | None) -> Path:
         if root is not None:
             return Path(root)
         return self.root if self.root is not None else self.path.parent
+
+
+def positive_rate(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per AU, the share of positives among the labelled entries (nan where none is labelled):
+    the label statistic behind sampling weights, the prior predictor and the label plots.
+
+    >>> positive_rate(np.array([[1, 0], [0, 0], [1, 0]]), np.array([[1, 0], [1, 0], [0, 0]], bool))
+    array([0.5, nan])
+    """
+    labelled = mask.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(labelled > 0, (labels * mask).sum(0) / labelled, np.nan)
 
 
 def _resolve(ref: str, root: Path) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name, write_manifest
+from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name, positive_rate, write_manifest
 from datamodules.synthetic_face import FaceSpec, Identity, render_face, sample_identity
 from datamodules.synthetic_labels import sample_labels
 from datamodules.synthetic_scene import render_scene
@@ -91,7 +91,7 @@ def label_statistics(rows: list[dict]) -> dict:
     """Per-AU positive rate over labelled entries and the share of ``999`` labels."""
     y = np.array([r["labels"] for r in rows])
     labelled = y != UNLABELLED
-    pos = (y == 1).sum(0) / np.maximum(labelled.sum(0), 1)
+    pos = positive_rate(y == 1, labelled)
     return {
         "positive_rate": {au_column_name(a): round(float(p), 4) for a, p in zip(EMOTIONET_AUS, pos)},
         "unlabelled_share": round(float(1 - labelled.mean()), 4),
