@@ -209,8 +209,13 @@ class AUDetectCLI(TrackedCLI):
                              "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
                              "checkpoint.filename": "epoch{epoch:02d}-score{val/score_fitted:.4f}"})
         parser.add_lightning_class_args(MLflowArtifacts, "mlflow_artifacts")
-        # The registered name is mlflow.yaml's, like everything else about where runs go.
-        parser.link_arguments("mlflow", "mlflow_artifacts.registered_model_name", compute_fn=registered_model_name)
+
+    def before_instantiate_classes(self) -> None:
+        # Unless the config names one, models are registered under mlflow.yaml's name, like
+        # everything else about where runs go.
+        config = self._subconfig()
+        if config.mlflow_artifacts.registered_model_name is None and Path(config.mlflow).is_file():
+            config.mlflow_artifacts.registered_model_name = TrackingSettings.read(config.mlflow).registered_model_name
 
 
 class PretrainCLI(TrackedCLI):
@@ -251,8 +256,3 @@ def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -
         else:
             out[name] = str(value)[:6000]
     return out
-
-
-def registered_model_name(mlflow_yaml: str) -> str | None:
-    """``registered_model_name`` of an ``mlflow.yaml`` (None when there is no such file)."""
-    return TrackingSettings.read(mlflow_yaml).registered_model_name if Path(mlflow_yaml).is_file() else None

@@ -158,3 +158,17 @@ def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
                                                                           "export.path": "b.pt"}))
         assert parsed.data.alignment.crop_size == cfg.pretrain_overrides["data.alignment.crop_size"]
         assert parsed.export.path == "b.pt"
+
+
+def test_models_are_registered_under_mlflow_yaml_name_unless_the_config_names_one(tmp_path):
+    from callbacks.mlflow_artifacts import MLflowArtifacts
+    from experiments.lightning_cli import AUDetectCLI
+
+    settings = tmp_path / "mlflow.yaml"
+    settings.write_text(f"tracking_uri: sqlite:///{tmp_path}/m.db\nregistered_model_name: team-au\n")
+    names = []
+    for extra in ([], ["--mlflow_artifacts.registered_model_name", "mine"]):
+        cli = AUDetectCLI(args=["--config", str(DEMO), "--mlflow", str(settings), "--trainer.logger=false", *extra],
+                          run=False)
+        names += [c.registered_model_name for c in cli.trainer.callbacks if isinstance(c, MLflowArtifacts)]
+    assert names == ["team-au", "mine"]
