@@ -4,10 +4,10 @@ EmotioNet is distributed as manifests of image URLs, and years later many of the
 redirect to a "photo not available" page, hang, or serve something that is not an image. This
 module downloads what can be downloaded and says exactly what could not:
 
-* HTTP is urllib3's: one connection pool per run (connections to a host are reused), its
-  ``Retry`` for retries and redirects. Only ``http``/``https`` URLs are fetched; every redirect
-  hop is checked the same way (a redirect to ``file://`` is refused), loops are caught and hops
-  are counted against ``max_redirects``.
+* HTTP is urllib3's, in :mod:`datamodules.http_transfer`: one connection pool per run
+  (connections to a host are reused), its ``Retry`` for retries and redirects. Only
+  ``http``/``https`` URLs are fetched; every redirect hop is checked the same way (a redirect
+  to ``file://`` is refused), loops are caught and hops are counted against ``max_redirects``.
 * ``timeout`` is a deadline for each file's whole transfer: connecting, every redirect, every
   retry and its wait, every read of the body. A server that sends one byte a second (headers or
   body) is cut off when the deadline passes. Ctrl-C cuts every transfer at once (a connection
@@ -62,51 +62,29 @@ or ``au-detect download --manifest emotionet/train.tsv --out data/emotionet``.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import os
 import queue
-import random
 import re
 import secrets
-import socket
-import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from itertools import takewhile
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import (
-    HTTPError,
-    InvalidHeader,
-    LocationValueError,
-    MaxRetryError,
-    NameResolutionError,
-    NewConnectionError,
-    ResponseError,
-)
-from urllib3.exceptions import SSLError as Urllib3SSLError
-from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
-
-from .images import TOO_LARGE, InputError, verify_image
 from . import files
+from .http_transfer import TRANSIENT_STATUS, Failure, Fetched, Session, Stopped
+from .images import TOO_LARGE, InputError, verify_image
 from .manifest import EMOTIONET_AUS, read_manifest, read_rows, write_manifest
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("http", "https")
 IMAGES_DIR = "images"
 REPORT_NAME = "download_report.json"
-# Retried (urllib3's status_forcelist); every other 4xx is permanent.
-TRANSIENT_STATUS = frozenset({408, 429, *range(500, 600)})
 # Remembered by the report, not requested again; besides these, every http_4xx but 408 and 429.
 PERMANENT_REASONS = frozenset({"unsupported_scheme", "invalid_url", "too_many_redirects", "too_large",
                                "empty", "not_an_image", "too_many_pixels"})
@@ -114,13 +92,11 @@ PERMANENT_REASONS = frozenset({"unsupported_scheme", "invalid_url", "too_many_re
 # local_name's suffixes are frozen: names on disk from earlier runs depend on them, so they must
 # not follow the decoder's allowlist (images.IMAGE_SUFFIXES, which now takes TIFF too).
 _NAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-_CHUNK = 64 * 1024
 _PART = re.compile(r"^[0-9a-f]{20}\.[a-z]+\.part-[0-9a-f]+$")
 _HTML_PREFIXES = (b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<!--", b"<script", b"<svg")
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-_RETRY_AFTER_CAP = 30.0
 _REMEMBERED = " [remembered from "  # how a remembered failure's detail starts its note
-_INTERRUPTED = "interrupted"  # internal: a transfer cut by Ctrl-C is not a result
+_INTERRUPTED = "interrupted"  # internal status: a transfer cut by Ctrl-C is not a result
 _GRACE_SECONDS = 3.0  # after Ctrl-C, for the workers to finish what cannot be cut (a verification)
 
 
@@ -266,421 +242,12 @@ class DownloadInterrupted(KeyboardInterrupt):
         self.report: DownloadReport | None = None
 
 
-class _Failure(Exception):
-    """Why a URL failed; ``transient``: another attempt in this run may succeed."""
-
-    def __init__(self, reason: str, detail: str, transient: bool = False):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail, self.transient = reason, detail, transient
-
-
-def _check_scheme(url: str, what: str = "URL") -> None:
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:
-        raise _Failure("invalid_url", f"{what} {url!r}: {e}") from None
-    if parts.scheme.lower() not in SCHEMES:
-        shown = url if len(url) <= 200 else url[:200] + "..."
-        raise _Failure("unsupported_scheme", f"{what} {shown!r}: only http and https are fetched")
-
-
 def is_permanent(reason: str) -> bool:
     """Whether a failure reason is one the next run need not ask again (see the module table)."""
     if reason in PERMANENT_REASONS:
         return True
     code = reason.removeprefix("http_")
     return code.isdigit() and 400 <= int(code) < 500 and int(code) not in TRANSIENT_STATUS
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP: urllib3 with a deadline per file and a way to cut a transfer from another thread
-
-
-class _Transfer:
-    """One URL's requests, from the first connection to the end of its body: the deadline they
-    share, the connection in use (so that the deadline or Ctrl-C can cut it) and what to report."""
-
-    def __init__(self, url: str, settings: DownloadSettings, stop: threading.Event):
-        self.url = self.where = url  # where: the URL of the request in flight (after redirects)
-        self.settings, self.stop = settings, stop
-        self.deadline = time.monotonic() + settings.timeout
-        self.conn: _Watched | None = None  # the connection of the request in flight...
-        self.sock: socket.socket | None = None  # ...and its socket, which a response may hold alone
-        self.cut_off = False  # by the deadline or Ctrl-C: what arrived proves nothing
-        self.attempts = 1  # request chains: the first, then one per retry granted
-        self.gave_up = ""  # why the retries stopped before their count did
-
-    def time_left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def socket_timeout(self) -> float:
-        return max(self.time_left(), 0.01)  # 0 would make the socket non-blocking
-
-    def cut(self) -> None:
-        """Shut the socket of the request in flight: a read blocked on it returns at once.
-
-        What ``HTTPResponse.shutdown()`` does, but also before the response exists (headers a
-        server trickles). Only while this transfer still owns the connection: once released to
-        the pool it may serve another.
-        """
-        self.cut_off = True
-        conn, sock = self.conn, self.sock
-        if conn is not None and conn.transfer is self and sock is not None:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: TLS state untouched
-            except OSError:
-                pass
-
-
-# The transfer a worker thread is on: urllib3 opens connections deep inside urlopen, and this
-# is how a connection learns which transfer it serves.
-_current = threading.local()
-
-
-class _Watched:
-    """Mixed into urllib3's connections: each request registers the connection with its transfer.
-
-    (A TLS handshake runs before that and is bounded by the socket timeout alone.)"""
-
-    transfer: _Transfer | None = None
-
-    def request(self, *args, **kwargs):
-        transfer = getattr(_current, "transfer", None)
-        self.transfer = transfer
-        if transfer is None:
-            return super().request(*args, **kwargs)
-        transfer.conn, transfer.sock = self, None
-        try:
-            return super().request(*args, **kwargs)
-        finally:
-            # Kept by the transfer: http.client takes the socket off a connection that is to
-            # close after its response (HTTP/1.0, "Connection: close") while the body is read.
-            transfer.sock = self.sock
-
-
-class _HTTPConnection(_Watched, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-class _TimeLeft(urllib3.Timeout):
-    """The time left to the transfer's deadline, whenever urllib3 asks: when it connects and when
-    it waits for the headers of each request, redirects and retries included."""
-
-    def __init__(self, transfer: _Transfer):
-        super().__init__()
-        self._transfer = transfer
-
-    def clone(self) -> _TimeLeft:
-        return _TimeLeft(self._transfer)
-
-    @property
-    def connect_timeout(self) -> float:  # type: ignore[override]
-        return self._transfer.socket_timeout()
-
-    @property
-    def read_timeout(self) -> float:  # type: ignore[override]
-        return self._transfer.socket_timeout()
-
-
-class _DownloadRetry(urllib3.Retry):
-    """urllib3's retry and redirect state for one file, held to its transfer's deadline and to Ctrl-C.
-
-    Where it differs from urllib3's: ``settings.retries`` bounds the failed attempts of every
-    kind together (redirects are counted apart, against ``max_redirects``); the n-th retry waits
-    ``backoff * 2**(n-1)`` s plus up to 25 % (urllib3 retries the first time at once, which an
-    overloaded server does not need), or the server's ``Retry-After`` (capped) when longer; no
-    retry starts that would wait past the deadline; a redirect must stay http(s) and must not go
-    back to a URL of its chain; an SSL failure is not retried.
-    """
-
-    transfer: _Transfer
-    delay: float = 0.0  # the wait before the next request, set by increment
-
-    @classmethod
-    def start(cls, transfer: _Transfer) -> _DownloadRetry:
-        s = transfer.settings
-        retry = cls(total=None, redirect=s.max_redirects, status_forcelist=TRANSIENT_STATUS,
-                    backoff_factor=s.backoff, raise_on_status=False, retry_after_max=_RETRY_AFTER_CAP)
-        retry.transfer = transfer
-        return retry
-
-    def new(self, **kw) -> _DownloadRetry:
-        retry = super().new(**kw)
-        retry.transfer = self.transfer
-        return retry
-
-    def get_backoff_time(self) -> float:
-        failures = sum(1 for _ in takewhile(lambda h: h.redirect_location is None, reversed(self.history)))
-        return self.backoff_factor * 2 ** (failures - 1) * (1 + 0.25 * random.random()) if failures else 0.0
-
-    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
-        if self.transfer.stop.is_set():
-            raise _Failure(_INTERRUPTED, "stopped by Ctrl-C")
-        if error is None and response is not None and response.get_redirect_location():
-            return self._redirect(method, url, response, _pool)
-        if isinstance(error, Urllib3SSLError):
-            raise MaxRetryError(_pool, url, error)
-        retry = super().increment(method, url, response, error, _pool, _stacktrace)
-        reason = error or ResponseError(f"HTTP {getattr(response, 'status', '?')}")
-        if sum(h.redirect_location is None for h in retry.history) > self.transfer.settings.retries:
-            raise MaxRetryError(_pool, url, reason)
-        retry.delay = self._wait(retry, response, reason)
-        self.transfer.attempts += 1
-        return retry
-
-    def sleep(self, response=None) -> None:
-        if self.transfer.stop.wait(self.delay):
-            raise _Failure(_INTERRUPTED, "stopped by Ctrl-C")
-
-    def _wait(self, retry: _DownloadRetry, response, reason: Exception) -> float:
-        """The wait before the next attempt; raises MaxRetryError (for ``reason``) when it would
-        outlast the deadline."""
-        try:
-            asked = self.get_retry_after(response) if response is not None else None
-        except InvalidHeader:
-            asked = None
-        delay = max(retry.get_backoff_time(), asked or 0.0)
-        left = self.transfer.time_left()
-        if delay >= left:
-            if left > 0:  # else the failure is a timeout, which says it all
-                why = (f"the server asked to retry after {asked:g} s (Retry-After, capped at {_RETRY_AFTER_CAP:g} s)"
-                       if asked and asked >= delay else f"the next retry would wait {delay:.2f} s")
-                self.transfer.gave_up = f"; not retried: {why}, {left:.1f} s were left of the timeout"
-            raise MaxRetryError(None, self.transfer.where, reason)
-        return delay
-
-    def _redirect(self, method, url, response, _pool) -> _DownloadRetry:
-        target = urljoin(url, response.get_redirect_location())
-        try:
-            _check_scheme(target, what=f"redirect from {url} to")
-        except _Failure as f:
-            raise MaxRetryError(_pool, url, f) from None
-        chain = [h.url for h in takewhile(lambda h: h.redirect_location is not None, reversed(self.history))]
-        if target == url or target in chain:
-            loop = _Failure("too_many_redirects", f"redirect loop at {target} after {len(chain) + 1} hop(s)")
-            raise MaxRetryError(_pool, url, loop)
-        try:
-            retry = super().increment(method, url, response=response, _pool=_pool)
-        except MaxRetryError:
-            limit = _Failure("too_many_redirects",
-                             f"more than {self.transfer.settings.max_redirects} redirects (last: {url} -> {target})")
-            raise MaxRetryError(_pool, url, limit) from None
-        self.transfer.where = target
-        return retry
-
-    def again(self, failure: _Failure) -> _DownloadRetry:
-        """After a transfer that broke off once its response had begun: count it, wait, start over
-        from the original URL with a fresh redirect budget. Raises MaxRetryError when out of
-        attempts or time."""
-        retry = self.increment("GET", self.transfer.url, error=failure)
-        retry.sleep()
-        self.transfer.where = self.transfer.url
-        return retry.new(redirect=self.transfer.settings.max_redirects)
-
-
-class _Urllib3Chatter(logging.Filter):
-    """urllib3 logs each retry (WARNING) and redirect (INFO); the report has them per URL, and a
-    run of a million URLs would bury the log in them. Only download workers' records are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or not record.threadName.startswith("download")
-
-
-_CHATTER = _Urllib3Chatter()
-_CHATTY_LOGGERS = ("urllib3.connectionpool", "urllib3.poolmanager")
-
-
-class _Session:
-    """One download run's HTTP: the pool manager (a pool of ``workers`` connections per host), the
-    transfers in flight, and a watchdog thread that cuts each one at its deadline. Socket timeouts
-    (the time left) bound each read; the watchdog bounds what a server stretches over many reads
-    (headers sent a byte at a time)."""
-
-    def __init__(self, settings: DownloadSettings):
-        self.settings = settings
-        self.stop = threading.Event()
-        self.http = urllib3.PoolManager(
-            num_pools=4 * settings.workers,  # hosts whose connections are kept, most recently used
-            maxsize=settings.workers,
-            headers={"User-Agent": settings.user_agent, "Accept": "image/*, */*;q=0.5",
-                     "Accept-Encoding": "identity"},
-        )
-        self.http.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-        self._active: set[_Transfer] = set()
-        self._cond = threading.Condition()
-        self._wakeup: float | None = None  # the deadline the watchdog sleeps until (None: no transfer)
-        self._closed = False
-        for name in _CHATTY_LOGGERS:
-            logging.getLogger(name).addFilter(_CHATTER)
-        self._watchdog = threading.Thread(target=self._cut_expired, name="download-deadlines", daemon=True)
-        self._watchdog.start()
-
-    @contextmanager
-    def transfer(self, url: str) -> Iterator[_Transfer]:
-        t = _Transfer(url, self.settings, self.stop)
-        with self._cond:
-            self._active.add(t)
-            if self._wakeup is None or t.deadline < self._wakeup:  # rarely: deadlines come in order
-                self._cond.notify()
-        _current.transfer = t
-        try:
-            yield t
-        finally:
-            _current.transfer = None
-            with self._cond:
-                self._active.discard(t)
-
-    def interrupt(self) -> None:
-        """Ctrl-C: no new request, no more waiting, every transfer in flight cut."""
-        self.stop.set()
-        with self._cond:
-            for t in self._active:
-                t.cut()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._watchdog.join()
-        self.http.clear()
-        for name in _CHATTY_LOGGERS:
-            logging.getLogger(name).removeFilter(_CHATTER)
-
-    def _cut_expired(self) -> None:
-        with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                for t in [t for t in self._active if t.deadline <= now]:
-                    t.cut()
-                    self._active.discard(t)
-                self._wakeup = min((t.deadline for t in self._active), default=None)
-                self._cond.wait(None if self._wakeup is None else self._wakeup - now)
-
-
-def _network_failure(e: BaseException, t: _Transfer, transient: bool) -> _Failure:
-    """What an exception raised while talking to a server means for the report.
-
-    ``transient``: whether this run may try again (not after urllib3 has done the retrying)."""
-    if t.stop.is_set():
-        return _Failure(_INTERRUPTED, "stopped by Ctrl-C")
-    if isinstance(e, MaxRetryError) and e.reason is not None:
-        e = e.reason
-    if isinstance(e, _Failure):
-        return e
-    where = t.where
-    if isinstance(e, NameResolutionError):
-        return _Failure("connection", f"{where}: host not found ({e})", transient)
-    if isinstance(e, NewConnectionError):
-        return _Failure("connection", f"{where}: cannot connect ({e})", transient)
-    if t.time_left() <= 0 or isinstance(e, (Urllib3TimeoutError, TimeoutError)):
-        return _Failure("timeout", f"{where}: no complete response within the timeout of {t.settings.timeout:g} s",
-                        transient)
-    if isinstance(e, (Urllib3SSLError, ssl.SSLError)):
-        return _Failure("ssl", f"{where}: {e}")
-    if isinstance(e, (LocationValueError, http.client.InvalidURL, UnicodeError)):
-        return _Failure("invalid_url", f"{where}: {e}")
-    if _caused_by(e, http.client.IncompleteRead):
-        return _Failure("truncated", f"{where}: the transfer ended early ({e})", transient)
-    if isinstance(e, (HTTPError, OSError, http.client.HTTPException)):
-        return _Failure("connection", f"{where}: {type(e).__name__}: {e}", transient)
-    return _Failure("error", f"{where}: {type(e).__name__}: {e}")
-
-
-def _caused_by(e: BaseException | None, kind: type) -> bool:
-    for _ in range(8):  # urllib3 wraps: ProtocolError(msg, IncompleteRead) from IncompleteRead
-        if e is None:
-            return False
-        if isinstance(e, kind) or any(isinstance(a, kind) for a in e.args):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _fetch(http: urllib3.PoolManager, part: Path, t: _Transfer, retry: _DownloadRetry) -> tuple[int, _DownloadRetry]:
-    """One attempt: the request (urllib3 follows the redirects and retries what fails before a
-    response arrives), then the body streamed into ``part``. Returns (bytes, the retry state)."""
-    try:
-        resp = http.urlopen("GET", t.url, retries=retry, timeout=_TimeLeft(t), preload_content=False,
-                            decode_content=False)
-    except Exception as e:
-        raise _network_failure(e, t, transient=False) from None
-    try:
-        _not_cut_off(t)
-        status = resp.status
-        if not 200 <= status < 300:
-            raise _Failure(f"http_{status}", f"{t.where}: HTTP {status} {resp.reason}")
-        size = _receive(resp, part, t)
-        _not_cut_off(t)
-        return size, resp.retries or retry
-    finally:
-        _release(resp, t)
-        t.conn = t.sock = None
-
-
-def _not_cut_off(t: _Transfer) -> None:
-    """Nothing that arrived on a connection cut by the deadline or Ctrl-C is judged: http.client
-    even takes a status line cut after "HTTP/1.1 200" for a whole, empty response."""
-    if t.cut_off:
-        raise _network_failure(TimeoutError("cut off"), t, transient=True)
-
-
-def _release(resp: urllib3.BaseHTTPResponse, t: _Transfer) -> None:
-    """Give the connection back to the pool: after a short error page read to its end it serves
-    the next request to the host; after a body left unread it is closed (and reopened when used)."""
-    if not resp.isclosed() and resp.length_remaining is not None and resp.length_remaining <= _CHUNK \
-            and t.time_left() > 0:
-        resp.drain_conn()
-    if not resp.isclosed():
-        resp.close()
-    resp.release_conn()
-
-
-def _receive(resp: urllib3.BaseHTTPResponse, part: Path, t: _Transfer) -> int:
-    """Stream the body into ``part`` under ``max_bytes`` and the deadline; returns its size.
-
-    A body shorter than its ``Content-Length`` raises (urllib3 enforces the length)."""
-    max_bytes = t.settings.max_bytes
-    declared = resp.length_remaining
-    if declared is not None and declared > max_bytes:
-        raise _Failure("too_large", f"{t.where}: declared Content-Length {declared} > max_bytes {max_bytes}")
-    size = 0
-    with open(part, "wb") as f:
-        while True:
-            try:
-                chunk = _read_before_deadline(resp, t, min(_CHUNK, max_bytes + 1 - size))
-            except Exception as e:
-                raise _network_failure(e, t, transient=True) from None
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > max_bytes:
-                raise _Failure("too_large", f"{t.where}: body exceeds max_bytes {max_bytes}"
-                               + ("" if declared is None else f" (declared {declared})"))
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return size
-
-
-def _read_before_deadline(resp: urllib3.BaseHTTPResponse, t: _Transfer, n: int) -> bytes:
-    left = t.time_left()
-    if left <= 0:
-        raise TimeoutError("deadline passed between reads")
-    if t.sock is not None and t.sock.fileno() != -1:  # -1: closed once the whole body was read
-        t.sock.settimeout(left)
-    return resp.read1(n, decode_content=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,20 +273,20 @@ def _sniff(head: bytes) -> str | None:
 
 def _verify(path: Path, size: int, url: str, settings: DownloadSettings) -> str:
     """Check a complete download with the project's image decoder; returns a description of
-    the image or raises ``_Failure``."""
+    the image or raises ``Failure``."""
     if size == 0:
-        raise _Failure("empty", f"{url}: the server sent 0 bytes")
+        raise Failure("empty", f"{url}: the server sent 0 bytes")
     with open(path, "rb") as f:
         head = f.read(512)
     problem = _sniff(head)
     if problem:
         preview = head[:60].decode("utf-8", "replace").strip().replace("\n", " ")
-        raise _Failure("not_an_image", f"{url}: {problem} (starts with {preview!r})")
+        raise Failure("not_an_image", f"{url}: {problem} (starts with {preview!r})")
     try:
         info = verify_image(path, settings.max_pixels, name=url)
     except InputError as e:
         reason = "too_many_pixels" if e.status == TOO_LARGE else "truncated" if e.truncated else "not_an_image"
-        raise _Failure(reason, str(e)) from None
+        raise Failure(reason, str(e)) from None
     return f"{info.format} {info.width}x{info.height} {info.mode}"
 
 
@@ -727,50 +294,41 @@ def _verify(path: Path, size: int, url: str, settings: DownloadSettings) -> str:
 # one URL, then many
 
 
-def _download_one(url: str, out_dir: Path, session: _Session) -> DownloadResult:
+def _download_one(url: str, out_dir: Path, session: Session, settings: DownloadSettings) -> DownloadResult:
     """The result for one URL; its status is ``interrupted`` when Ctrl-C cut it before the end."""
     final = out_dir / local_name(url)
     if final.is_file():
         return DownloadResult(url, "present", path=final)
+    part = final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
     try:
-        _check_scheme(url)
-    except _Failure as f:
-        return DownloadResult(url, "failed", reason=f.reason, detail=f.detail)
-    if session.stop.is_set():
+        fetched = session.fetch(url, part)
+    except Stopped:
         return DownloadResult(url, _INTERRUPTED)
-    with session.transfer(url) as t:
-        return _attempts(url, final, t, session.http)
+    except Failure as f:
+        return _failed(url, f, f.attempts)
+    try:
+        return _keep(url, part, final, fetched, settings)
+    finally:
+        part.unlink(missing_ok=True)
 
 
-def _attempts(url: str, final: Path, t: _Transfer, http: urllib3.PoolManager) -> DownloadResult:
-    retry = _DownloadRetry.start(t)
-    while True:
-        part = final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
-        try:
-            size, retry = _fetch(http, part, t, retry)
-            what = _verify(part, size, url, t.settings)
-            os.replace(part, final)
-            via = "" if t.where == url else f" via {t.where}"
-            return DownloadResult(url, "downloaded", path=final, detail=f"{what}, {size} bytes{via}",
-                                  attempts=t.attempts, bytes=size)
-        except _Failure as f:
-            failure = f
-        except Exception as e:  # a bug or the local disk: report it against the URL, keep going
-            failure = _Failure("error", f"{url}: {type(e).__name__}: {e}")
-        finally:
-            part.unlink(missing_ok=True)
-        if failure.reason == _INTERRUPTED:
-            return DownloadResult(url, _INTERRUPTED)
-        if not failure.transient:
-            break
-        try:
-            retry = retry.again(failure)
-        except MaxRetryError:
-            break
-        except _Failure:  # Ctrl-C during the wait
-            return DownloadResult(url, _INTERRUPTED)
-    detail = failure.detail + t.gave_up + (f" (after {t.attempts} attempts)" if t.attempts > 1 else "")
-    return DownloadResult(url, "failed", reason=failure.reason, detail=detail, attempts=t.attempts)
+def _keep(url: str, part: Path, final: Path, fetched: Fetched, settings: DownloadSettings) -> DownloadResult:
+    """Verify what was fetched into ``part``, then give it its final name."""
+    try:
+        what = _verify(part, fetched.size, url, settings)
+        os.replace(part, final)
+    except Failure as f:
+        return _failed(url, f, fetched.attempts)
+    except Exception as e:  # a bug or the local disk: report it against the URL, keep going
+        return _failed(url, Failure("error", f"{url}: {type(e).__name__}: {e}"), fetched.attempts)
+    via = "" if fetched.url == url else f" via {fetched.url}"
+    return DownloadResult(url, "downloaded", path=final, detail=f"{what}, {fetched.size} bytes{via}",
+                          attempts=fetched.attempts, bytes=fetched.size)
+
+
+def _failed(url: str, failure: Failure, attempts: int) -> DownloadResult:
+    detail = failure.detail + (f" (after {attempts} attempts)" if attempts > 1 else "")
+    return DownloadResult(url, "failed", reason=failure.reason, detail=detail, attempts=attempts)
 
 
 class _Workers:
@@ -782,24 +340,25 @@ class _Workers:
     It has no file open then, and, cut off, never writes one.
     """
 
-    def __init__(self, urls: Sequence[str], out_dir: Path, session: _Session):
+    def __init__(self, urls: Sequence[str], out_dir: Path, session: Session, settings: DownloadSettings):
         self._jobs: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[DownloadResult | None] = queue.SimpleQueue()
         for url in urls:
             self._jobs.put(url)
-        self._running = min(session.settings.workers, len(urls))
+        self._running = min(settings.workers, len(urls))
         for i in range(self._running):
-            threading.Thread(target=self._work, args=(out_dir, session), name=f"download_{i}", daemon=True).start()
+            threading.Thread(target=self._work, args=(out_dir, session, settings), name=f"download_{i}",
+                             daemon=True).start()
 
-    def _work(self, out_dir: Path, session: _Session) -> None:
+    def _work(self, out_dir: Path, session: Session, settings: DownloadSettings) -> None:
         try:
-            while not session.stop.is_set():
+            while not session.stopped:
                 try:
                     url = self._jobs.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    self._done.put(_download_one(url, out_dir, session))
+                    self._done.put(_download_one(url, out_dir, session, settings))
                 except Exception as e:  # a bug: the URL's result, not the run's end
                     self._done.put(DownloadResult(url, "failed", reason="error", detail=f"{type(e).__name__}: {e}"))
         finally:
@@ -902,8 +461,8 @@ def download_images(
     if bar is not None:
         bar.update(len(results))
     start = time.perf_counter()
-    session = _Session(settings)
-    workers = _Workers([u for u in unique if u not in results], out, session)
+    session = Session(settings)
+    workers = _Workers([u for u in unique if u not in results], out, session, settings)
     failed = sum(r.status == "failed" for r in results.values())
     try:
         for r in workers.results():

@@ -606,7 +606,7 @@ def test_retry_after_is_honoured(server, tmp_path):
 
 
 def test_retry_after_is_capped_and_held_to_the_deadline(server, tmp_path, monkeypatch):
-    import datamodules.download as download
+    import datamodules.http_transfer as http_transfer
 
     # capped at 30 s: longer than the 5 s timeout, so no retry and no waiting
     url = server.base + "/busy/3600/a"
@@ -617,7 +617,7 @@ def test_retry_after_is_capped_and_held_to_the_deadline(server, tmp_path, monkey
     assert "retry after 30 s (Retry-After, capped at 30 s)" in res.detail and "left of the timeout" in res.detail
 
     # with a lower cap, the capped wait fits in the deadline: waited for, then the image
-    monkeypatch.setattr(download, "_RETRY_AFTER_CAP", 1.0)
+    monkeypatch.setattr(http_transfer, "_RETRY_AFTER_CAP", 1.0)
     url = server.base + "/busy/3600/b"
     res = download_images([url], tmp_path, DownloadSettings(timeout=10, retries=2, backoff=0.01), progress=False)[url]
     assert res.status == "downloaded"
