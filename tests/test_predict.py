@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_modules.checkpoints import load_checkpoint
 from datamodules.alignment import box_iou
 from experiments.cli import main
 from experiments.lightning_cli import AUDetectCLI
@@ -44,7 +45,7 @@ def trained(synthau, tmp_path_factory):
                                                    train_batches=2)])
     run_id = cli.trainer.logger.run_id
     best = cli.trainer.checkpoint_callback.best_model_path
-    state = torch.load(best, map_location="cpu", weights_only=False)
+    state = load_checkpoint(best)
     thresholds = torch.linspace(0.3, 0.7, len(state["state_dict"]["net.thresholds"]))
     state["state_dict"]["net.thresholds"] = thresholds
     ckpt = tmp / "spread.ckpt"

@@ -16,6 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from callbacks.soft_threshold import fit_thresholds
+from lightning_modules.checkpoints import load_checkpoint
 from datamodules.crop_cache import AlignedSplit
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from lightning_modules.metrics import au_scores
@@ -55,7 +56,7 @@ def test_killed_fit_resumes_the_same_run(synthau, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     (last,) = tmp_path.glob("runs/**/last.ckpt")
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    assert load_checkpoint(last)["epoch"] == 0
     assert len(_metric_steps(client, run_id, "val/f1")) == 1  # epoch 1 never validated
 
     done = subprocess.run([AU_DETECT, "fit", *args, "--ckpt_path", str(last)], capture_output=True, text=True,
@@ -93,7 +94,7 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path):
 
     # One process: the checkpoint's model on the whole validation cache.
     (ckpt,) = [p for p in tmp_path.glob("runs/**/*.ckpt") if p.name != "last.ckpt"]
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)
     from lightning_modules.au_detector import AUDetector
 
     model = AUDetector.load_from_checkpoint(ckpt, map_location="cpu").eval()

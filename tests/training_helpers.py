@@ -22,6 +22,8 @@ from PIL import Image
 import yaml
 from mlflow import MlflowClient
 
+from lightning_modules.checkpoints import load_checkpoint
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "demo.yaml"
@@ -83,7 +85,7 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
     thresholds = json.loads(Path(client.download_artifacts(run_id, "thresholds.json")).read_text())
     assert len(thresholds["thresholds"]) == 23 and "AU12" in thresholds["thresholds"]
     (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
-    state = torch.load(client.download_artifacts(run_id, ckpt), map_location="cpu", weights_only=False)
+    state = load_checkpoint(client.download_artifacts(run_id, ckpt))
     assert state["mlflow_run_id"] == run_id
     # The logged model: images in, with a working AUNet and the best epoch's thresholds inside.
     mlflow.set_tracking_uri(tracking_uri)
