@@ -548,9 +548,12 @@ def _receive(resp: urllib3.BaseHTTPResponse, part: Path, t: _Transfer) -> int:
 
 
 def _read_before_deadline(resp: urllib3.BaseHTTPResponse, t: _Transfer, n: int) -> bytes:
+    """Up to ``n`` bytes of the body. A full ``read`` (fewer calls than ``read1``'s partial ones)
+    is safe: each socket read waits at most the time left, and the watchdog cuts a server that
+    trickles within that."""
     left = t.time_left()
     if left <= 0:
         raise TimeoutError("deadline passed between reads")
     if t.sock is not None and t.sock.fileno() != -1:  # -1: closed once the whole body was read
         t.sock.settimeout(left)
-    return resp.read1(n, decode_content=False)
+    return resp.read(n, decode_content=False)
