@@ -138,6 +138,7 @@ class AUDataModule(L.LightningDataModule):
         self.reports: dict[str, dict] = {}
         self.normalize = Normalize(mean, std)
         self._url_manifests: dict[str, bool] = {}
+        self._au_priors: list[float] | None = None
 
     # -- preparation ------------------------------------------------------------------------
     def manifest(self, stage: str) -> Manifest:
@@ -157,6 +158,10 @@ class AUDataModule(L.LightningDataModule):
                               root=self.hparams.image_root, name=stage, workers=self.hparams.align_workers,
                               progress=True)
 
+    def _generate(self) -> dict:
+        """SynthAU in ``data_root`` (rendered once; later calls read its summary)."""
+        return generate_synthau(self.hparams.data_root, self.synth)
+
     def prepare_data(self) -> None:
         """Generate SynthAU if it is the data and is missing (or download the images of manifests
         that hold URLs), then align each split once.
@@ -165,7 +170,7 @@ class AUDataModule(L.LightningDataModule):
         it writes are what ``setup`` opens.
         """
         if self.synthetic:
-            summary = generate_synthau(self.hparams.data_root, self.synth)
+            summary = self._generate()
             log.info("SynthAU in %s: %s, %d AUs under 5%% positive, %d over 20%%, %.1f%% unlabelled; "
                      "contact sheet %s", self.hparams.data_root, summary["counts"], summary["aus_under_5pct"],
                      summary["aus_over_20pct"], 100 * summary["unlabelled_share"],
@@ -232,6 +237,21 @@ class AUDataModule(L.LightningDataModule):
         return batch
 
     # -- facts other parts use ---------------------------------------------------------------
+    @property
+    def au_priors(self) -> list[float]:
+        """Per AU, the positive share among the labelled entries of the training manifest (nan
+        where none is labelled): the prior selective learning aims at with ``target_rate: prior``.
+
+        Read from the manifest's labels (so before any image is downloaded or aligned; SynthAU is
+        generated first if it is the data). The CLI hands it to ``model.au_priors``.
+        """
+        if self._au_priors is None:
+            if self.synthetic:
+                self._generate()
+            manifest = read_manifest(self.manifest_paths["train"], aus=self.aus, root=self.hparams.image_root)
+            self._au_priors = [float(r) for r in manifest.positive_rate()]
+        return self._au_priors
+
     def label_frequencies(self, stage: str = "train") -> np.ndarray:
         """Per-AU positive rate over labelled entries of a split (nan where none is labelled)."""
         return positive_rate(self.splits[stage].labels, self.splits[stage].mask)

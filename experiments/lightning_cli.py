@@ -216,6 +216,10 @@ class AUDetectCLI(TrackedCLI):
         config = self._subconfig()
         if config.mlflow_artifacts.registered_model_name is None and Path(config.mlflow).is_file():
             config.mlflow_artifacts.registered_model_name = TrackingSettings.read(config.mlflow).registered_model_name
+        # ``target_rate: prior``: the training priors are the data's to compute; they go into the
+        # config, so the run's config.yaml and params record the values trained with.
+        if config.model.target_rate == "prior" and config.model.au_priors is None:
+            config.model.au_priors = AUDataModule(**config.data.as_dict()).au_priors
 
 
 class PretrainCLI(TrackedCLI):

@@ -13,7 +13,7 @@ is the LightningModule around it (loss, metrics, optimisation).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import lightning as L
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from datamodules.manifest import EMOTIONET_AUS, au_column_name
 from lightning_modules.backbones import create_backbone
-from lightning_modules.losses import MaskedBCEWithLogits, build_loss
+from lightning_modules.losses import MaskedBCEWithLogits, build_loss, prior_target_rate
 from lightning_modules.metrics import AUMetrics
 
 BRANCHES = ("face", "emotion")
@@ -94,7 +94,10 @@ class AUDetector(L.LightningModule):
         aux_weight: weight of the auxiliary heads' losses.
         orthogonality: weight of the penalty keeping the two auxiliary heads apart.
         loss: ``selective`` (selective learning), ``bce`` (masked) or ``weighted_bce``.
-        target_rate: selective learning's target positive rate (one value or one per AU).
+        target_rate: selective learning's target positive share: one value, one per AU, or
+            ``prior``: each AU's positive share in the training data (``au_priors``).
+        au_priors: each AU's labelled positive share in the training data, what ``prior`` means;
+            the CLI sets it from the DataModule (``AUDataModule.au_priors``) when it is not given.
         max_drop, max_weight: selective learning's caps on dropping and up-weighting.
         pos_weight: per-AU positive weights for ``weighted_bce``.
         dropout: before the heads.
@@ -117,7 +120,8 @@ class AUDetector(L.LightningModule):
         aux_weight: float = 0.3,
         orthogonality: float = 0.0,
         loss: str = "selective",
-        target_rate: float | list[float] = 0.5,
+        target_rate: float | list[float] | Literal["prior"] = 0.5,
+        au_priors: list[float] | None = None,
         max_drop: float = 1.0,
         max_weight: float | None = None,
         pos_weight: list[float] | None = None,
@@ -138,8 +142,8 @@ class AUDetector(L.LightningModule):
             raise ValueError("model.orthogonality needs branches of equal feature width")
         self.aus = self.net.aus
         if loss == "selective":
-            self.criterion = build_loss(loss, target_rate=target_rate, max_drop=max_drop, max_weight=max_weight,
-                                        seed=loss_seed)
+            self.criterion = build_loss(loss, target_rate=self._target_rate(target_rate, au_priors),
+                                        max_drop=max_drop, max_weight=max_weight, seed=loss_seed)
         elif loss == "weighted_bce":
             self.criterion = build_loss(loss, pos_weight=pos_weight)
         else:
@@ -153,6 +157,22 @@ class AUDetector(L.LightningModule):
         self.val_metrics = AUMetrics(k, dedupe_by_index=True)
         self.test_metrics = AUMetrics(k, dedupe_by_index=True)
         self.test_metrics_default = AUMetrics(k, dedupe_by_index=True)
+
+    def _target_rate(self, target_rate, au_priors):
+        """``target_rate`` as values: a number, one per AU, or the priors for ``prior``."""
+        k = len(self.aus)
+        if target_rate == "prior":
+            if au_priors is None:
+                raise ValueError("model.target_rate: prior needs the training positive rates in model.au_priors "
+                                 "(au-detect fit computes them from the training data)")
+            if len(au_priors) != k:
+                raise ValueError(f"model.au_priors has {len(au_priors)} rates for {k} AUs")
+            return prior_target_rate(au_priors)
+        if isinstance(target_rate, str):
+            raise ValueError(f"model.target_rate must be a number, one number per AU, or 'prior'; got {target_rate!r}")
+        if not isinstance(target_rate, (int, float)) and len(target_rate) != k:
+            raise ValueError(f"model.target_rate has {len(target_rate)} values for {k} AUs {list(self.aus)}")
+        return target_rate
 
     @property
     def thresholds(self) -> torch.Tensor:

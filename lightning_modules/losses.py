@@ -36,6 +36,7 @@ __all__ = [
     "MaskedBCEWithLogits",
     "SelectiveLearningLoss",
     "build_loss",
+    "prior_target_rate",
     "selective_weights",
 ]
 
@@ -53,6 +54,25 @@ def _as_rate(target_rate: float | Sequence[float] | Tensor) -> Tensor:
         shown = t.tolist() if t.dim() == 0 else t[bad].tolist()
         raise ValueError(f"target_rate must be in (0, 1) (exclusive), got {shown}")
     return t
+
+
+def prior_target_rate(priors: Sequence[float], floor: float = 1e-3) -> Tensor:
+    """Selective learning's per-AU targets taken from the training priors (``target_rate: prior``).
+
+    ``priors`` are each AU's positive share among its labelled training entries. An AU with no
+    labelled entry (nan) gets 0.5, and every rate is kept inside ``[floor, 1 - floor]``: an AU that
+    is never (or always) positive has no batch with both classes, the only batches where the
+    target matters, so the clip changes no weight and keeps the target valid.
+
+    >>> prior_target_rate([0.25, float("nan"), 0.0]).tolist()
+    [0.25, 0.5, 0.0010000000474974513]
+    """
+    t = torch.as_tensor(list(priors), dtype=torch.get_default_dtype())
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"priors must be one rate per AU, got {list(priors)}")
+    if bool(((t < 0) | (t > 1)).any()):
+        raise ValueError(f"priors are positive rates and must be in [0, 1], got {t.tolist()}")
+    return torch.nan_to_num(t, nan=0.5).clamp(floor, 1 - floor)
 
 
 def _check_caps(max_drop: float, max_weight: float | None) -> None:
