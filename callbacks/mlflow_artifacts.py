@@ -62,7 +62,7 @@ class MLflowArtifacts(L.Callback):
         sample_grid: images in the training-batch grid (0: none).
     """
 
-    def __init__(self, monitor: str = "val/score_fitted", log_model: bool = True, sample_grid: int = 32,
+    def __init__(self, monitor: str = "val/score_heldout", log_model: bool = True, sample_grid: int = 32,
                  registered_model_name: str | None = None):
         self.monitor = monitor
         self.log_model = log_model

@@ -47,7 +47,7 @@ class Row:
             "data.balanced_sampling": self.sampling,
             "data.alignment.method": "mtcnn" if self.align else "center",
             # Without soft thresholds the run is judged, and its checkpoint chosen, at 0.5.
-            "checkpoint.monitor": "val/score_fitted" if self.thresholds else "val/score",
+            "checkpoint.monitor": "val/score_heldout" if self.thresholds else "val/score",
         }
 
 

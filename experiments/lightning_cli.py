@@ -194,7 +194,7 @@ class AUDetectCLI(TrackedCLI):
     own config section.
     """
 
-    summary_metrics = ("val/f1_fitted", "val/score_fitted", "val/f1")
+    summary_metrics = ("val/f1_heldout", "val/score_heldout", "val/f1_fitted", "val/f1")
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs):
         super().__init__(AUDetector, AUDataModule, args=args, **kwargs)
@@ -205,10 +205,12 @@ class AUDetectCLI(TrackedCLI):
         parser.link_arguments("trainer.use_distributed_sampler", "data.shard_sampler", compute_fn=lambda used: not used)
         parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/score_fitted", "checkpoint.mode": "max",
+        parser.set_defaults({"checkpoint.monitor": "val/score_heldout", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
-                             "checkpoint.filename": "epoch{epoch:02d}-score{val/score_fitted:.4f}"})
+                             "checkpoint.filename": "epoch{epoch:02d}-score{val/score_heldout:.4f}"})
         parser.add_lightning_class_args(MLflowArtifacts, "mlflow_artifacts")
+        # The run's artifacts and model are those of the best checkpoint: one monitor for both.
+        parser.link_arguments("checkpoint.monitor", "mlflow_artifacts.monitor")
 
     def before_instantiate_classes(self) -> None:
         # Unless the config names one, models are registered under mlflow.yaml's name, like

@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from callbacks.soft_threshold import SoftThresholdCallback, fit_thresholds
+from callbacks.soft_threshold import SoftThresholdCallback, fit_thresholds, heldout_scores
 from lightning_modules.evaluation import dedupe_by_index
 from lightning_modules.metrics import au_scores
 
@@ -299,7 +299,48 @@ def test_callback_in_trainer():
     metrics = trainer.callback_metrics
     assert float(metrics["val/f1_fitted"]) == pytest.approx(scores["mean_f1"], abs=1e-6)
     assert float(metrics["val/score_fitted"]) == pytest.approx(scores["score"], abs=1e-6)
+    heldout = heldout_scores(probs, labels, mask, np.arange(len(val)), "f1")
+    assert float(metrics["val/score_heldout"]) == pytest.approx(heldout["score"], abs=1e-6)
+    assert float(metrics["val/f1_heldout"]) == pytest.approx(heldout["mean_f1"], abs=1e-6)
     assert float(metrics["val/threshold/AU12"]) == pytest.approx(expected[2], abs=1e-7)
     assert float(metrics["val/f1_fitted/AU6"]) == pytest.approx(scores["f1"][1], abs=1e-6)
     # the fitted thresholds beat (or tie) 0.5 on F1, as they were fitted for it
     assert scores["mean_f1"] >= au_scores(probs, labels, mask, 0.5)["mean_f1"] - 1e-12
+
+
+def _sklearn_f1_threshold(p: np.ndarray, y: np.ndarray) -> float:
+    """Best-F1 threshold of one AU by brute force over its distinct probabilities (scikit-learn's F1)."""
+    if y.sum() == 0:
+        return 0.5
+    candidates = np.unique(p)
+    f1s = np.array([f1_score(y, p >= t, zero_division=0) for t in candidates])
+    return _pick(f1s, candidates)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_heldout_scores_decide_each_half_at_thresholds_fitted_on_the_other(seed):
+    from callbacks.soft_threshold import heldout_scores, validation_half
+
+    probs, labels, mask = random_case(seed, 301, 4)
+    index = np.arange(1000, 1301)
+    half = validation_half(index)
+    assert 0.4 < half.mean() < 0.6
+    decisions = np.zeros_like(probs, dtype=bool)
+    for h in (0, 1):
+        fit, decide = half != h, half == h
+        for k in range(probs.shape[1]):
+            m = mask[fit, k]
+            t = _sklearn_f1_threshold(probs[fit, k][m], labels[fit, k][m] > 0.5)
+            decisions[decide, k] = probs[decide, k] >= t
+    f1 = [f1_score(labels[mask[:, k], k] > 0.5, decisions[mask[:, k], k], zero_division=0) for k in range(4)]
+    acc = [accuracy_score(labels[mask[:, k], k] > 0.5, decisions[mask[:, k], k]) for k in range(4)]
+    got = heldout_scores(probs, labels, mask, index, "f1")
+    np.testing.assert_allclose(got["f1"], f1, atol=1e-12)
+    np.testing.assert_allclose(got["accuracy"], acc, atol=1e-12)
+    assert got["score"] == pytest.approx((np.mean(f1) + np.mean(acc)) / 2, abs=1e-12)
+    # Scoring where the thresholds were fitted can only flatter: the in-sample F1 is the best there is.
+    assert au_scores(probs, labels, mask, fit_thresholds(probs, labels, mask, "f1"))["mean_f1"] >= got["mean_f1"]
+    # The halves depend on the sample, not on the order the samples arrive in (DDP gathers shuffle them).
+    order = np.random.default_rng(seed).permutation(len(index))
+    again = heldout_scores(probs[order], labels[order], mask[order], index[order], "f1")
+    assert again["score"] == got["score"]

@@ -71,7 +71,7 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
     assert run.data.tags["suite"] == "tests"
     assert run.data.tags["weights.face"] == run.data.tags["weights.emotion"] == "random initialisation"
     assert 0 < metrics["val/f1_prior"] < 1
-    for name in ("val/f1", "val/accuracy", "val/score", "val/f1_fitted", "val/score_fitted", "train/loss",
+    for name in ("val/f1", "val/accuracy", "val/score", "val/f1_fitted", "val/score_fitted", "val/score_heldout", "train/loss",
                  "val/f1/AU12", "val/accuracy/AU25", "val/threshold/AU12"):
         assert name in metrics, name
     assert 0 <= metrics["val/f1_fitted"] <= 1
