@@ -3,9 +3,9 @@
 One branch starts from a face-recognition model (identity-discriminative features around the
 landmarks where AUs happen), the other from a facial-expression model (AUs co-occur in
 emotions): the seed paper's "multiple transfer learning". Their pooled features are
-concatenated and a linear head predicts every AU. Each branch may also have an auxiliary head;
-an optional penalty keeps the two auxiliary heads' weights apart (orthogonal), so the branches
-are pushed to contribute different evidence.
+concatenated and a linear head predicts every AU. Each branch may also have an auxiliary head,
+and an optional penalty decorrelates the two branches' features on each batch (the
+orthogonality of the seed authors), so the branches are pushed to contribute different evidence.
 
 :class:`AUNet` is the plain ``nn.Module`` (what MLflow stores and serves); :class:`AUDetector`
 is the LightningModule around it (loss, metrics, optimisation).
@@ -17,7 +17,6 @@ from typing import Literal, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
@@ -58,11 +57,12 @@ class AUNet(nn.Module):
             else nn.ModuleDict()
         self.register_buffer("thresholds", torch.full((len(self.aus),), 0.5))
 
-    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """AU logits, auxiliary logits per branch, pooled features per branch."""
         feats = {n: b(x) for n, b in self.branches.items()}
         logits = self.head(self.dropout(torch.cat(list(feats.values()), 1)))
         aux = {n: head(self.dropout(feats[n])) for n, head in self.aux.items()}
-        return logits, aux
+        return logits, aux, feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B,3,S,S) -> AU logits (B,K)."""
@@ -75,9 +75,21 @@ class AUNet(nn.Module):
         return probs, probs >= self.thresholds
 
 
-def orthogonality_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine between every row of ``a`` and every row of ``b`` (0 when orthogonal)."""
-    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).pow(2).mean()
+def decorrelation_penalty(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean squared Pearson correlation, over the batch, between every feature of ``a`` (B, Da) and
+    every feature of ``b`` (B, Db): 0 when no feature of one branch is linearly related to one of
+    the other. The two branches' features live in different spaces, but they describe the same
+    samples, so correlation over the batch is what they can be compared by.
+
+    >>> x = torch.randn(64, 1)
+    >>> round(decorrelation_penalty(x, 1 - 2 * x).item(), 3)  # one pair, fully (anti-)correlated
+    1.0
+    """
+    a = a.float() - a.float().mean(0)
+    b = b.float() - b.float().mean(0)
+    a = a / (a.pow(2).mean(0).sqrt() + eps)
+    b = b / (b.pow(2).mean(0).sqrt() + eps)
+    return (a.T @ b / a.shape[0]).pow(2).mean()
 
 
 class AUDetector(L.LightningModule):
@@ -92,7 +104,8 @@ class AUDetector(L.LightningModule):
         allow_missing: accept a checkpoint that lacks some backbone tensors.
         aux_heads: add an auxiliary AU head on each branch.
         aux_weight: weight of the auxiliary heads' losses.
-        orthogonality: weight of the penalty keeping the two auxiliary heads apart.
+        orthogonality: weight of the penalty decorrelating the two branches' features
+            (:func:`decorrelation_penalty`; needs both branches).
         loss: ``selective`` (selective learning), ``bce`` (masked) or ``weighted_bce``.
         target_rate: selective learning's target positive share: one value, one per AU, or
             ``prior``: each AU's positive share in the training data (``au_priors``).
@@ -134,12 +147,10 @@ class AUDetector(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        if orthogonality and not (aux_heads and len(branches) == 2):
-            raise ValueError("model.orthogonality needs aux_heads: true and both branches")
+        if orthogonality and len(branches) != 2:
+            raise ValueError("model.orthogonality decorrelates the two branches: it needs both")
         self.net = AUNet(aus, backbone, branches, {"face": face_weights, "emotion": emotion_weights},
                          aux_heads=aux_heads, dropout=dropout, allow_missing=allow_missing)
-        if orthogonality and len({h.in_features for h in self.net.aux.values()}) != 1:
-            raise ValueError("model.orthogonality needs branches of equal feature width")
         self.aus = self.net.aus
         if loss == "selective":
             self.criterion = build_loss(loss, target_rate=self._target_rate(target_rate, au_priors),
@@ -183,14 +194,13 @@ class AUDetector(L.LightningModule):
         return self.net(x)
 
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        logits, aux = self.net.forward_all(batch["image"])
+        logits, aux, feats = self.net.forward_all(batch["image"])
         labels, mask = batch["labels"], batch["mask"]
         parts = {"main": self.criterion(logits, labels, mask)}
         for name, aux_logits in aux.items():
             parts[f"aux_{name}"] = self.hparams.aux_weight * self.criterion(aux_logits, labels, mask)
         if self.hparams.orthogonality:
-            heads = list(self.net.aux.values())
-            parts["orthogonality"] = self.hparams.orthogonality * orthogonality_penalty(heads[0].weight, heads[1].weight)
+            parts["orthogonality"] = self.hparams.orthogonality * decorrelation_penalty(*feats.values())
         return sum(parts.values()), logits, parts
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
