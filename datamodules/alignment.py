@@ -27,6 +27,9 @@ ARCFACE_TEMPLATE = np.array(
 ) / 112.0
 
 
+METHODS = ("mtcnn", "box", "center")
+
+
 @dataclass(frozen=True)
 class AlignmentSettings:
     """How faces are found and cropped. Any change invalidates the cache.
@@ -43,9 +46,11 @@ class AlignmentSettings:
         thresholds: MTCNN's P-, R- and O-net score thresholds.
         selection: which face to keep when there are several: ``largest`` or ``confidence``.
         batch_size: detection copies per MTCNN call (same-shape copies are batched together).
-        method: ``mtcnn`` (detect and align) or ``center``: no detection, every crop is the
-            image's center square resized to ``crop_size`` (the "no alignment" arm of the
-            ablation, and a fallback for data that is already cropped to the face).
+        method: ``mtcnn`` (detect, then warp the five landmarks onto the template), ``box``
+            (detect, then the face box squared around its center and resized, no landmark warp:
+            what a pipeline without alignment does; the box spans ``face_scale`` of the crop) or
+            ``center``: no detection, every crop is the image's center square resized to
+            ``crop_size`` (for data already cropped to the face).
     """
 
     crop_size: int = 112
@@ -59,8 +64,8 @@ class AlignmentSettings:
     version: int = ALIGNMENT_VERSION
 
     def __post_init__(self) -> None:
-        if self.method not in ("mtcnn", "center"):
-            raise ValueError(f"alignment method must be 'mtcnn' or 'center', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"alignment method must be one of {METHODS}, got {self.method!r}")
         if self.selection not in ("largest", "confidence"):
             raise ValueError(f"alignment selection must be 'largest' or 'confidence', got {self.selection!r}")
         if self.crop_size < 16:
@@ -112,7 +117,40 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def warp_face(image: np.ndarray, landmarks: np.ndarray, settings: AlignmentSettings) -> np.ndarray:
     """Crop the face whose 5 landmarks are given onto the template (RGB uint8 in and out)."""
-    M = similarity_transform(landmarks, settings.template())
+    return _warp(image, similarity_transform(landmarks, settings.template()), settings)
+
+
+def box_crop(image: np.ndarray, box: Sequence[float], settings: AlignmentSettings) -> np.ndarray:
+    """The face box ``x0 y0 x1 y1`` squared around its center, widened so that it spans
+    ``face_scale`` of the crop, and resized to ``crop_size`` (no rotation: the ``box`` method).
+
+    >>> s = AlignmentSettings(crop_size=20, face_scale=0.5, method="box")
+    >>> image = np.zeros((100, 100, 3), np.uint8); image[40:60, 45:55] = 255   # a 10x20 "face"
+    >>> crop = box_crop(image, [45, 40, 55, 60], s)
+    >>> round(float(crop[10, :, 0].sum()) / 255, 1), round(float(crop[:, 10, 0].sum()) / 255, 1)  # half size, centered
+    (5.0, 10.0)
+    >>> [int(i) for i in np.flatnonzero(crop[10, :, 0])], [int(i) for i in np.flatnonzero(crop[:, 10, 0])][::9]
+    ([7, 8, 9, 10, 11, 12], [5, 14])
+    """
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    side = max(x1 - x0, y1 - y0, 1.0) / settings.face_scale
+    scale = settings.crop_size / side
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    # crop pixel centers (u + 0.5) map to image pixel centers: u = scale * (x + 0.5 - cx) + size/2 - 0.5
+    half = settings.crop_size / 2 - 0.5
+    M = np.array([[scale, 0.0, half - scale * (cx - 0.5)], [0.0, scale, half - scale * (cy - 0.5)]])
+    return _warp(image, M, settings)
+
+
+def crop_face(image: np.ndarray, box: Sequence[float], landmarks: np.ndarray, settings: AlignmentSettings) -> np.ndarray:
+    """A detected face's crop as ``settings.method`` says: landmark warp (``mtcnn``) or box (``box``)."""
+    if settings.method == "box":
+        return box_crop(image, box, settings)
+    return warp_face(image, landmarks, settings)
+
+
+def _warp(image: np.ndarray, M: np.ndarray, settings: AlignmentSettings) -> np.ndarray:
+    """``cv2.warpAffine`` of a ``crop_size`` square through ``M``, antialiased when it shrinks."""
     scale = float(np.sqrt(abs(np.linalg.det(M[:, :2]))))
     size = settings.crop_size
     if scale < 0.5 and settings.version < 2:

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from datamodules import files
-from datamodules.alignment import AlignmentSettings, FaceDetector, center_crop, detection_copy, warp_face
+from datamodules.alignment import AlignmentSettings, FaceDetector, center_crop, crop_face, detection_copy
 from datamodules.manifest import Manifest
 from datamodules.sources import Frame, Source, batches, frames
 
@@ -546,7 +546,7 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
                 rec = {"line": int(manifest.lines[i]), "image": manifest.images[i], "faces": len(det)}
                 if len(det):
                     j = det.pick(settings.selection)
-                    crops[i] = warp_face(f.pixels, det.landmarks[j], settings)
+                    crops[i] = crop_face(f.pixels, det.boxes[j], det.landmarks[j], settings)
                     rec.update(status=FACE, box=det.boxes[j].round(1).tolist(),
                                landmarks=det.landmarks[j].round(1).tolist(), score=round(float(det.scores[j]), 4))
                 else:
@@ -637,13 +637,12 @@ def aligned_sheet(split: AlignedSplit, path: str | Path, n: int = 48, cols: int 
     idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
     tiles = []
     settings = AlignmentSettings.coerce(split.report["settings"])
-    template_drawn = settings.method == "mtcnn"  # center crops have no landmarks to compare
-    template = settings.template() if template_drawn else []
+    template = settings.template() if settings.method == "mtcnn" else []  # the others warp no landmarks
     for i in idx:
         tile = np.ascontiguousarray(split.crops[i][..., ::-1])
         for p in template:
             cv2.circle(tile, (int(p[0]), int(p[1])), 1, (0, 255, 0), -1)
-        if not split.face_found[i] and template_drawn:
+        if not split.face_found[i] and settings.method != "center":
             cv2.rectangle(tile, (0, 0), (tile.shape[1] - 1, tile.shape[0] - 1), (0, 0, 255), 2)
         tiles.append(tile)
     while len(tiles) % cols:

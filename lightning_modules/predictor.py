@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from datamodules.alignment import AlignmentSettings, FaceDetector, detection_copy, warp_face
+from datamodules.alignment import AlignmentSettings, FaceDetector, crop_face, detection_copy
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.manifest import au_column_name
 from datamodules.sources import BATCH_PIXELS, NO_FACE, OK, Frame, batches
@@ -78,9 +78,9 @@ class AUPredictor:
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.normalize = Normalize(self.mean, self.std)
         self.batch_size = batch_size
-        if self.alignment.method != "mtcnn":
-            raise ValueError(f"this model was trained on {self.alignment.method!r} crops (no alignment, an ablation "
-                             "arm); prediction detects and aligns faces, so it needs an MTCNN-aligned model")
+        if self.alignment.method == "center":
+            raise ValueError("this model was trained on center crops of whole images (no face detection); "
+                             "prediction detects faces, so it needs a model trained on detected faces")
         self.detector = FaceDetector(self.alignment, self.device)
 
     @property
@@ -197,7 +197,7 @@ class AUPredictor:
             order = np.argsort(-(det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])) \
                 if len(det) else []
             for j in order:
-                crops.append(warp_face(frame, det.landmarks[j], self.alignment))
+                crops.append(crop_face(frame, det.boxes[j], det.landmarks[j], self.alignment))
                 owners.append((f, int(j)))
         size = self.alignment.crop_size
         probs, decisions = self.classify(np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))

@@ -357,3 +357,26 @@ def test_mixed_precision_stays_near_float32(synthau, truth, trained, tmp_path, c
     with pytest.raises(SystemExit):
         main(["predict", "--model", trained["ckpt"], "--input", str(image), "--precision", "fp8"])
     assert "precision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["box", "center"])
+def test_a_box_model_classifies_box_crops_and_a_center_model_is_refused(synthau, method):
+    """A model trained on box crops predicts on the same crops; one trained on whole-scene
+    center crops cannot be run on detected faces."""
+    from datamodules.alignment import AlignmentSettings, box_crop
+    from lightning_modules.au_detector import AUNet
+
+    spec = {"aus": [1, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
+    settings = AlignmentSettings(crop_size=48, method=method)
+    if method == "center":
+        with pytest.raises(ValueError, match="center crops"):
+            AUPredictor(AUNet(aus=[1, 12], backbone="resnet18", branches=["face"]), settings, spec, device="cpu")
+        return
+    predictor = AUPredictor(AUNet(aus=[1, 12], backbone="resnet18", branches=["face"]), settings, spec, device="cpu")
+    seen = []
+    classify = predictor.classify
+    predictor.classify = lambda crops: (seen.append(crops), classify(crops))[1]
+    frame = read_image(synthau / "images" / "val" / sorted(os.listdir(synthau / "images" / "val"))[0])
+    (faces,) = predictor.predict([frame])
+    assert faces and len(seen[0]) == len(faces)
+    np.testing.assert_array_equal(seen[0][0], box_crop(frame, faces[0].box, settings))
