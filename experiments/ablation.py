@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from mlflow.tracking import MlflowClient
 
@@ -57,45 +56,13 @@ from datamodules.synthetic import SynthAUSettings, generate_synthau
 from experiments.ablation_report import bar_chart, markdown_table, orderings, table_csv
 from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, Row, row_metrics
 from experiments.ablation_store import Ablation
-from experiments.lightning_cli import AUDetectCLI, PretrainCLI
+from experiments.lightning_cli import AUDetectCLI
+from experiments.stages import BRANCH_TASKS, pretrain_branch, with_overrides
 from experiments.tracking import TrackingSettings
-
-def with_overrides(config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A config file's content with dotted keys set in it: what LightningCLI takes as ``args``.
-
-    >>> with_overrides("experiments/demo.yaml", {"trainer.max_epochs": 2, "model.scheduler.init_args.T_max": 2,
-    ...                                          "run_name": "a"})["model"]["scheduler"]["init_args"]["T_max"]
-    2
-    """
-    content = yaml.safe_load(Path(config).read_text()) or {}
-    for key, value in overrides.items():
-        *parents, last = key.split(".")
-        node = content
-        for name in parents:
-            if not isinstance(node.get(name), dict):
-                node[name] = {}
-            node = node[name]
-        node[last] = value
-    return content
-
 
 def _finish_run(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
     for m, v in metrics.items():
         client.log_metric(run_id, f"ablation/{m}", v)
-
-
-def pretrain(task: str, config: str, overrides: dict[str, Any], path: Path, ablation: Ablation, parent: str,
-             mlflow_config: str) -> str:
-    """Pretrain one branch with its ``au-detect pretrain-*`` command unless ``path`` exists."""
-    if path.is_file():
-        print(f"[ablation] reusing {path}")
-        return str(path)
-    tags = ablation.tags(parent, "pretrain", **{"ablation.task": task})
-    overrides = {"trainer.default_root_dir": str(path.parent / task), **overrides, "export.path": str(path),
-                 "mlflow": mlflow_config, "run_name": f"{ablation.name} {task}", "tags": tags}
-    print(f"[ablation] au-detect {task} fit --config {config} with {overrides}")
-    PretrainCLI(task, args={"fit": with_overrides(config, overrides)})
-    return str(path)
 
 
 def train_row(row: Row, seed: int, fit_config: str, fit_overrides: dict[str, Any], weights: dict[str, str],
@@ -191,10 +158,12 @@ def ablation(
         root = pretrain_data_root or str(out_dir / "pretrain_data")
         generate_synthau(root, pretrain_data)
         pre.setdefault("data.data_root", root)
-    for branch, task, config in (("face", "pretrain-face", face_config),
-                                 ("emotion", "pretrain-expression", expression_config)):
+    for branch, config in (("face", face_config), ("emotion", expression_config)):
         if branch in needs and not weights[branch]:
-            weights[branch] = pretrain(task, config, pre, out_dir / "branches" / f"{branch}.pt", study, parent, mlflow)
+            task = BRANCH_TASKS[branch]
+            weights[branch], _ = pretrain_branch(
+                branch, config, pre, out_dir / "branches" / f"{branch}.pt", mlflow, f"{name} {task}",
+                study.tags(parent, "pretrain", **{"ablation.task": task}), prefix="[ablation] ")
 
     for seed in seeds:
         for key in keys:

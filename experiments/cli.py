@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from datamodules.manifest import ManifestError
 from experiments import data
 from experiments.ablation import main as ablation
+from experiments.pipeline import main as pipeline
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 from experiments.predict import predict
 from lightning_modules.backbones import WeightsError
@@ -55,6 +56,8 @@ COMMANDS: dict[str, Command] = {
                              lambda args: PretrainCLI("pretrain-face", args=args)),
     "pretrain-expression": Command("training", "pretrain the expression branch: basic emotions",
                                    lambda args: PretrainCLI("pretrain-expression", args=args)),
+    "pipeline": Command("training", "the whole method: data, both branches pretrained, the AU fit and test; "
+                        "one MLflow parent run", pipeline),
     "ablation": Command("training", "the paper's Table 2 over seeds, every row an MLflow run", ablation),
     "predict": Command("using a trained detector", "every face of photos, folders, lists and videos to CSV",
                        _function_command("predict")),

@@ -97,15 +97,21 @@ def download(manifest: list[str], out: str = "data/emotionet", settings: Downloa
         raise SystemExit(1)
 
 
-def prepare(args: Sequence[str]) -> None:
+def prepare(args: Sequence[str] | dict) -> None:
     """Prepare the data of a training config: generate SynthAU or download, align every split, report.
 
-    ``args`` are those of ``au-detect fit`` (``--config experiments/demo.yaml``, overrides): the
+    ``args`` are those of ``au-detect fit`` (``--config experiments/demo.yaml``, overrides), or a
+    config's content as a dict: the
     config is parsed by the same LightningCLI, without tracking or branch weights (the data need
     neither, and pretrained branches may not exist yet), and only its data module does anything.
     """
-    cli = AUDetectCLI(args=[*args, "--trainer.logger=false", "--model.face_weights=null",
-                            "--model.emotion_weights=null"], run=False)
+    if isinstance(args, dict):  # a config's content (what the chained commands hand over)
+        config = {**args, "trainer": {**args.get("trainer", {}), "logger": False},
+                  "model": {**args.get("model", {}), "face_weights": None, "emotion_weights": None}}
+        cli = AUDetectCLI(args=config, run=False)
+    else:
+        cli = AUDetectCLI(args=[*args, "--trainer.logger=false", "--model.face_weights=null",
+                                "--model.emotion_weights=null"], run=False)
     data = cli.datamodule
     data.prepare_data()
     data.setup()

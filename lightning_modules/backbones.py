@@ -52,7 +52,9 @@ class LoadReport:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise WeightsError(f"backbone weights {path}: no such file")
+        raise WeightsError(f"backbone weights {path}: no such file (a branch checkpoint is written by "
+                           "`au-detect pretrain-face|pretrain-expression fit`, or by `au-detect pipeline` with the "
+                           "rest of the method; null starts the branch from random weights)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -109,7 +109,7 @@ def _printed_config(args: list[str], capsys) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-TRAINING_CONFIGS = sorted(p.name for p in DEMO.parent.glob("*.yaml") if not p.name.startswith("ablation"))
+TRAINING_CONFIGS = sorted(p.name for p in DEMO.parent.glob("*.yaml") if not p.name.startswith(("ablation", "pipeline")))
 
 
 @pytest.mark.parametrize("config", TRAINING_CONFIGS)
@@ -137,10 +137,30 @@ def _parsed(cli_class, *args, config: dict):
     return parsed.value.args[0]
 
 
+def test_pipeline_config_overrides_are_options_of_its_commands(monkeypatch):
+    """The main job's config parses, its AU config names both branch checkpoints, and the
+    pretraining configs accept its changes."""
+    from experiments.lightning_cli import AUDetectCLI, PretrainCLI
+    from experiments.pipeline import build_parser
+    from experiments.stages import with_overrides
+
+    monkeypatch.chdir(DEMO.parents[1])
+    cfg = build_parser().parse_path(str(DEMO.parent / "pipeline_demo.yaml"))
+    fit = _parsed(AUDetectCLI, config=with_overrides(cfg.fit_config, cfg.fit_overrides or {}))
+    assert fit.model.face_weights and fit.model.emotion_weights
+    for task, config, key in (("pretrain-face", cfg.face_config, "face_weights"),
+                              ("pretrain-expression", cfg.expression_config, "emotion_weights")):
+        parsed = _parsed(PretrainCLI, task, config=with_overrides(config, {**cfg.pretrain_overrides,
+                                                                          "export.path": fit.model[key]}))
+        assert parsed.export.path == fit.model[key]
+        assert parsed.data.alignment.crop_size == fit.data.alignment.crop_size  # one cache for both
+
+
 def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
     """The ablation config parses, and every config it hands fit and pretraining (a dict: the
     config file with the row's changes) is accepted by them."""
-    from experiments.ablation import build_parser, with_overrides
+    from experiments.ablation import build_parser
+    from experiments.stages import with_overrides
     from experiments.ablation_rows import ROW_BY_KEY
     from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
@@ -168,7 +188,8 @@ def test_models_are_registered_under_mlflow_yaml_name_unless_the_config_names_on
     settings.write_text(f"tracking_uri: sqlite:///{tmp_path}/m.db\nregistered_model_name: team-au\n")
     names = []
     for extra in ([], ["--mlflow_artifacts.registered_model_name", "mine"]):
-        cli = AUDetectCLI(args=["--config", str(DEMO), "--mlflow", str(settings), "--trainer.logger=false", *extra],
+        cli = AUDetectCLI(args=["--config", str(DEMO), "--mlflow", str(settings), "--trainer.logger=false",
+                                "--model.face_weights=null", "--model.emotion_weights=null", *extra],
                           run=False)
         names += [c.registered_model_name for c in cli.trainer.callbacks if isinstance(c, MLflowArtifacts)]
     assert names == ["team-au", "mine"]

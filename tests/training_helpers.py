@@ -56,7 +56,7 @@ def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epo
             "--trainer.limit_train_batches", str(train_batches), "--trainer.default_root_dir", str(out),
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.scheduler.init_args.T_max", str(epochs), "--mlflow", str(mlflow_yaml),
-            "--mlflow_artifacts.sample_grid", "8"]
+            "--mlflow_artifacts.sample_grid", "8", "--model.face_weights", "null", "--model.emotion_weights", "null"]
 
 
 def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:

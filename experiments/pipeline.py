@@ -1,0 +1,163 @@
+"""``au-detect pipeline``: the whole method in one command, each stage an MLflow run under one parent.
+
+    au-detect pipeline --config experiments/pipeline_demo.yaml
+
+1. **data**: the AU config's data prepared (SynthAU generated, every split aligned);
+2. **face branch**: face-recognition pretraining (``au-detect pretrain-face fit``), its backbone
+   written where the AU config's ``model.face_weights`` reads it;
+3. **expression branch**: expression pretraining (``au-detect pretrain-expression fit``), written
+   to ``model.emotion_weights``;
+4. **AU fit**: ``au-detect fit`` on the AU config (both branches loaded, with the balancing
+   strategies it sets), then ``au-detect test`` on its best checkpoint.
+
+A branch checkpoint that exists already is reused, so a rerun goes straight to the AU fit (delete
+the file, or pass ``--retrain_branches true``, to pretrain again). The AU config stays a plain
+LightningCLI config: ``au-detect fit --config experiments/demo.yaml`` does stage 4 alone. In MLflow
+the stages are runs nested under a parent run named after the pipeline (tags ``pipeline`` and
+``pipeline.stage``), which holds the test figures and the minutes each stage took. With
+``baseline: true`` the AU fit is repeated from random branches at the same budget, and the
+parent run shows what the transfer adds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from mlflow.tracking import MlflowClient
+
+from callbacks.mlflow_run import mlflow_logger
+from experiments.data import prepare
+from experiments.lightning_cli import AUDetectCLI
+from experiments.stages import BRANCH_TASKS, pretrain_branch, with_overrides
+from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+
+CONFIG_KEYS = {"face": "face_weights", "emotion": "emotion_weights"}
+
+
+def fit_and_test(config: dict[str, Any], label: str) -> dict[str, Any]:
+    """``au-detect fit`` then ``au-detect test`` on the best checkpoint (into the same run)."""
+    fit = AUDetectCLI(args={"fit": config})
+    run_id = mlflow_logger(fit.trainer).run_id if mlflow_logger(fit.trainer) else None
+    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
+    metrics = {k: float(v) for k, v in {**fit.trainer.callback_metrics, **test.trainer.callback_metrics}.items()
+               if k.startswith(("test/", "val/")) and v.numel() == 1}
+    print(f"[pipeline] {label}: test F1 {metrics.get('test/f1', float('nan')):.3f} at the fitted thresholds "
+          f"({metrics.get('test/f1_default', float('nan')):.3f} at 0.5), run {run_id}")
+    return {"run_id": run_id, "checkpoint": best, "metrics": metrics}
+
+
+def pipeline(
+    name: str = "demo",
+    fit_config: str = "experiments/demo.yaml",
+    face_config: str = "experiments/pretrain_face_demo.yaml",
+    expression_config: str = "experiments/pretrain_expression_demo.yaml",
+    fit_overrides: dict[str, Any] | None = None,
+    pretrain_overrides: dict[str, Any] | None = None,
+    retrain_branches: bool = False,
+    baseline: bool = False,
+    mlflow: str = "mlflow.yaml",
+) -> dict[str, Any]:
+    """Prepare the data, pretrain both branches, fit and test the AU detector; one MLflow parent run.
+
+    Args:
+        name: the pipeline's name: its parent run's name and the ``pipeline`` tag of its runs.
+        fit_config: the AU training config; its ``model.face_weights`` and
+            ``model.emotion_weights`` say where the branch checkpoints are written and read.
+        face_config, expression_config: the two pretraining configs.
+        fit_overrides: dotted keys changed in the AU config (e.g. ``trainer.max_epochs``).
+        pretrain_overrides: dotted keys changed in both pretraining configs.
+        retrain_branches: pretrain again even where the branch checkpoint exists.
+        baseline: also fit from random branches at the same budget (what the transfer adds).
+        mlflow: MLflow settings file.
+    """
+    start = time.perf_counter()
+    tracking = TrackingSettings.read(mlflow)
+    client = MlflowClient(tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(tracking.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        tracking.experiment_name, artifact_location=tracking.artifact_location)
+    parent = client.create_run(experiment_id, run_name=f"pipeline {name}",
+                               tags={**tracking.tags, "pipeline": name, "pipeline.stage": "pipeline"}).info.run_id
+    print(f"[pipeline] '{name}': MLflow experiment '{tracking.experiment_name}' at {tracking.tracking_uri}, "
+          f"parent run {parent}")
+    minutes: dict[str, float] = {}
+
+    def tags(stage: str) -> dict[str, str]:
+        return {"pipeline": name, "pipeline.stage": stage, "mlflow.parentRunId": parent}
+
+    try:
+        fit = with_overrides(fit_config, dict(fit_overrides or {}))
+        t = time.perf_counter()
+        prepare(fit)
+        minutes["data"] = (time.perf_counter() - t) / 60
+
+        weights = {}
+        for branch, config in (("face", face_config), ("emotion", expression_config)):
+            path = fit["model"].get(CONFIG_KEYS[branch])
+            if not path:
+                raise ValueError(f"pipeline: {fit_config} sets no model.{CONFIG_KEYS[branch]}: the pipeline writes "
+                                 f"the {branch} branch's checkpoint where the AU config reads it")
+            if retrain_branches:
+                Path(path).unlink(missing_ok=True)
+            t = time.perf_counter()
+            task = BRANCH_TASKS[branch]
+            weights[branch], trained = pretrain_branch(
+                branch, config, dict(pretrain_overrides or {}), path, mlflow, f"{name} {task}", tags(task),
+                prefix="[pipeline] ")
+            client.set_tag(parent, f"pipeline.{branch}_weights", f"{path} ({'trained' if trained else 'reused'})")
+            minutes[task] = (time.perf_counter() - t) / 60
+
+        t = time.perf_counter()
+        result = fit_and_test({**fit, "mlflow": mlflow, "run_name": f"{name} fit", "tags": tags("fit")}, "AU fit")
+        minutes["fit"] = (time.perf_counter() - t) / 60
+        results = {"fit": result}
+        if baseline:
+            t = time.perf_counter()
+            random = {**fit, "mlflow": mlflow, "run_name": f"{name} fit from random branches",
+                      "tags": tags("baseline")}
+            random["model"] = {**fit["model"], "face_weights": None, "emotion_weights": None}
+            results["baseline"] = fit_and_test(random, "AU fit from random branches")
+            minutes["baseline"] = (time.perf_counter() - t) / 60
+        minutes["total"] = (time.perf_counter() - start) / 60
+
+        for label, r in results.items():
+            for key in ("test/f1", "test/f1_default", "test/accuracy", "test/score", "val/score_heldout"):
+                if key in r["metrics"]:
+                    client.log_metric(parent, f"{label}/{key}", r["metrics"][key])
+        for stage, m in minutes.items():
+            client.log_metric(parent, f"minutes/{stage}", m)
+        client.set_terminated(parent)
+    except BaseException:
+        client.set_terminated(parent, "KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+
+    print("\n[pipeline] minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items()))
+    for label, r in results.items():
+        m = r["metrics"]
+        print(f"[pipeline] {label}: test F1 {m.get('test/f1', float('nan')):.3f} at fitted thresholds, "
+              f"accuracy {m.get('test/accuracy', float('nan')):.3f}; best checkpoint {r['checkpoint']}")
+    uri = tracking.tracking_uri
+    where = f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "mlflow ui"
+    print(f"[pipeline] see the runs: {where}  (then open http://127.0.0.1:5000, experiment "
+          f"'{tracking.experiment_name}', run 'pipeline {name}' and the runs under it)")
+    return {"parent": parent, "minutes": minutes, **results}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="au-detect pipeline", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(pipeline, as_group=False)
+    return parser
+
+
+def main(args: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    cfg = parser.parse_args(list(sys.argv[1:] if args is None else args))
+    init = parser.instantiate_classes(cfg)
+    init.pop("config", None)
+    return pipeline(**init)

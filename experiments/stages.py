@@ -1,0 +1,51 @@
+"""What the chained commands (``au-detect pipeline``, ``au-detect ablation``) share: a config file
+with some keys changed, and a branch pretrained unless its checkpoint is already there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.lightning_cli import PretrainCLI
+
+BRANCH_TASKS = {"face": "pretrain-face", "emotion": "pretrain-expression"}
+
+
+def with_overrides(config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config file's content with dotted keys set in it: what LightningCLI takes as ``args``.
+
+    >>> with_overrides("experiments/demo.yaml", {"trainer.max_epochs": 2, "model.scheduler.init_args.T_max": 2,
+    ...                                          "run_name": "a"})["model"]["scheduler"]["init_args"]["T_max"]
+    2
+    """
+    content = yaml.safe_load(Path(config).read_text()) or {}
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = content
+        for name in parents:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[last] = value
+    return content
+
+
+def pretrain_branch(branch: str, config: str, overrides: dict[str, Any], path: str | Path, mlflow_config: str,
+                    run_name: str, tags: dict[str, str], prefix: str = "") -> tuple[str, bool]:
+    """The branch's checkpoint at ``path``: pretrained now with its ``au-detect pretrain-*`` command on
+    ``config`` (its backbone exported to ``path``), or reused when the file is there already.
+
+    Returns the path and whether it was trained now.
+    """
+    path = Path(path)
+    if path.is_file():
+        print(f"{prefix}{branch} branch: reusing {path}")
+        return str(path), False
+    task = BRANCH_TASKS[branch]
+    overrides = {"trainer.default_root_dir": str(path.parent / task), **overrides, "export.path": str(path),
+                 "mlflow": mlflow_config, "run_name": run_name, "tags": tags}
+    print(f"{prefix}au-detect {task} fit --config {config} with {overrides}")
+    PretrainCLI(task, args={"fit": with_overrides(config, overrides)})
+    return str(path), True
