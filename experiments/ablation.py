@@ -10,33 +10,39 @@
    ``au-detect test`` on its best checkpoint, once per seed. The rows of Table 2 build up the
    method; the breakdown adds one balancing strategy at a time to the aligned dual model:
 
-   =============  =================================  =====  ========  =========  ==========
-   key            row                                align  sampling  selective  thresholds
-   =============  =================================  =====  ========  =========  ==========
-   face           F_face                             -      -         -          -
-   emotion        F_emotion                          -      -         -          -
-   dual           F_face + F_emotion                 -      -         -          -
-   align          Align + F_face + F_emotion         yes    -         -          -
-   balanced       ... + balancing (all three)        yes    yes       yes        yes
-   scratch        ... + balancing, random branches   yes    yes       yes        yes
-   sampling       Align + dual + sampling only       yes    yes       -          -
-   selective      Align + dual + selective only      yes    -         yes        -
-   thresholds     Align + dual + thresholds only     yes    -         -          yes
-   face_align     Align + F_face                     yes    -         -          -
-   emotion_align  Align + F_emotion                  yes    -         -          -
-   =============  =================================  =====  ========  =========  ==========
+   ===============  ==========================================  ======  ========  =========  ==========
+   key              row                                         crop    sampling  selective  thresholds
+   ===============  ==========================================  ======  ========  =========  ==========
+   face             F_face                                      box     -         -          -
+   emotion          F_emotion                                   box     -         -          -
+   dual             F_face + F_emotion                          box     -         -          -
+   dual_center      F_face + F_emotion                          center  -         -          -
+   align            Align + F_face + F_emotion                  mtcnn   -         -          -
+   balanced         ... + balancing (all three)                 mtcnn   yes       0.5        yes
+   balanced_prior   ... + balancing, prior target               mtcnn   yes       prior      yes
+   sampling         Align + dual + sampling only                mtcnn   yes       -          -
+   selective        Align + dual + selective learning only      mtcnn   -         0.5        -
+   selective_prior  Align + dual + selective (prior) only       mtcnn   -         prior      -
+   scratch          ... + balancing, random branches            mtcnn   yes       0.5        yes
+   decorrelated     ... + balancing, orthogonality 0.1          mtcnn   yes       0.5        yes
+   face_align       Align + F_face                              mtcnn   -         -          -
+   emotion_align    Align + F_emotion                           mtcnn   -         -          -
+   resnet18/50/152  Table 1: one branch, random start, aligned  mtcnn   -         -          -
+   ===============  ==========================================  ======  ========  =========  ==========
 
-   The last two repeat the branch comparison with alignment.
-
-   Without alignment the crop is the scene's center square (``alignment.method: center``).
-   Without soft thresholds decisions are at 0.5. Soft thresholds do not change training, so the
-   ``thresholds`` row is the ``align`` row's model decided at its fitted thresholds: a run of its
-   own that points at its source (``ablation.source_run``) instead of a second, identical fit.
+   ``box`` crops MTCNN's face box (squared, resized) with no landmark warp: what a pipeline
+   without alignment does. ``center`` crops the scene's middle, without detection. Every row is
+   tested at 0.5 and at its thresholds fitted on validation, and rows are only compared at the
+   same kind of threshold; soft thresholds do not change training, so the ``align`` row at its
+   fitted thresholds is "align + soft thresholds". A row with soft thresholds picks its best epoch
+   by ``val/score_heldout``, the others by ``val/score`` at 0.5.
 3. **Table.** Every row is an MLflow run in one experiment, tagged ``ablation``,
    ``ablation.row`` and ``ablation.seed`` and nested under a summary run. The table (Acc, F1 and
-   Avg = (Acc + F1) / 2 on the test split, mean and spread over seeds, beside the paper's
-   figures) is read back from MLflow, printed, and logged to the summary run as Markdown, CSV and
-   a bar chart. A run already finished for a row and seed is not trained again: an interrupted
+   Avg = (Acc + F1) / 2 on the test split at both kinds of threshold, mean and spread over
+   seeds, beside the paper's figures) is read back from MLflow, printed, and logged to the
+   summary run as Markdown, CSV and a bar chart, with the per-AU analysis (each strategy's change
+   of every AU's F1, beside the AU's test positives and negatives: ``ablation_per_au.csv`` and
+   ``.png``). A run already finished for a row and seed is not trained again: an interrupted
    ablation resumes where it stopped.
 """
 
@@ -53,8 +59,9 @@ from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_run import mlflow_logger
 from datamodules.synthetic import SynthAUSettings, generate_synthau
-from experiments.ablation_report import bar_chart, markdown_table, orderings, table_csv
-from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, Row, row_metrics
+from experiments.ablation_report import (bar_chart, markdown_table, orderings, per_au_changes, per_au_csv,
+                                        per_au_figure, per_au_summary, table_csv)
+from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, TABLE2_ROWS, Row, row_metrics
 from experiments.ablation_store import Ablation
 from experiments.lightning_cli import AUDetectCLI
 from experiments.stages import BRANCH_TASKS, pretrain_branch, with_overrides
@@ -80,23 +87,8 @@ def train_row(row: Row, seed: int, fit_config: str, fit_overrides: dict[str, Any
     # The test run continues the fit's MLflow run (the checkpoint carries its id).
     test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
     metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items() if k.startswith("test/")}
-    _finish_run(ablation.client, run_id, row_metrics(metrics, row.thresholds))
+    _finish_run(ablation.client, run_id, row_metrics(metrics))
     return run_id
-
-
-def derive_row(row: Row, seed: int, source_run: str, ablation: Ablation, parent: str) -> str:
-    """A row that is another row's model decided differently: its own run, pointing at the source."""
-    source = ablation.client.get_run(source_run)
-    tags = ablation.tags(parent, "row", **{"ablation.row": row.key, "ablation.seed": str(seed),
-                                           "ablation.source_run": source_run})
-    run = ablation.client.create_run(ablation.experiment_id, run_name=f"{ablation.name} {row.key} seed{seed}",
-                                     tags={**ablation.tracking.tags, **tags})
-    metrics = {k: v for k, v in source.data.metrics.items() if k.startswith("test/")}
-    for k, v in metrics.items():
-        ablation.client.log_metric(run.info.run_id, k, v)
-    _finish_run(ablation.client, run.info.run_id, row_metrics(metrics, row.thresholds))
-    ablation.client.set_terminated(run.info.run_id)
-    return run.info.run_id
 
 
 def ablation(
@@ -130,20 +122,16 @@ def ablation(
         pretrain_data_root: where that corpus goes.
         face_weights, emotion_weights: branch checkpoints to reuse instead of pretraining.
         seeds: one run per row per seed (3 or more for a spread).
-        rows: the rows to run, by key (default: all; see the module's docstring).
+        rows: the rows to run, by key (default: Table 2's; see the module's docstring).
         out: checkpoints and pretrained branches go under this folder.
         mlflow: MLflow settings file.
     """
     start = time.perf_counter()
     seeds = [0, 1, 2] if seeds is None else list(seeds)
-    keys = list(ROW_BY_KEY) if rows is None else list(rows)
+    keys = list(TABLE2_ROWS) if rows is None else list(rows)
     unknown = [k for k in keys if k not in ROW_BY_KEY]
     if unknown:
         raise ValueError(f"ablation rows: unknown {unknown}; known: {list(ROW_BY_KEY)}")
-    for key in keys:  # a derived row needs its source trained too
-        source = ROW_BY_KEY[key].source
-        if source and source not in keys:
-            keys.insert(keys.index(key), source)
     out_dir = Path(out) / name
     tracking = TrackingSettings.read(mlflow)
     study = Ablation(name, tracking, mlflow)
@@ -172,10 +160,7 @@ def ablation(
             if done:
                 print(f"[ablation] row {key} seed {seed}: finished before (run {done})")
                 continue
-            if row.source:
-                derive_row(row, seed, study.finished(row.source, seed), study, parent)
-            else:
-                train_row(row, seed, fit_config, dict(fit_overrides or {}), weights, study, parent, out_dir)
+            train_row(row, seed, fit_config, dict(fit_overrides or {}), weights, study, parent, out_dir)
 
     table = study.table()
     text = markdown_table(table)
@@ -190,17 +175,28 @@ def ablation(
         print(f"  {line}")
     for line in pretrained:
         print(f"  pretraining {line}")
+    changes = per_au_changes(study.per_au())
+    per_au = per_au_summary(changes)
+    if per_au:
+        print("\nPer AU (change of test F1 when a strategy is added; AUs by test positive share):")
+        for line in per_au:
+            print(f"  {line}")
     client = study.client
-    report = (text + "\nOrderings of the paper's Table 2:\n\n" + "".join(f"- {c}\n" for c in checks)
+    report = (text + "\nOrderings of the paper's tables:\n\n" + "".join(f"- {c}\n" for c in checks)
+              + "\nPer AU:\n\n" + "".join(f"- {line}\n" for line in per_au)
               + "\nPretraining (validation):\n\n" + "".join(f"- {line}\n" for line in pretrained)
               + f"\nRuns: {run_minutes:.1f} min of training and evaluation in all.\n")
     client.log_text(parent, report, "ablation_table.md")
     client.log_text(parent, table_csv(table), "ablation_table.csv")
-    fig = bar_chart(table)
-    client.log_figure(parent, fig, "ablation.png")
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    figures = [(bar_chart(table), "ablation.png")]
+    if changes:
+        client.log_text(parent, per_au_csv(changes), "ablation_per_au.csv")
+        figures.append((per_au_figure(changes), "ablation_per_au.png"))
+    for fig, name in figures:
+        client.log_figure(parent, fig, name)
+        plt.close(fig)
     for key, entry in table.items():
         for m in COLUMNS:
             client.log_metric(parent, f"{key}/{m}", entry[f"{m}_mean"])

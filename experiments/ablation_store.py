@@ -12,7 +12,7 @@ import numpy as np
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from experiments.ablation_rows import COLUMNS, METRICS, ROW_BY_KEY
+from experiments.ablation_rows import COLUMNS, ROW_BY_KEY
 from experiments.tracking import TrackingSettings
 
 
@@ -71,12 +71,34 @@ class Ablation:
                 continue
             entry = out.setdefault(run.data.tags["ablation.row"], {"seeds": [], **{m: [] for m in COLUMNS}})
             entry["seeds"].append(int(run.data.tags["ablation.seed"]))
-            for m in METRICS:
-                entry[m].append(run.data.metrics[f"ablation/{m}"])
-            entry["f1_fitted"].append(run.data.metrics["test/f1"])
+            for m in COLUMNS:
+                entry[m].append(run.data.metrics.get(f"ablation/{m}", float("nan")))
         for entry in out.values():
             for m in COLUMNS:
                 values = np.array(entry[m])
                 entry[f"{m}_mean"] = float(values.mean())
                 entry[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         return {k: out[k] for k in ROW_BY_KEY if k in out}
+
+    def per_au(self) -> dict[str, dict]:
+        """Per row: each AU's test F1 at 0.5 (``f1``) and at the fitted thresholds (``f1_fitted``),
+        a list over seeds, and its labelled test positives and negatives (``positives``,
+        ``negatives``; the same test split for every row)."""
+        out: dict[str, dict] = {}
+        for run in self._runs("row"):
+            if "ablation/f1" not in run.data.metrics:
+                continue
+            entry = out.setdefault(run.data.tags["ablation.row"], {"f1": {}, "f1_fitted": {}, "positives": {},
+                                                                    "negatives": {}})
+            for name, value in run.data.metrics.items():
+                parts = name.split("/")
+                if len(parts) != 3 or parts[0] != "test":
+                    continue
+                kind, au = parts[1], parts[2]
+                if kind == "f1_default":
+                    entry["f1"].setdefault(au, []).append(value)
+                elif kind == "f1":
+                    entry["f1_fitted"].setdefault(au, []).append(value)
+                elif kind in ("positives", "negatives"):
+                    entry[kind][au] = value
+        return out

@@ -242,8 +242,15 @@ class AUDetector(L.LightningModule):
         self.log("test/loss", loss, sync_dist=True, batch_size=len(logits))
 
     def on_test_epoch_end(self) -> None:
-        self._log_scores("test", self.test_metrics.compute())  # at the fitted thresholds
-        self._log_scores("test", self.test_metrics_default.compute(), suffix="_default", per_au=False)
+        fitted = self.test_metrics.compute()
+        self._log_scores("test", fitted)  # at the fitted thresholds
+        self._log_scores("test", self.test_metrics_default.compute(), suffix="_default")
+        # Each AU's labelled positives and negatives in the test split: what per-AU figures rest on.
+        for i, au in enumerate(self.aus):
+            if fitted["support"][i] > 0:
+                positives = fitted["positives"][i].float()
+                self.log(f"test/positives/{au_column_name(au)}", positives)
+                self.log(f"test/negatives/{au_column_name(au)}", fitted["support"][i].float() - positives)
         self.test_metrics.reset()
         self.test_metrics_default.reset()
 

@@ -171,7 +171,7 @@ def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
         config = with_overrides(cfg.fit_config, {**cfg.fit_overrides, **row.overrides(weights), "run_name": key})
         parsed = _parsed(AUDetectCLI, config=config)
         assert parsed.trainer.max_epochs == cfg.fit_overrides["trainer.max_epochs"], key
-        assert parsed.data.alignment.method == ("mtcnn" if row.align else "center"), key
+        assert parsed.data.alignment.method == row.crop and parsed.model.target_rate == row.target, key
         assert parsed.model.branches == list(row.branches) and parsed.run_name == key
     for task, config in (("pretrain-face", cfg.face_config), ("pretrain-expression", cfg.expression_config)):
         parsed = _parsed(PretrainCLI, task, config=with_overrides(config, {**cfg.pretrain_overrides,
