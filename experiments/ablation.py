@@ -149,8 +149,10 @@ def ablation(
     for branch, config in (("face", face_config), ("emotion", expression_config)):
         if branch in needs and not weights[branch]:
             task = BRANCH_TASKS[branch]
+            path = out_dir / "branches" / f"{branch}.pt"
             weights[branch], _ = pretrain_branch(
-                branch, config, pre, out_dir / "branches" / f"{branch}.pt", mlflow, f"{name} {task}",
+                branch, config, {"trainer.default_root_dir": str(path.parent / task), **pre}, path, mlflow,
+                f"{name} {task}",
                 study.tags(parent, "pretrain", **{"ablation.task": task}), prefix="[ablation] ")
 
     for seed in seeds:

@@ -36,6 +36,7 @@ def pretrain_branch(branch: str, config: str, overrides: dict[str, Any], path: s
                     run_name: str, tags: dict[str, str], prefix: str = "") -> tuple[str, bool]:
     """The branch's checkpoint at ``path``: pretrained now with its ``au-detect pretrain-*`` command on
     ``config`` (its backbone exported to ``path``), or reused when the file is there already.
+    ``overrides`` change the pretraining config (where its checkpoints go: ``trainer.default_root_dir``).
 
     Returns the path and whether it was trained now.
     """
@@ -44,8 +45,7 @@ def pretrain_branch(branch: str, config: str, overrides: dict[str, Any], path: s
         print(f"{prefix}{branch} branch: reusing {path}")
         return str(path), False
     task = BRANCH_TASKS[branch]
-    overrides = {"trainer.default_root_dir": str(path.parent / task), **overrides, "export.path": str(path),
-                 "mlflow": mlflow_config, "run_name": run_name, "tags": tags}
+    overrides = {**overrides, "export.path": str(path), "mlflow": mlflow_config, "run_name": run_name, "tags": tags}
     print(f"{prefix}au-detect {task} fit --config {config} with {overrides}")
     PretrainCLI(task, args={"fit": with_overrides(config, overrides)})
     return str(path), True

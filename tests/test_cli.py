@@ -165,14 +165,17 @@ def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
     from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
     monkeypatch.chdir(DEMO.parents[1])  # the config's paths are relative to the project root
-    cfg = build_parser().parse_path(str(DEMO.parent / "ablation_demo.yaml"))
     weights = {"face": "face.pt", "emotion": "emotion.pt"}
-    for key, row in ROW_BY_KEY.items():
-        config = with_overrides(cfg.fit_config, {**cfg.fit_overrides, **row.overrides(weights), "run_name": key})
-        parsed = _parsed(AUDetectCLI, config=config)
-        assert parsed.trainer.max_epochs == cfg.fit_overrides["trainer.max_epochs"], key
-        assert parsed.data.alignment.method == row.crop and parsed.model.target_rate == row.target, key
-        assert parsed.model.branches == list(row.branches) and parsed.run_name == key
+    for name in ("ablation_table1.yaml", "ablation_demo.yaml"):
+        cfg = build_parser().parse_path(str(DEMO.parent / name))
+        assert set(cfg.rows) <= set(ROW_BY_KEY), name
+        for key, row in ROW_BY_KEY.items():
+            config = with_overrides(cfg.fit_config, {**cfg.fit_overrides, **row.overrides(weights), "run_name": key})
+            parsed = _parsed(AUDetectCLI, config=config)
+            assert parsed.trainer.max_epochs == cfg.fit_overrides["trainer.max_epochs"], key
+            assert parsed.data.alignment.method == row.crop and parsed.model.target_rate == row.target, key
+            assert parsed.model.branches == list(row.branches) and parsed.run_name == key
+            assert parsed.model.backbone == (row.backbone or "resnet18"), key
     for task, config in (("pretrain-face", cfg.face_config), ("pretrain-expression", cfg.expression_config)):
         parsed = _parsed(PretrainCLI, task, config=with_overrides(config, {**cfg.pretrain_overrides,
                                                                           "export.path": "b.pt"}))
