@@ -49,12 +49,10 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_run import mlflow_logger
@@ -64,7 +62,7 @@ from experiments.ablation_report import (bar_chart, markdown_table, orderings, p
 from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, TABLE2_ROWS, Row, row_metrics
 from experiments.ablation_store import Ablation
 from experiments.lightning_cli import AUDetectCLI
-from experiments.stages import BRANCH_TASKS, pretrain_branch, with_overrides
+from experiments.stages import BRANCH_TASKS, function_parser, pretrain_branch, run_function, with_overrides
 from experiments.tracking import TrackingSettings
 
 def _finish_run(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
@@ -208,19 +206,12 @@ def ablation(
     return table
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="au-detect ablation", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(ablation, as_group=False)
-    return parser
+def build_parser():
+    return function_parser(ablation, "au-detect ablation", __doc__)
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, dict]:
-    parser = build_parser()
-    cfg = parser.parse_args(list(sys.argv[1:] if args is None else args))
-    init = parser.instantiate_classes(cfg)
-    init.pop("config", None)
-    return ablation(**init)
+    return run_function(ablation, build_parser(), args)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
 from mlflow.tracking import MlflowClient
 
 from callbacks.mlflow_run import mlflow_logger
 from experiments.data import prepare
 from experiments.lightning_cli import AUDetectCLI
-from experiments.stages import BRANCH_TASKS, pretrain_branch, with_overrides
+from experiments.stages import BRANCH_TASKS, function_parser, pretrain_branch, run_function, with_overrides
 from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
 
 CONFIG_KEYS = {"face": "face_weights", "emotion": "emotion_weights"}
@@ -148,16 +147,9 @@ def pipeline(
     return {"parent": parent, "minutes": minutes, **results}
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="au-detect pipeline", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(pipeline, as_group=False)
-    return parser
+def build_parser():
+    return function_parser(pipeline, "au-detect pipeline", __doc__)
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    cfg = parser.parse_args(list(sys.argv[1:] if args is None else args))
-    init = parser.instantiate_classes(cfg)
-    init.pop("config", None)
-    return pipeline(**init)
+    return run_function(pipeline, build_parser(), args)

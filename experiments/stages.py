@@ -1,16 +1,34 @@
-"""What the chained commands (``au-detect pipeline``, ``au-detect ablation``) share: a config file
-with some keys changed, and a branch pretrained unless its checkpoint is already there."""
+"""What the chained commands (``au-detect pipeline``, ``au-detect ablation``) share: their command
+line (a function's signature, ``--config``), a config file with some keys changed, and a branch
+pretrained unless its checkpoint is already there."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from experiments.lightning_cli import PretrainCLI
 
 BRANCH_TASKS = {"face": "pretrain-face", "emotion": "pretrain-expression"}
+
+
+def function_parser(fn: Callable, prog: str, description: str | None) -> ArgumentParser:
+    """A command line made of ``fn``'s signature, with ``--config`` for a YAML file of its arguments."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(fn, as_group=False)
+    return parser
+
+
+def run_function(fn: Callable, parser: ArgumentParser, args: Sequence[str] | None) -> Any:
+    """``fn`` called with what ``parser`` makes of ``args`` (default: the command line)."""
+    init = parser.instantiate_classes(parser.parse_args(list(sys.argv[1:] if args is None else args)))
+    init.pop("config", None)
+    return fn(**init)
 
 
 def with_overrides(config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
