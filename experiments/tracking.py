@@ -37,7 +37,12 @@ class TrackingSettings:
     def logger(self, run_name: str | None = None, run_id: str | None = None,
                tags: dict[str, str] | None = None) -> MLFlowLogger:
         # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
-        # longer takes by default: the URI is always explicit.
+        # longer takes by default: the URI is always explicit. The store is opened here first, in
+        # this thread, so that a new SQLite database gets its tables once, before anything else
+        # of the run (callbacks, model logging) opens it.
+        from mlflow import MlflowClient
+
+        MlflowClient(self.tracking_uri).search_experiments(max_results=1)
         return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, tags={**self.tags, **(tags or {})},
                             artifact_location=self.artifact_location, run_name=run_name, run_id=run_id,
                             log_model=False)
