@@ -55,14 +55,13 @@ from typing import Any, Sequence
 
 from mlflow.tracking import MlflowClient
 
-from callbacks.mlflow_run import mlflow_logger
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from experiments.ablation_report import (bar_chart, markdown_table, orderings, per_au_changes, per_au_csv,
                                         per_au_figure, per_au_summary, table_csv)
 from experiments.ablation_rows import COLUMNS, ROW_BY_KEY, TABLE2_ROWS, Row, row_metrics
 from experiments.ablation_store import Ablation
-from experiments.lightning_cli import AUDetectCLI
-from experiments.stages import BRANCH_TASKS, function_parser, pretrain_branch, run_function, with_overrides
+from experiments.stages import (BRANCH_TASKS, fit_and_test, function_parser, pretrain_branch, run_function,
+                               with_overrides)
 from experiments.tracking import TrackingSettings
 
 def _finish_run(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
@@ -79,14 +78,9 @@ def train_row(row: Row, seed: int, fit_config: str, fit_overrides: dict[str, Any
                  "mlflow": ablation.mlflow_config, "run_name": f"{ablation.name} {row.key} seed{seed}", "tags": tags}
     config = with_overrides(fit_config, overrides)
     print(f"[ablation] row {row.key} seed {seed}: au-detect fit --config {fit_config} with {overrides}")
-    fit = AUDetectCLI(args={"fit": config})
-    run_id = mlflow_logger(fit.trainer).run_id
-    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
-    # The test run continues the fit's MLflow run (the checkpoint carries its id).
-    test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
-    metrics = {k: float(v) for k, v in test.trainer.callback_metrics.items() if k.startswith("test/")}
-    _finish_run(ablation.client, run_id, row_metrics(metrics))
-    return run_id
+    result = fit_and_test(config)
+    _finish_run(ablation.client, result["run_id"], row_metrics(result["metrics"]))
+    return result["run_id"]
 
 
 def ablation(

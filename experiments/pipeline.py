@@ -28,26 +28,20 @@ from typing import Any, Sequence
 
 from mlflow.tracking import MlflowClient
 
-from callbacks.mlflow_run import mlflow_logger
 from experiments.data import prepare
-from experiments.lightning_cli import AUDetectCLI
-from experiments.stages import BRANCH_TASKS, function_parser, pretrain_branch, run_function, with_overrides
+from experiments.stages import (BRANCH_TASKS, fit_and_test, function_parser, pretrain_branch, run_function,
+                               with_overrides)
 from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
 
 CONFIG_KEYS = {"face": "face_weights", "emotion": "emotion_weights"}
 
 
-def fit_and_test(config: dict[str, Any], label: str) -> dict[str, Any]:
-    """``au-detect fit`` then ``au-detect test`` on the best checkpoint (into the same run)."""
-    fit = AUDetectCLI(args={"fit": config})
-    run_id = mlflow_logger(fit.trainer).run_id if mlflow_logger(fit.trainer) else None
-    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
-    test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
-    metrics = {k: float(v) for k, v in {**fit.trainer.callback_metrics, **test.trainer.callback_metrics}.items()
-               if k.startswith(("test/", "val/")) and v.numel() == 1}
-    print(f"[pipeline] {label}: test F1 {metrics.get('test/f1', float('nan')):.3f} at the fitted thresholds "
-          f"({metrics.get('test/f1_default', float('nan')):.3f} at 0.5), run {run_id}")
-    return {"run_id": run_id, "checkpoint": best, "metrics": metrics}
+def _fit_and_test(config: dict[str, Any], label: str) -> dict[str, Any]:
+    result = fit_and_test(config)
+    m = result["metrics"]
+    print(f"[pipeline] {label}: test F1 {m.get('test/f1', float('nan')):.3f} at the fitted thresholds "
+          f"({m.get('test/f1_default', float('nan')):.3f} at 0.5), run {result['run_id']}")
+    return result
 
 
 def pipeline(
@@ -95,7 +89,6 @@ def pipeline(
         prepare(fit)
         minutes["data"] = (time.perf_counter() - t) / 60
 
-        weights = {}
         for branch, config in (("face", face_config), ("emotion", expression_config)):
             path = fit["model"].get(CONFIG_KEYS[branch])
             if not path:
@@ -105,14 +98,14 @@ def pipeline(
                 Path(path).unlink(missing_ok=True)
             t = time.perf_counter()
             task = BRANCH_TASKS[branch]
-            weights[branch], trained = pretrain_branch(
+            _, trained = pretrain_branch(
                 branch, config, dict(pretrain_overrides or {}), path, mlflow, f"{name} {task}", tags(task),
                 prefix="[pipeline] ")
             client.set_tag(parent, f"pipeline.{branch}_weights", f"{path} ({'trained' if trained else 'reused'})")
             minutes[task] = (time.perf_counter() - t) / 60
 
         t = time.perf_counter()
-        result = fit_and_test({**fit, "mlflow": mlflow, "run_name": f"{name} fit", "tags": tags("fit")}, "AU fit")
+        result = _fit_and_test({**fit, "mlflow": mlflow, "run_name": f"{name} fit", "tags": tags("fit")}, "AU fit")
         minutes["fit"] = (time.perf_counter() - t) / 60
         results = {"fit": result}
         if baseline:
@@ -120,7 +113,7 @@ def pipeline(
             random = {**fit, "mlflow": mlflow, "run_name": f"{name} fit from random branches",
                       "tags": tags("baseline")}
             random["model"] = {**fit["model"], "face_weights": None, "emotion_weights": None}
-            results["baseline"] = fit_and_test(random, "AU fit from random branches")
+            results["baseline"] = _fit_and_test(random, "AU fit from random branches")
             minutes["baseline"] = (time.perf_counter() - t) / 60
         minutes["total"] = (time.perf_counter() - start) / 60
 

@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from experiments.lightning_cli import PretrainCLI
+from callbacks.mlflow_run import mlflow_logger
+from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
 BRANCH_TASKS = {"face": "pretrain-face", "emotion": "pretrain-expression"}
 
@@ -67,3 +68,16 @@ def pretrain_branch(branch: str, config: str, overrides: dict[str, Any], path: s
     print(f"{prefix}au-detect {task} fit --config {config} with {overrides}")
     PretrainCLI(task, args={"fit": with_overrides(config, overrides)})
     return str(path), True
+
+
+def fit_and_test(config: dict[str, Any]) -> dict[str, Any]:
+    """``au-detect fit`` on a config's content, then ``au-detect test`` on its best checkpoint, which
+    continues the fit's MLflow run (the checkpoint carries its id). Returns the run id, the
+    checkpoint, and the fit's and test's scalar ``val/`` and ``test/`` figures."""
+    fit = AUDetectCLI(args={"fit": config})
+    logger = mlflow_logger(fit.trainer)
+    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
+    metrics = {k: float(v) for k, v in {**fit.trainer.callback_metrics, **test.trainer.callback_metrics}.items()
+               if k.startswith(("test/", "val/")) and v.numel() == 1}
+    return {"run_id": logger.run_id if logger else None, "checkpoint": best, "metrics": metrics}
