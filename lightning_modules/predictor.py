@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
@@ -144,19 +145,24 @@ class AUPredictor:
 
     @classmethod
     def from_mlflow(cls, uri: str, device: str | None = None, **detection) -> "AUPredictor":
-        """From the pyfunc model ``au-detect fit`` logs (:mod:`lightning_modules.pyfunc`)."""
+        """From the pyfunc model ``au-detect fit`` logs (:mod:`lightning_modules.pyfunc`): only its
+        predictor folder is read (tensors and JSON, no code of the model runs), from a temporary
+        copy that is removed once the weights are in memory."""
         import mlflow
+        from mlflow.models import Model
 
-        try:
-            model = mlflow.pyfunc.load_model(uri)
-        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what was asked and where
-            raise FileNotFoundError(f"model {uri!r}: could not load it from MLflow at {mlflow.get_tracking_uri()} "
-                                    f"({type(e).__name__}: {e}); is MLFLOW_TRACKING_URI or --mlflow right?") from e
-        loaded = model.unwrap_python_model().predictor
-        alignment = _alignment(loaded.alignment, detection)
-        if alignment == loaded.alignment and (device is None or torch.device(device) == loaded.device):
-            return loaded  # the model built it already (detector, folded copy): not twice
-        return cls(loaded.net, alignment, loaded.spec, loaded.mean, loaded.std, device)
+        with tempfile.TemporaryDirectory(prefix="au-detect-model-") as tmp:
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+                stored = Model.load(local).flavors["python_function"]["artifacts"]["predictor"]["path"]
+            except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what was asked and where
+                raise FileNotFoundError(f"model {uri!r}: could not load it from MLflow at {mlflow.get_tracking_uri()} "
+                                        f"({type(e).__name__}: {e}); is MLFLOW_TRACKING_URI or --mlflow right?") from e
+            folder = (local / stored).resolve()
+            if not folder.is_relative_to(local.resolve()):  # the MLmodel file is data: no path out of the copy
+                raise FileNotFoundError(f"model {uri!r}: its predictor path {stored!r} leaves the model's folder")
+            # from_dir copies the memory-mapped weights into the network: the copy can go after it
+            return cls.from_dir(folder, device, **detection)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``predictor.json`` and ``weights.pt`` (tensors only) into ``folder``."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,24 @@ torch.set_num_threads(2)
 
 SMALL = SynthAUSettings(num_images=120, seed=3)
 SMALL_ALIGNMENT = AlignmentSettings(crop_size=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp_dir(tmp_path_factory):
+    """Temporary files of the tests and of every process they start (MLflow's downloads, fits
+    killed on purpose mid-upload) go to one folder of this session, removed at its end: a run of
+    the suite leaves nothing behind in the system's temporary folder."""
+    folder = tmp_path_factory.mktemp("tmp")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield folder
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

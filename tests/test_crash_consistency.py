@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -105,7 +106,8 @@ def _fit(args: list[str], scores: list[float], at: str | None = None, ckpt: str 
 
 
 def _text(client: MlflowClient, run_id: str, name: str) -> str:
-    return Path(client.download_artifacts(run_id, name)).read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, name, tmp)).read_text()
 
 
 def _epoch_of_artifacts(client: MlflowClient, run_id: str) -> int:
@@ -147,7 +149,8 @@ def _assert_consistent(client: MlflowClient, uri: str, run_id: str, last: Path, 
 
     assert [str(m.status) for m in _models(client, run)] == ["READY"]  # the half-logged one is gone
     mlflow.set_tracking_uri(uri)
-    predictor = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().predictor
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", dst_path=tmp).unwrap_python_model().predictor
     np.testing.assert_array_equal(predictor.thresholds, expected)
 
 

@@ -23,7 +23,7 @@ def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
     assert "See the run: mlflow ui --backend-store-uri" in out
     facts = check_run(uri, "au-detect-test")
     # Test with the fitted thresholds stored in the checkpoint, into the same run.
-    ckpt = facts["client"].download_artifacts(facts["run_id"], "checkpoints")
+    ckpt = facts["client"].download_artifacts(facts["run_id"], "checkpoints", str(tmp_path))
     (path,) = list(Path(ckpt).glob("*.ckpt"))
     main(["test", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs"), "--ckpt_path", str(path)])
     run = facts["client"].get_run(facts["run_id"])

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -61,6 +62,11 @@ def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epo
 
 def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
     """Everything a fit run must hold; returns the run's facts for further checks."""
+    with tempfile.TemporaryDirectory() as tmp:  # the downloads (a checkpoint, the model) go with it
+        return _check_run(tracking_uri, experiment, crop, tmp)
+
+
+def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     (run,) = client.search_runs([exp.experiment_id])
@@ -80,16 +86,16 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
             "checkpoints", "data"} <= files, files
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/label_frequencies.png", "plots/pr_curves.png", "plots/sample_grid.png"} <= plots
-    config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml")).read_text())
+    config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
     assert config["model"]["backbone"] == "resnet18" and config["data"]["alignment"]["crop_size"] == crop
-    thresholds = json.loads(Path(client.download_artifacts(run_id, "thresholds.json")).read_text())
+    thresholds = json.loads(Path(client.download_artifacts(run_id, "thresholds.json", tmp)).read_text())
     assert len(thresholds["thresholds"]) == 23 and "AU12" in thresholds["thresholds"]
     (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
-    state = load_checkpoint(client.download_artifacts(run_id, ckpt))
+    state = load_checkpoint(client.download_artifacts(run_id, ckpt, tmp))
     assert state["mlflow_run_id"] == run_id
     # The logged model: images in, with a working AUNet and the best epoch's thresholds inside.
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", dst_path=tmp)
     assert model.metadata.signature.inputs.input_names() == ["image"]
     blank = io.BytesIO()
     Image.new("RGB", (64, 48), "gray").save(blank, format="PNG")
@@ -105,7 +111,7 @@ def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
         probs, decisions = net.predict(x)
     assert probs.shape == (4, 23) and decisions.dtype == torch.bool
     assert torch.equal(decisions, probs >= net.thresholds)
-    report = Path(client.download_artifacts(run_id, "au_report.csv")).read_text().splitlines()
+    report = Path(client.download_artifacts(run_id, "au_report.csv", tmp)).read_text().splitlines()
     assert report[0].startswith("AU,support,positives,threshold,f1@0.5,f1@fitted") and len(report) == 25
     return {"run_id": run_id, "metrics": metrics, "client": client}
 
