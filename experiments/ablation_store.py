@@ -22,9 +22,7 @@ class Ablation:
     def __init__(self, name: str, tracking: TrackingSettings, mlflow_config: str):
         self.name, self.tracking, self.mlflow_config = name, tracking, mlflow_config
         self.client = MlflowClient(tracking.tracking_uri)
-        experiment = self.client.get_experiment_by_name(tracking.experiment_name)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            tracking.experiment_name, artifact_location=tracking.artifact_location)
+        self.experiment_id = tracking.experiment_id(self.client)
 
     def _runs(self, role: str, extra: str = "") -> list:
         query = f"tags.ablation = '{self.name}' and tags.`ablation.role` = '{role}'" + extra

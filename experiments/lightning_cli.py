@@ -26,7 +26,7 @@ from callbacks.mlflow_run import mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
-from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+from experiments.tracking import TrackingSettings
 from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
@@ -181,9 +181,7 @@ class TrackedCLI(LightningCLI):
             print(f"Done: {score}. Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
             if self.tracking is None:
                 return
-            uri = self.tracking.tracking_uri
-            where = f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "mlflow ui"
-            print(f"See the run: {where}  (then open http://127.0.0.1:5000, experiment "
+            print(f"See the run: {self.tracking.ui_command()}  (then open http://127.0.0.1:5000, experiment "
                   f"'{self.tracking.experiment_name}', run {logger.run_id})")
 
 

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from experiments.data import prepare
 from experiments.stages import (BRANCH_TASKS, fit_and_test, function_parser, pretrain_branch, run_function,
                                with_overrides)
-from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+from experiments.tracking import TrackingSettings
 
 CONFIG_KEYS = {"face": "face_weights", "emotion": "emotion_weights"}
 
@@ -71,10 +71,7 @@ def pipeline(
     start = time.perf_counter()
     tracking = TrackingSettings.read(mlflow)
     client = MlflowClient(tracking.tracking_uri)
-    experiment = client.get_experiment_by_name(tracking.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        tracking.experiment_name, artifact_location=tracking.artifact_location)
-    parent = client.create_run(experiment_id, run_name=f"pipeline {name}",
+    parent = client.create_run(tracking.experiment_id(client), run_name=f"pipeline {name}",
                                tags={**tracking.tags, "pipeline": name, "pipeline.stage": "pipeline"}).info.run_id
     print(f"[pipeline] '{name}': MLflow experiment '{tracking.experiment_name}' at {tracking.tracking_uri}, "
           f"parent run {parent}")
@@ -133,9 +130,7 @@ def pipeline(
         m = r["metrics"]
         print(f"[pipeline] {label}: test F1 {m.get('test/f1', float('nan')):.3f} at fitted thresholds, "
               f"accuracy {m.get('test/accuracy', float('nan')):.3f}; best checkpoint {r['checkpoint']}")
-    uri = tracking.tracking_uri
-    where = f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "mlflow ui"
-    print(f"[pipeline] see the runs: {where}  (then open http://127.0.0.1:5000, experiment "
+    print(f"[pipeline] see the runs: {tracking.ui_command()}  (then open http://127.0.0.1:5000, experiment "
           f"'{tracking.experiment_name}', run 'pipeline {name}' and the runs under it)")
     return {"parent": parent, "minutes": minutes, **results}
 

@@ -9,13 +9,12 @@ from mlflow.tracking import MlflowClient
 from experiments.cli import main
 
 from .conftest import SMALL
+from .training_helpers import write_mlflow_yaml
 
 
 @pytest.mark.slow
 def test_pipeline_chains_the_stages_under_one_parent_and_reuses_branches(synthau, tmp_path, capsys):
-    (tmp_path / "mlflow.yaml").write_text(yaml.safe_dump(
-        {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "pipeline-test",
-         "artifact_location": str(tmp_path / "artifacts")}))
+    write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path}/mlflow.db", "pipeline-test")
     tiny = {"data.alignment.crop_size": 64, "data.cache_dir": str(tmp_path / "cache"), "data.num_workers": 0,
             "data.batch_size": 16, "trainer.max_epochs": 1, "trainer.limit_train_batches": 2,
             "trainer.enable_progress_bar": False, "data.data_root": str(synthau)}

@@ -33,6 +33,15 @@ def test_logger_tracks_where_the_settings_say(tmp_path, monkeypatch):
     assert run.info.run_name == "r" and run.data.metrics == {"m": 1.0}
     assert run.data.tags["team"] == "faces" and run.data.tags["row"] == "1"
     assert not (tmp_path / "mlruns").exists()
+    # the chained commands find the same experiment, or create it where the settings say
+    settings, client = TrackingSettings.read(path), MlflowClient(f"sqlite:///{tmp_path}/x.db")
+    assert settings.experiment_id(client) == run.info.experiment_id
+    settings.experiment_name = "new"
+    created = client.get_experiment(settings.experiment_id(client))
+    assert created.name == "new" and created.artifact_location.endswith("artifacts")
+    assert settings.experiment_id(client) == created.experiment_id
+    assert settings.ui_command() == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/x.db"
+    assert TrackingSettings().ui_command() == "mlflow ui"
 
 
 def test_bad_settings_name_the_file_and_key(tmp_path):
