@@ -12,6 +12,7 @@ from experiments.ablation_rows import PAPER_TABLE2, ROW_BY_KEY, row_metrics
 from experiments.cli import main
 
 from .conftest import SMALL
+from .training_helpers import write_mlflow_yaml
 
 
 def test_rows_change_only_what_they_name():
@@ -33,6 +34,7 @@ def test_rows_change_only_what_they_name():
     assert {k: v for k, v in center.items() if dual[k] != v} == {"data.alignment.method": "center"}
     deep = ROW_BY_KEY["resnet152"].overrides(weights)
     assert deep["model.backbone"] == "resnet152" and deep["model.face_weights"] is None
+    assert deep["data.balanced_sampling"] is True and deep["model.loss"] == "bce"
     assert "model.backbone" not in align
 
 
@@ -77,9 +79,7 @@ def test_per_au_changes_by_hand():
 @pytest.mark.slow
 def test_ablation_end_to_end_resumes_and_reads_mlflow(synthau, tmp_path, capsys):
     """Pretrain both branches, train rows at two seeds, read the table back; then resume."""
-    (tmp_path / "mlflow.yaml").write_text(yaml.safe_dump(
-        {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "ablation-test",
-         "artifact_location": str(tmp_path / "artifacts")}))
+    write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path}/mlflow.db", "ablation-test")
     tiny = {"data.alignment.crop_size": 64, "data.cache_dir": str(tmp_path / "cache"), "data.num_workers": 0,
             "data.batch_size": 16, "trainer.max_epochs": 1, "trainer.limit_train_batches": 2}
     config = {
@@ -89,7 +89,7 @@ def test_ablation_end_to_end_resumes_and_reads_mlflow(synthau, tmp_path, capsys)
                           "mlflow_artifacts.log_model": False},
         "pretrain_overrides": tiny, "pretrain_data": {"num_images": 40, "seed": 5},
         "pretrain_data_root": str(tmp_path / "pretrain_data"),
-        "seeds": [0, 1], "rows": ["face", "align", "sampling"], "out": str(tmp_path / "runs"),
+        "seeds": [0, 1], "rows": ["align", "sampling"], "out": str(tmp_path / "runs"),
         "mlflow": str(tmp_path / "mlflow.yaml"),
     }
     (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(config))
@@ -105,26 +105,26 @@ def test_ablation_end_to_end_resumes_and_reads_mlflow(synthau, tmp_path, capsys)
     assert {len(v) for v in by_role.values()} and len(by_role["summary"]) == 1 and len(by_role["pretrain"]) == 2
     summary = by_role["summary"][0].info.run_id
     rows = {(r.data.tags["ablation.row"], int(r.data.tags["ablation.seed"])): r for r in by_role["row"]}
-    assert sorted(rows) == [(k, s) for k in ("align", "face", "sampling") for s in (0, 1)]
+    assert sorted(rows) == [(k, s) for k in ("align", "sampling") for s in (0, 1)]
     assert all(r.data.tags["mlflow.parentRunId"] == summary for r in by_role["row"] + by_role["pretrain"])
 
     # Each row's figures are its own test metrics, at 0.5 and at the fitted thresholds.
     for seed in (0, 1):
-        align, face = (rows[(k, seed)] for k in ("align", "face"))
+        align, sampling = (rows[(k, seed)] for k in ("align", "sampling"))
         m = align.data.metrics
         assert m["ablation/f1"] == pytest.approx(m["test/f1_default"])
         assert m["ablation/f1_fitted"] == pytest.approx(m["test/f1"])
         assert m["ablation/avg_fitted"] == pytest.approx((m["test/accuracy"] + m["test/f1"]) / 2)
-        assert face.data.params["model.branches"] == "['face']"
-        assert face.data.params["data.alignment.method"] == "box"
         assert align.data.params["data.alignment.method"] == "mtcnn"
-        assert face.data.params["model.face_weights"] == str(tmp_path / "runs" / "t2" / "branches" / "face.pt")
+        assert align.data.params["data.balanced_sampling"] == "False"
+        assert sampling.data.params["data.balanced_sampling"] == "True"
+        assert align.data.params["model.face_weights"] == str(tmp_path / "runs" / "t2" / "branches" / "face.pt")
         assert m["test/positives/AU12"] + m["test/negatives/AU12"] > 0
 
     # The printed table is the mean and sample spread of what MLflow holds.
-    f1 = np.array([rows[("face", s)].data.metrics["ablation/f1"] for s in (0, 1)])
-    fitted = np.array([rows[("face", s)].data.metrics["test/f1"] for s in (0, 1)])
-    assert "| face | F_face | 2 | " in printed
+    f1 = np.array([rows[("align", s)].data.metrics["ablation/f1"] for s in (0, 1)])
+    fitted = np.array([rows[("align", s)].data.metrics["test/f1"] for s in (0, 1)])
+    assert "| align | Align + F_face + F_emotion | 2 | " in printed
     assert f"{f1.mean():.3f} ± {f1.std(ddof=1):.3f}" in printed
     assert f"{fitted.mean():.3f} ± {fitted.std(ddof=1):.3f}" in printed
     artifacts = {a.path for a in client.list_artifacts(summary)}
@@ -133,7 +133,7 @@ def test_ablation_end_to_end_resumes_and_reads_mlflow(synthau, tmp_path, capsys)
     assert "balanced sampling (align -> sampling): at 0.5:" in printed
     md = client.download_artifacts(summary, "ablation_table.md", str(tmp_path))
     text = open(md).read()
-    assert f"{PAPER_TABLE2['face'][1]:.3f}" in text and "pretrain-face: val/verification_accuracy" in text
+    assert f"{PAPER_TABLE2['align'][1]:.3f}" in text and "pretrain-face: val/verification_accuracy" in text
 
     # A second call trains nothing: every row and seed is found finished in MLflow.
     main(["ablation", "--config", str(tmp_path / "ablation.yaml")])

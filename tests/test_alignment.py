@@ -110,9 +110,9 @@ def test_detector_finds_synthau_faces(synthau, truth):
 
 @pytest.mark.slow
 def test_detection_rate_at_default_settings(tmp_path):
-    """MTCNN finds the face in at least 95 % of SynthAU scenes (600 scenes, default settings)."""
+    """MTCNN finds the face in at least 95 % of SynthAU scenes (400 scenes, default settings)."""
     root = tmp_path / "synthau"
-    generate_synthau(root, SynthAUSettings(num_images=600, seed=11, val_fraction=0.0, test_fraction=0.0), workers=2)
+    generate_synthau(root, SynthAUSettings(num_images=400, seed=11, val_fraction=0.0, test_fraction=0.0), workers=2)
     report = AlignedSplit.open(align_manifest(read_manifest(root / "train.tsv"), tmp_path / "cache")).report
     print(f"\nface rate {report['face_rate']:.3f} on {report['images']} scenes, {report['images_per_second']} images/s")
     assert report["face_rate"] >= 0.95

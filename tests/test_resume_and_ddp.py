@@ -34,8 +34,9 @@ def _metric_steps(client: MlflowClient, run_id: str, name: str) -> list[int]:
 def test_killed_fit_resumes_the_same_run(synthau, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri, "resume")
-    args = small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", epochs=3, train_batches=24)
-    args += ["--data.batch_size", "4"]  # 24 steps an epoch: time to be killed in the middle of one
+    args = small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", epochs=2, train_batches=16)
+    args += ["--data.batch_size", "4",  # 16 steps an epoch: time to be killed in the middle of one
+             "--mlflow_artifacts.log_model", "false"]  # what a fit end logs: test_crash_consistency
     # The client creates the SQLite store's tables: before the fit starts, not while it creates them
     # too (two processes migrating one new SQLite file race in MLflow's schema setup).
     client = MlflowClient(uri)
@@ -52,7 +53,7 @@ def test_killed_fit_resumes_the_same_run(synthau, tmp_path):
                 exp = client.get_experiment_by_name("resume")
                 run_id = client.search_runs([exp.experiment_id])[0].info.run_id
                 steps = _metric_steps(client, run_id, "train/loss")
-                if steps and max(steps) >= 24 + 3:
+                if steps and max(steps) >= 16 + 3:
                     break
             time.sleep(0.2)
         else:
@@ -74,9 +75,9 @@ def test_killed_fit_resumes_the_same_run(synthau, tmp_path):
     assert len(runs) == 1 and runs[0].info.run_id == run_id  # no duplicate run
     assert runs[0].info.status == "FINISHED"
     epochs = sorted({int(m.value) for m in client.get_metric_history(run_id, "epoch")})
-    assert epochs == [0, 1, 2]
+    assert epochs == [0, 1]
     val_steps = _metric_steps(client, run_id, "val/f1")
-    assert len(val_steps) == 3 and val_steps == sorted(set(val_steps))  # one validation per epoch
+    assert len(val_steps) == 2 and val_steps == sorted(set(val_steps))  # one validation per epoch
     assert "(resumed)" in done.stdout
 
 
