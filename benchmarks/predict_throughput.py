@@ -10,8 +10,11 @@ batched across images, every face of a batch through the inference copy together
 Both use the same network (the demo's: two ResNet-18 branches at 96 px; random weights, which do
 not change the cost) on the same SynthAU scenes (some with two people), alternating in one
 process; the table gives medians over repeats and the ratio, and how many faces each path found.
-The last row runs ours with the network in bfloat16 under autocast (``--precision bf16-mixed``):
-a large gain only on CPUs with AMX or AVX512-BF16.
+A row runs ours with the network in bfloat16 under autocast (``--precision bf16-mixed``): a
+large gain only on CPUs with AMX or AVX512-BF16; the last runs the network exported to ONNX in
+onnxruntime (``--backend onnxruntime``; skipped without the ``onnx`` extra). A second table
+times the network alone on aligned crops (the same faces), PyTorch's inference copy against
+onnxruntime, where the backends differ most.
 
     python benchmarks/predict_throughput.py [--scenes 200] [--repeats 3]
 """
@@ -69,6 +72,33 @@ def ours(folder: Path, predictor: AUPredictor, out: Path, precision: str = "32-t
     return summary.frames / (time.perf_counter() - start), summary.faces
 
 
+def exported(predictor: AUPredictor, folder: Path):
+    """The predictor exported to ONNX and loaded in onnxruntime; None without the onnx extra."""
+    try:
+        from lightning_modules.onnx_model import OnnxAUPredictor, export_onnx
+
+        return OnnxAUPredictor.from_dir(export_onnx(predictor, folder), "cpu")
+    except ImportError as e:
+        print(f"(no onnxruntime row: {e})")
+        return None
+
+
+def aligned_crops(paths: list[Path], predictor: AUPredictor) -> np.ndarray:
+    """The aligned faces of the scenes, as the predictor crops them."""
+    from datamodules.alignment import crop_face
+
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    crops = [crop_face(frame, det.boxes[j], det.landmarks[j], predictor.alignment)
+             for frame, det in zip(frames, predictor.detector.detect(frames)) for j in range(len(det))]
+    return np.stack(crops)
+
+
+def classify(predictor: AUPredictor, crops: np.ndarray) -> tuple[float, int]:
+    start = time.perf_counter()
+    predictor.classify(crops)
+    return len(crops) / (time.perf_counter() - start), len(crops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=200)
@@ -86,6 +116,7 @@ def main() -> None:
         generate_synthau(root, SynthAUSettings(num_images=args.scenes, seed=321, val_fraction=0, test_fraction=0))
         folder = root / "images"
         paths = sorted(folder.rglob("*.jpg"))
+        onnx_predictor = exported(predictor, Path(tmp) / "export")
         variants = {
             "naive: per image MTCNN.detect full size, one face per forward (baseline)":
                 lambda: naive(paths, predictor),
@@ -96,10 +127,22 @@ def main() -> None:
             "  same, --precision bf16-mixed (the network under autocast)":
                 lambda: ours(folder, predictor, Path(tmp) / "out.csv", "bf16-mixed"),
         }
+        if onnx_predictor is not None:
+            variants["  same, --backend onnxruntime (the exported ONNX network)"] = \
+                lambda: ours(folder, onnx_predictor, Path(tmp) / "out.csv")
         results = alternate(variants, args.repeats)
+        crops = network = None
+        if onnx_predictor is not None:
+            crops = aligned_crops(paths, predictor)
+            network = alternate({"PyTorch: the predictor's inference copy (baseline)": lambda: classify(predictor, crops),
+                                 "onnxruntime: the exported file": lambda: classify(onnx_predictor, crops)},
+                                args.repeats)
     print(f"\n{len(paths)} SynthAU scenes of 640x480, network 2 x resnet18 at {args.crop} px, {args.repeats} repeats, "
           f"{args.threads} torch threads, device cpu\n")
     print_table(results, "images/s", "faces found", "d")
+    if crops is not None:
+        print(f"\nthe network alone on {len(crops)} aligned crops of {args.crop} px, batches of 64\n")
+        print_table(network, "crops/s", "crops", "d")
 
 if __name__ == "__main__":
     main()

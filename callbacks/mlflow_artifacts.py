@@ -24,6 +24,7 @@ so only the end of fit runs again.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -59,13 +60,21 @@ class MLflowArtifacts(L.Callback):
             images (:mod:`lightning_modules.pyfunc`; ``runs:/<run id>/model``).
         registered_model_name: also register it under this name (the CLI sets it from
             ``mlflow.yaml``'s ``registered_model_name``).
+        log_onnx: also export the network to ONNX: in the pyfunc model (its ``backend:
+            onnxruntime`` config) and as the MLflow ONNX model ``runs:/<run id>/model_onnx``
+            (needs the ``onnx`` extra).
         sample_grid: images in the training-batch grid (0: none).
     """
 
     def __init__(self, monitor: str = "val/score_heldout", log_model: bool = True, sample_grid: int = 32,
-                 registered_model_name: str | None = None):
+                 registered_model_name: str | None = None, log_onnx: bool = False):
         self.monitor = monitor
-        self.log_model = log_model
+        self.log_model, self.log_onnx = log_model, log_onnx
+        if log_model and log_onnx:  # said before training, not at its end
+            missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ImportError(f"mlflow_artifacts.log_onnx needs {' and '.join(missing)}: pip install -e '.[onnx]', "
+                                  f"or --mlflow_artifacts.log_onnx false")
         self.registered_model_name = registered_model_name
         self.sample_grid = sample_grid
         self.best: float | None = None
@@ -241,7 +250,8 @@ class MLflowArtifacts(L.Callback):
             net = ckpt["state_dict"] if ckpt is not None else pl_module.state_dict()
             predictor = AUPredictor.from_state(net, pl_module.hparams, data.alignment, data.normalize.mean,
                                                data.normalize.std)
-            log_model_to_run(predictor, client, run_id, registered_model_name=self.registered_model_name)
+            log_model_to_run(predictor, client, run_id, registered_model_name=self.registered_model_name,
+                             onnx=self.log_onnx)
             model_uri = f"runs:/{run_id}/model"
         # Last: with best.json there, the run's artifacts are complete.
         summary = {"best_epoch": record["epoch"] if record else self.best_epoch,

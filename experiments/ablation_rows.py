@@ -93,10 +93,11 @@ ROWS = (
     # The branch comparison again, aligned.
     Row("face_align", "Align + F_face", branches=("face",)),
     Row("emotion_align", "Align + F_emotion", branches=("emotion",)),
-    # Table 1, preliminary backbone selection: one branch from random weights, aligned, nothing else.
-    Row("resnet18", "ResNet-18", branches=("face",), pretrained=False, backbone="resnet18"),
-    Row("resnet50", "ResNet-50", branches=("face",), pretrained=False, backbone="resnet50"),
-    Row("resnet152", "ResNet-152", branches=("face",), pretrained=False, backbone="resnet152"),
+    # Table 1, preliminary backbone selection: one branch from random weights, aligned, with balanced
+    # sampling (from random weights at a CPU budget, without it every depth stays at always-negative).
+    Row("resnet18", "ResNet-18", branches=("face",), pretrained=False, backbone="resnet18", sampling=True),
+    Row("resnet50", "ResNet-50", branches=("face",), pretrained=False, backbone="resnet50", sampling=True),
+    Row("resnet152", "ResNet-152", branches=("face",), pretrained=False, backbone="resnet152", sampling=True),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 TABLE2_ROWS = [r.key for r in ROWS if r.backbone is None]

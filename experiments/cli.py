@@ -22,6 +22,7 @@ from experiments import data
 from experiments.ablation import main as ablation
 from experiments.pipeline import main as pipeline
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
+from experiments.export import export
 from experiments.predict import predict
 from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
@@ -61,6 +62,8 @@ COMMANDS: dict[str, Command] = {
     "ablation": Command("training", "the paper's Table 2 over seeds, every row an MLflow run", ablation),
     "predict": Command("using a trained detector", "every face of photos, folders, lists and videos to CSV",
                        _function_command("predict")),
+    "export": Command("using a trained detector", "the AU network as ONNX (onnxruntime, C++, C#, browsers), "
+                      "checked against PyTorch", _function_command("export")),
     "synth": Command("data", "render SynthAU (images, EmotioNet-form manifests, contact sheet)",
                      _function_command("synth")),
     "download": Command("data", "fetch the images of URL manifests (EmotioNet), resumable, with a report",
@@ -70,7 +73,7 @@ COMMANDS: dict[str, Command] = {
     "prepare": Command("data", "what a training config prepares: generate or download, align, report",
                        data.prepare),
 }
-FUNCTIONS = {"predict": predict, "synth": data.synth, "download": data.download, "align": data.align}
+FUNCTIONS = {"predict": predict, "export": export, "synth": data.synth, "download": data.download, "align": data.align}
 # Options given as lists on the shell (--input a.jpg photos/ clip.mp4) and flags without a value.
 LISTS = {"predict": ("input", "images, folders, globs, lists of images, videos"),
          "download": ("manifest", "manifests whose images are URLs")}

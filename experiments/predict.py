@@ -31,7 +31,9 @@ import numpy as np
 from datamodules.images import DEFAULT_MAX_PIXELS
 from datamodules.manifest import au_column_name
 from datamodules.sources import BATCH_PIXELS, Frame, Source, expand, frames
-from lightning_modules.predictor import MLFLOW_SCHEMES, AUPredictor, Face, Precision, columns, frame_records
+from experiments.tracking import use_for_model_uri
+from lightning_modules.onnx_model import Backend, load_predictor
+from lightning_modules.predictor import AUPredictor, Face, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +170,13 @@ def predict(model: str, input: list[str], out: str = "predictions.csv", every: i
             batch_size: int = 64, annotate: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
             workers: int = 2, device: str | None = None, precision: Precision = "32-true",
             min_face_size: int | None = None, detect_max_side: int | None = None,
-            batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml") -> None:
+            batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch") -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
         model: a checkpoint of ``au-detect fit``, or an MLflow model URI (``runs:/<id>/model``,
-            ``models:/<name>/<version>``), read from the tracking server of ``--mlflow``.
+            ``models:/<name>/<version>``), read from the tracking server of ``--mlflow``; with
+            ``--backend onnxruntime``, a folder of ``au-detect export``.
         input: images, folders (recursive), quoted globs (``"shots/**/*.jpg"``), manifests
             (``.tsv``/``.csv``/``.txt`` with an ``image`` column or paths in the first) and videos.
         out: the CSV to write.
@@ -191,17 +194,16 @@ def predict(model: str, input: list[str], out: str = "predictions.csv", every: i
         batch_pixels: decoded pixels a batch holds at most, and again those decoded ahead of it:
             what bounds memory (64 MP: about 200 MB of RGB each).
         mlflow: MLflow settings file, for MLflow model URIs (MLFLOW_TRACKING_URI wins if set).
+        backend: what runs the AU network: ``torch``, or ``onnxruntime`` (the exported ONNX file;
+            detection and alignment stay the same code).
     """
-    if model.startswith(MLFLOW_SCHEMES) and not os.environ.get("MLFLOW_TRACKING_URI") and Path(mlflow).is_file():
-        import mlflow as mlflow_lib
-
-        from experiments.tracking import TrackingSettings
-
-        mlflow_lib.set_tracking_uri(TrackingSettings.read(mlflow).tracking_uri)
-    predictor = AUPredictor.load(model, device, min_face_size=min_face_size, detect_max_side=detect_max_side)
+    if backend == "onnxruntime" and precision != "32-true":
+        raise ValueError(f"--precision {precision}: the onnxruntime backend runs the exported float32 graph")
+    use_for_model_uri(model, mlflow)
+    predictor = load_predictor(model, device, backend, min_face_size=min_face_size, detect_max_side=detect_max_side)
     predictor.batch_size, predictor.precision = batch_size, precision
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
-          f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision})")
+          f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")
     summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
                   batch_pixels=batch_pixels)
     print(summary)

@@ -97,7 +97,7 @@ class AUPredictor:
     def load(cls, model: str, device: str | None = None, **detection) -> "AUPredictor":
         """From a checkpoint file, a predictor folder, or an MLflow model URI (``runs:/<id>/model``,
         ``models:/<name>/<version>``). ``detection`` overrides detection settings (e.g.
-        ``min_face_size``)."""
+        ``min_face_size``). The exported ONNX network: :func:`lightning_modules.onnx_model.load_predictor`."""
         if model.startswith(MLFLOW_SCHEMES):
             return cls.from_mlflow(model, device, **detection)
         path = Path(model)
@@ -119,7 +119,7 @@ class AUPredictor:
         if "alignment" not in data:
             log.warning("%s holds no data settings: default alignment and ImageNet normalisation assumed", path)
         return cls.from_state(ckpt["state_dict"], ckpt["hyper_parameters"],
-                              _alignment(data.get("alignment", AlignmentSettings()), detection),
+                              saved_alignment(data.get("alignment", AlignmentSettings()), detection),
                               data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
 
     @classmethod
@@ -140,7 +140,7 @@ class AUPredictor:
         config = json.loads((folder / CONFIG_FILE).read_text())
         net = build_net(config["net"])
         net.load_state_dict(load_checkpoint(folder / WEIGHTS_FILE, "predictor weights"))
-        return cls(net, _alignment(config["alignment"], detection), config["net"], config["mean"], config["std"],
+        return cls(net, saved_alignment(config["alignment"], detection), config["net"], config["mean"], config["std"],
                    device)
 
     @classmethod
@@ -260,7 +260,7 @@ def build_net(spec: dict) -> AUNet:
     return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False))
 
 
-def _alignment(saved, detection: dict) -> AlignmentSettings:
+def saved_alignment(saved, detection: dict) -> AlignmentSettings:
     settings = AlignmentSettings.coerce(saved if isinstance(saved, (AlignmentSettings, dict)) else dict(saved))
     fixed = {"crop_size", "face_scale", "method", "version"} & {k for k, v in detection.items() if v is not None}
     if fixed:

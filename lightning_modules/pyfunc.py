@@ -84,9 +84,10 @@ class AUModel(mlflow.pyfunc.PythonModel):
     """Encoded images -> per-face AU probabilities and decisions (see the module's docstring)."""
 
     def load_context(self, context) -> None:
-        from lightning_modules.predictor import AUPredictor
+        from lightning_modules.onnx_model import load_predictor
 
-        self.predictor = AUPredictor.from_dir(context.artifacts["predictor"])
+        backend = (context.model_config or {}).get("backend", "torch")  # onnxruntime: the exported network
+        self.predictor = load_predictor(context.artifacts["predictor"], backend=backend)
         self.limits = RequestLimits.from_config(context.model_config)
         self._one_at_a_time = threading.Lock()  # the server runs requests in threads: one decodes at a time
 
@@ -170,39 +171,62 @@ def requirements() -> list[str]:
 
 
 def log_model(predictor, name: str = "model", registered_model_name: str | None = None,
-              limits: RequestLimits = RequestLimits()):
-    """Log a predictor as a pyfunc model (from code) on the active MLflow run; returns MLflow's ModelInfo."""
+              limits: RequestLimits = RequestLimits(), onnx: bool = False):
+    """Log a predictor as a pyfunc model (from code) on the active MLflow run; returns MLflow's
+    ModelInfo. With ``onnx``, the network is also exported (:mod:`lightning_modules.onnx_model`):
+    the file goes into the pyfunc model's predictor folder (``model_config={"backend":
+    "onnxruntime"}`` runs it) and is logged as an MLflow ONNX model, ``<name>_onnx``."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = predictor.save(Path(tmp) / "predictor")
-        return mlflow.pyfunc.log_model(
+        if onnx:
+            from lightning_modules.onnx_model import ONNX_FILE, export_onnx
+
+            export_onnx(predictor, folder)
+        info = mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={"predictor": str(folder)},
             code_paths=[str(root / p) for p in PACKAGES], signature=signature(predictor.aus),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
-            model_config=asdict(limits), registered_model_name=registered_model_name)
+            model_config={**asdict(limits), "backend": "torch"}, registered_model_name=registered_model_name)
+        if onnx:
+            import onnx as onnx_lib
+
+            mlflow.onnx.log_model(onnx_lib.load(str(folder / ONNX_FILE)), name=f"{name}_onnx")
+        return info
 
 
-def log_model_to_run(predictor, client, run_id: str, name: str = "model", registered_model_name: str | None = None):
+def log_model_to_run(predictor, client, run_id: str, name: str = "model", registered_model_name: str | None = None,
+                     onnx: bool = False):
     """Log a predictor as ``runs:/<run_id>/<name>`` on the tracking server of ``client`` (an
     ``MlflowClient``), then delete the models an earlier, killed attempt left on the run under the
-    same name (``runs:/<id>/model`` resolves to the newest, but a half-logged one is no model to keep)."""
+    same names (``runs:/<id>/model`` resolves to the newest, but a half-logged one is no model to keep)."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            info = log_model(predictor, name=name, registered_model_name=registered_model_name)
+            info = log_model(predictor, name=name, registered_model_name=registered_model_name, onnx=onnx)
     finally:
         mlflow.set_tracking_uri(previous)
     experiment_id = client.get_run(run_id).info.experiment_id
-    token = None
+    for model in _models_of(client, experiment_id, run_id, name):
+        if model.model_id != info.model_id:
+            client.delete_logged_model(model.model_id)
+    if onnx:  # the ONNX model just logged is the newest of its name
+        models = sorted(_models_of(client, experiment_id, run_id, f"{name}_onnx"), key=lambda m: m.creation_timestamp)
+        for model in models[:-1]:
+            client.delete_logged_model(model.model_id)
+    return info
+
+
+def _models_of(client, experiment_id: str, run_id: str, name: str) -> list:
+    """The logged models of ``run_id`` named ``name``."""
+    found, token = [], None
     while True:
         page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
-        for model in page:
-            if model.source_run_id == run_id and model.model_id != info.model_id:
-                client.delete_logged_model(model.model_id)
+        found += [m for m in page if m.source_run_id == run_id]
         token = page.token
         if not token:
-            return info
+            return found
 
 
 def _example_image() -> bytes:

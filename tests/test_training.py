@@ -18,10 +18,13 @@ from .training_helpers import check_run, small_fit_args, write_mlflow_yaml
 def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri)
-    main(["fit", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs")])
+    main(["fit", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", onnx=True)])
     out = capsys.readouterr().out
     assert "See the run: mlflow ui --backend-store-uri" in out
     facts = check_run(uri, "au-detect-test")
+    # log_onnx: the network as an MLflow ONNX model beside the pyfunc model
+    exp = facts["client"].get_run(facts["run_id"]).info.experiment_id
+    assert sorted(m.name for m in facts["client"].search_logged_models([exp])) == ["model", "model_onnx"]
     # Test with the fitted thresholds stored in the checkpoint, into the same run.
     ckpt = facts["client"].download_artifacts(facts["run_id"], "checkpoints", str(tmp_path))
     (path,) = list(Path(ckpt).glob("*.ckpt"))

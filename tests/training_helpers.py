@@ -49,7 +49,7 @@ def local_tracking(folder: Path, experiment: str = "tests") -> str:
 
 
 def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epochs: int = 2,
-                   train_batches: int = 3) -> list[str]:
+                   train_batches: int = 3, onnx: bool = False) -> list[str]:
     """The demo config, shrunk: the session's 120-scene SynthAU at 64 px, a few batches."""
     return ["--config", str(DEMO), "--data.data_root", str(synthau), "--data.synth.num_images", "120",
             "--data.synth.seed", "3", "--data.cache_dir", str(cache), "--data.alignment.crop_size", "64",
@@ -57,7 +57,8 @@ def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epo
             "--trainer.limit_train_batches", str(train_batches), "--trainer.default_root_dir", str(out),
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.scheduler.init_args.T_max", str(epochs), "--mlflow", str(mlflow_yaml),
-            "--mlflow_artifacts.sample_grid", "8", "--model.face_weights", "null", "--model.emotion_weights", "null"]
+            "--mlflow_artifacts.sample_grid", "8", "--model.face_weights", "null", "--model.emotion_weights", "null",
+            "--mlflow_artifacts.log_onnx", str(onnx).lower()]
 
 
 def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:

@@ -1,0 +1,165 @@
+"""``au-detect export`` and ``predict --backend onnxruntime``: the ONNX file answers as PyTorch does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from datamodules.crop_cache import AlignedSplit, align_manifest
+from datamodules.manifest import read_manifest
+from experiments.cli import main
+from lightning_modules.au_detector import AUNet
+from lightning_modules.onnx_model import ONNX_FILE, OnnxAUPredictor, load_predictor
+from lightning_modules.predictor import AUPredictor
+
+from .conftest import SMALL_ALIGNMENT
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = {"aus": [1, 2, 4, 6, 12, 25], "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}
+
+
+@pytest.fixture(scope="module")
+def test_crops(synthau, tmp_path_factory) -> np.ndarray:
+    """The aligned faces of SynthAU's test split."""
+    cache = tmp_path_factory.mktemp("test_cache")
+    split = AlignedSplit.open(align_manifest(read_manifest(synthau / "test.tsv"), cache, SMALL_ALIGNMENT, name="test"))
+    return np.asarray(split.crops)
+
+
+@pytest.fixture(scope="module")
+def predictor_folder(test_crops, tmp_path_factory) -> Path:
+    """A two-branch predictor whose thresholds sit at each AU's median probability on the test
+    crops, so that half of the decisions are positive and a small difference could flip some."""
+    torch.manual_seed(0)
+    predictor = AUPredictor(AUNet(SPEC["aus"], SPEC["backbone"], SPEC["branches"]), SMALL_ALIGNMENT, SPEC,
+                            device="cpu")
+    probs, _ = predictor.classify(test_crops)
+    predictor.net.thresholds.copy_(torch.from_numpy(np.median(probs, axis=0)))
+    return predictor.save(tmp_path_factory.mktemp("predictor"))
+
+
+@pytest.fixture(scope="module")
+def exported(predictor_folder, tmp_path_factory) -> Path:
+    """``au-detect export`` of the predictor (once: torch's exporter takes seconds)."""
+    out = tmp_path_factory.mktemp("exported") / "export"
+    main(["export", "--model", str(predictor_folder), "--out", str(out)])
+    return out
+
+
+def test_export_matches_pytorch_on_the_test_split(predictor_folder, exported, test_crops):
+    out = exported
+    torch_predictor = AUPredictor.load(str(predictor_folder), "cpu")
+    onnx_predictor = load_predictor(str(out), "cpu", backend="onnxruntime")
+    assert isinstance(onnx_predictor, OnnxAUPredictor) and onnx_predictor.aus == torch_predictor.aus
+    np.testing.assert_array_equal(onnx_predictor.thresholds, torch_predictor.thresholds)
+    assert len(test_crops) >= 10
+    p_torch, d_torch = torch_predictor.classify(test_crops)
+    onnx_predictor.batch_size = 5  # several runs of the dynamic batch axis, one of them short
+    p_onnx, d_onnx = onnx_predictor.classify(test_crops)
+    assert np.abs(p_torch - p_onnx).max() <= 1e-4
+    np.testing.assert_array_equal(d_torch, d_onnx)
+    assert 0.3 < d_torch.mean() < 0.7  # decisions at the medians: both kinds present
+    # what a caller without this project reads from the file itself
+    meta = ort.InferenceSession(str(out / ONNX_FILE)).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["aus"]) == [f"AU{a}" for a in SPEC["aus"]] and int(meta["crop_size"]) == 64
+    np.testing.assert_allclose(json.loads(meta["thresholds"]), torch_predictor.thresholds, atol=1e-6)
+    config = json.loads((out / "predictor.json").read_text())
+    assert config["onnx"]["input"] == {**config["onnx"]["input"], "name": "crops", "dtype": "uint8",
+                                       "shape": ["batch", 64, 64, 3]}
+
+
+def test_predict_with_onnxruntime_writes_the_rows_of_torch(synthau, truth, predictor_folder, exported, tmp_path):
+    ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
+    image = tmp_path / "scene.jpg"
+    shutil.copy(synthau / ref, image)
+    rows = {}
+    for backend, model in (("torch", predictor_folder), ("onnxruntime", exported)):
+        main(["predict", "--model", str(model), "--backend", backend, "--input", str(image),
+              "--out", str(tmp_path / f"{backend}.csv")])
+        with open(tmp_path / f"{backend}.csv", newline="") as f:
+            rows[backend] = list(csv.DictReader(f))
+    assert len(rows["torch"]) == len(rows["onnxruntime"]) == 2
+    for a, b in zip(rows["torch"], rows["onnxruntime"]):
+        assert a["status"] == b["status"] == "ok" and a["x0"] == b["x0"]
+        for au in SPEC["aus"]:
+            assert abs(float(a[f"AU{au}_prob"]) - float(b[f"AU{au}_prob"])) <= 1e-4
+            assert a[f"AU{au}"] == b[f"AU{au}"]
+
+
+def test_readme_example_runs_without_this_project(exported, tmp_path, monkeypatch):
+    """The README's few lines of onnxruntime + numpy, run as they are written."""
+    shutil.copytree(exported, tmp_path / "export")
+    readme = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"<!-- onnx-example -->\n```python\n(.*?)```", readme, re.S)
+    assert "au_detect" not in code and "lightning_modules" not in code
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert scope["probabilities"].shape == (1, len(SPEC["aus"])) and scope["decisions"].dtype == bool
+
+
+def test_wrong_folders_and_options_are_named(predictor_folder, exported, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"au-detect export.*au_net\.onnx"):
+        load_predictor(str(predictor_folder), "cpu", backend="onnxruntime")
+    with pytest.raises(ValueError, match="onnxruntime backend runs the exported float32"):
+        main(["predict", "--model", str(predictor_folder), "--backend", "onnxruntime", "--precision", "bf16-mixed",
+              "--input", str(tmp_path)])
+    # an export's config from another crop size than its file: refused, not run on wrong crops
+    shutil.copytree(exported, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "predictor.json").read_text())
+    config["alignment"]["crop_size"] = 96
+    (tmp_path / "export" / "predictor.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"not of one export"):
+        load_predictor(str(tmp_path / "export"), "cpu", backend="onnxruntime")
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(predictor_folder), "--out", str(tmp_path / "x"), "--format", "tflite"])
+    assert "tflite" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_mlflow_run_holds_the_onnx_model_and_the_pyfunc_runs_it(synthau, truth, predictor_folder, tmp_path):
+    """``log_onnx``: the pyfunc model answers alike with ``backend: onnxruntime``, and the ONNX
+    model is an MLflow ONNX model of its own on the run."""
+    import mlflow
+    import onnx
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from lightning_modules.pyfunc import log_model_to_run
+
+    from .training_helpers import local_tracking
+
+    uri = local_tracking(tmp_path)
+    predictor = AUPredictor.load(str(predictor_folder), "cpu")
+    with mlflow.start_run() as run:
+        pass
+    client = MlflowClient(uri)
+    for _ in range(2):  # a second attempt (a resumed fit) leaves one model of each name
+        log_model_to_run(predictor, client, run.info.run_id, onnx=True)
+    exp = run.info.experiment_id
+    names = sorted(m.name for m in client.search_logged_models([exp]))
+    assert names == ["model", "model_onnx"], names
+    graph = mlflow.onnx.load_model(f"runs:/{run.info.run_id}/model_onnx", dst_path=str(tmp_path / "onnx"))
+    assert isinstance(graph, onnx.ModelProto) and graph.graph.input[0].name == "crops"
+    ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
+    request = pd.DataFrame({"image": [(synthau / ref).read_bytes()]})
+    answers = {}
+    for backend in ("torch", "onnxruntime"):
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model", model_config={"backend": backend},
+                                         dst_path=str(tmp_path / backend))
+        assert type(model.unwrap_python_model().predictor).__name__ == (
+            "OnnxAUPredictor" if backend == "onnxruntime" else "AUPredictor")
+        answers[backend] = model.predict(request)
+    a, b = answers["torch"], answers["onnxruntime"]
+    assert list(a["status"]) == list(b["status"]) == ["ok", "ok"]
+    probs = [c for c in a.columns if c.endswith("_prob")]
+    assert np.abs(a[probs].to_numpy() - b[probs].to_numpy()).max() <= 1e-4
+    decisions = [c[:-len("_prob")] for c in probs]
+    np.testing.assert_array_equal(a[decisions].to_numpy(), b[decisions].to_numpy())
