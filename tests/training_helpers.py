@@ -74,7 +74,7 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     run_id = run.info.run_id
     params, metrics = run.data.params, run.data.metrics
     assert params["model.backbone"] == "resnet18" and params["data.balanced_sampling"] == "True"
-    assert params["model.loss"] == "selective" and params["soft_threshold.criterion"] == "f1"
+    assert params["model.loss"] == "bce" and params["soft_threshold.criterion"] == "f1"
     assert run.data.tags["suite"] == "tests"
     assert run.data.tags["weights.face"] == run.data.tags["weights.emotion"] == "random initialisation"
     assert 0 < metrics["val/f1_prior"] < 1
