@@ -345,7 +345,7 @@ def test_mixed_precision_stays_near_float32(synthau, truth, trained, tmp_path, c
         out = tmp_path / f"{precision}.csv"
         main(["predict", "--model", trained["ckpt"], "--input", str(image), "--out", str(out),
               "--precision", precision])
-        assert f"({precision})" in capsys.readouterr().out
+        assert f"({precision}, torch)" in capsys.readouterr().out
         rows[precision] = read_rows(out)
     full, mixed = rows["32-true"], rows["bf16-mixed"]
     assert len(full) == len(mixed) == 2

@@ -27,7 +27,8 @@ def _manifest_priors(path) -> dict[str, float]:
 def test_prior_targets_make_each_batch_weighted_share_equal_the_training_prior(synthau, tmp_path):
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path / 'mlflow.db'}")
     args = small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs")
-    cli = AUDetectCLI(args=[*args, "--model.target_rate", "prior", "--trainer.logger", "false"], run=False)
+    cli = AUDetectCLI(args=[*args, "--model.loss", "selective", "--model.target_rate", "prior",
+                            "--trainer.logger", "false"], run=False)
     model, data = cli.model, cli.datamodule
 
     # The priors travel in the config (what the run records) and equal the manifest's own counts.
