@@ -31,6 +31,7 @@ from torch import nn
 
 from datamodules.alignment import FaceDetector
 from datamodules.files import sync, write_text
+from datamodules.manifest import au_column_name
 from lightning_modules.predictor import CONFIG_FILE, AUPredictor, inference_copy, saved_alignment
 
 ONNX_FILE = "au_net.onnx"
@@ -99,7 +100,7 @@ def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) 
 
 def metadata(predictor: AUPredictor) -> dict[str, str]:
     """What a caller of the bare ONNX file needs, as its ``metadata_props`` (strings)."""
-    return {"aus": json.dumps([f"AU{a}" for a in predictor.aus]),
+    return {"aus": json.dumps([au_column_name(a) for a in predictor.aus]),
             "thresholds": json.dumps(predictor.thresholds.tolist()),
             "crop_size": str(predictor.alignment.crop_size),
             "mean": json.dumps(predictor.mean), "std": json.dumps(predictor.std),
@@ -116,21 +117,18 @@ def feeding(predictor: AUPredictor, opset: int) -> dict:
             "outputs": {"probabilities": {"dtype": "float32", "shape": ["batch", len(predictor.aus)]},
                         "decisions": {"dtype": "bool", "shape": ["batch", len(predictor.aus)],
                                       "what": "probabilities >= the fitted thresholds"}},
-            "aus": [f"AU{a}" for a in predictor.aus]}
+            "aus": [au_column_name(a) for a in predictor.aus]}
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path):
     """An onnxruntime session on the CPU (or CUDA when onnxruntime-gpu offers it)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError("the onnxruntime backend needs onnxruntime: pip install -e '.[onnx]'") from e
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     available = ort.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(str(path), providers=providers)
 
 
 class OnnxAUPredictor(AUPredictor):
