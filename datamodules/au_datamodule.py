@@ -2,7 +2,8 @@
 
 ``prepare_data`` (one process per node) generates SynthAU when no manifests are given and
 aligns every split into its cache; ``setup`` opens the caches (memory-mapped, shared by the
-loader workers). Batches are dicts: ``image`` (B,3,S,S), ``labels`` (B,K) 0/1 floats, ``mask``
+loader workers). Under a multi-process trainer the alignment moves to ``setup``, where every
+rank takes its share of the images. Batches are dicts: ``image`` (B,3,S,S), ``labels`` (B,K) 0/1 floats, ``mask``
 (B,K) True where labelled (``999`` is False: never a negative), and ``index``, the sample's
 position in its split, which lets gathered predictions drop DistributedSampler's padding repeats.
 Images travel as uint8 and are normalised after the transfer to the device (4x less to copy).
@@ -24,6 +25,7 @@ from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, AUAugmentation, Normalize
 from datamodules.download import DownloadSettings, download_manifests, local_manifest_path
 from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, positive_rate, read_manifest
+from datamodules.ranks import Ranks
 from datamodules.sampling import MultilabelBalancedSampler
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
@@ -153,10 +155,16 @@ class AUDataModule(L.LightningDataModule):
             self._url_manifests[path] = any(is_url(r) for r in refs)
         return self._url_manifests[path]
 
+    def _ranks(self) -> Ranks:
+        """The trainer's processes, which share out the alignment (one when there is no trainer)."""
+        trainer = self.trainer
+        return Ranks.current() if trainer is not None and trainer.world_size > 1 else Ranks()
+
     def _align(self, stage: str) -> Path:
+        ranks = self._ranks()
         return align_manifest(self.manifest(stage), self.hparams.cache_dir, self.alignment,
                               root=self.hparams.image_root, name=stage, workers=self.hparams.align_workers,
-                              progress=True)
+                              progress=ranks.rank == 0, ranks=ranks)
 
     def _generate(self) -> dict:
         """SynthAU in ``data_root`` (rendered once; later calls read its summary)."""
@@ -167,7 +175,8 @@ class AUDataModule(L.LightningDataModule):
         that hold URLs), then align each split once.
 
         Lightning runs this on one process per node, before ``setup`` on all of them; the caches
-        it writes are what ``setup`` opens.
+        it writes are what ``setup`` opens. With more than one process, the other ranks would only
+        wait here: alignment is left to ``setup``, which shares the images out over all of them.
         """
         if self.synthetic:
             summary = self._generate()
@@ -182,12 +191,15 @@ class AUDataModule(L.LightningDataModule):
         if remote:
             report = download_manifests(remote, self.hparams.download_dir, self.download, aus=self.aus)
             log.info(report.summary())
+        if self._ranks().distributed:
+            return
         for stage in stages:
             self.reports[stage] = AlignedSplit.open(self._align(stage)).report
             log.info(summarize(self.reports[stage]))
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the caches the stage needs (``fit``: train and val)."""
+        """Open the caches the stage needs (``fit``: train and val), aligning what is missing (on
+        every rank together, in a multi-process run)."""
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         for s in wanted.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
             if s not in self.splits:

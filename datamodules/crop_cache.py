@@ -35,6 +35,7 @@ import numpy as np
 from datamodules import files
 from datamodules.alignment import AlignmentSettings, FaceDetector, center_crop, crop_face, detection_copy
 from datamodules.manifest import Manifest
+from datamodules.ranks import Ranks
 from datamodules.sources import Frame, Source, batches, frames
 
 try:
@@ -344,7 +345,7 @@ class AlignedSplit:
 def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: AlignmentSettings = AlignmentSettings(),
                    root: str | Path | None = None, name: str | None = None, workers: int = 0,
                    device: str | None = None, detector: FaceDetector | None = None,
-                   progress: bool = False, checkpoint_every: int = 1024) -> Path:
+                   progress: bool = False, checkpoint_every: int = 1024, ranks: Ranks | None = None) -> Path:
     """Align every image of a manifest into a cache folder; return that folder (reused if present).
 
     ``workers`` threads decode images ahead of detection (0: each batch is decoded when its turn
@@ -357,39 +358,106 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
     Every ``checkpoint_every`` images the crops are flushed and journalled: an interrupted call
     leaves ``.<cache name>.partial`` behind, and the next call with the same manifest and settings
     aligns only the rest. A second process aligning the same cache at the same time (e.g. another
-    node) works in a private folder; the first to finish wins.
+    job) works in a private folder; the first to finish wins.
+
+    ``ranks``: the processes of a distributed job (:class:`~datamodules.ranks.Ranks`), every one
+    calling with the same manifest. The images are then shared out: rank 0 holds the partial
+    folder, each rank aligns every ``world``-th image still to do (on its own GPU when there are
+    GPUs) and journals it, and rank 0 writes the same cache one process would. ``cache_dir`` must
+    be a folder every rank sees (a shared filesystem across nodes). A killed rank ends the job
+    (torchrun and Lightning stop the others); the rerun, with any number of ranks, aligns only
+    what no journal holds.
 
     A finished cache that fails the cheap checks of :meth:`AlignedSplit.open`, or that a reader
     marked when a chunk failed its checksum, is deleted (with a warning naming it and what was
     wrong) and aligned again.
     """
+    ranks = ranks or Ranks()
     cache_dir = Path(cache_dir)
-    key = cache_key(manifest, settings, root)
     name = name or Path(manifest.path).stem
-    final = cache_dir / f"{name}-{key[:16]}"
+    key = final = work = lock = plan = None
+    try:
+        if ranks.rank == 0:  # decides for every rank: which folder, which images are left
+            try:
+                key = cache_key(manifest, settings, root)
+                final = cache_dir / f"{name}-{key[:16]}"
+                work, lock, todo = _start(manifest, final, settings)
+                plan = (final, work, todo)
+            except Exception as e:
+                ranks.broadcast(f"{type(e).__name__}: {e}")  # the others raise too instead of waiting
+                raise
+        plan = ranks.broadcast(plan)
+        if isinstance(plan, str):
+            raise RuntimeError(f"aligning {manifest.path} failed on rank 0: {plan}")
+        final, work, todo = plan
+        if progress and ranks.rank == 0 and todo is not None and len(todo) < len(manifest):
+            print(f"  resuming: {len(manifest) - len(todo)}/{len(manifest)} images aligned before", flush=True)
+        if todo is not None:
+            if ranks.distributed:
+                _check_shared(work, ranks)
+            start = time.perf_counter()
+            _align_rows(manifest, work, ranks.share(todo), settings, root, workers, device or ranks.device(),
+                        detector, progress, checkpoint_every, ranks)
+            ranks.barrier()  # every share journalled
+            if ranks.rank == 0:
+                _finish_cache(manifest, work, key, settings, resumed=len(manifest) - len(todo),
+                              elapsed=time.perf_counter() - start, ranks=ranks.world)
+        if ranks.rank == 0 and work is not None:
+            _publish(work, final)
+    finally:
+        if ranks.rank == 0:
+            _release(lock)
+            if lock is None and work is not None and work.exists():  # a private folder is not resumed
+                shutil.rmtree(work, ignore_errors=True)
+    ranks.barrier()  # the cache is in place before any rank opens it
+    return final
+
+
+def _start(manifest: Manifest, final: Path, settings: AlignmentSettings) -> tuple[Path | None, int | None, Any]:
+    """Where the alignment of ``final`` stands: (work folder, its lock, the rows to align).
+
+    No work folder: ``final`` is intact. No rows: the work folder holds a finished cache that was
+    not renamed yet. The lock (None for a private folder) is the caller's to release.
+    """
     if _problem(final) is None:
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    work, lock = _claim(cache_dir / f".{final.name}.partial")
+        return None, None, None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work, lock = _claim(final.parent / f".{final.name}.partial")
     try:
         problem = _problem(final)
         if problem is None:  # finished by another process while we waited
-            return final
+            _release(lock)
+            if lock is None:
+                shutil.rmtree(work, ignore_errors=True)
+            return None, None, None
         if final.exists() and (lock is not None or fcntl is None):  # else the lock's holder discards it
             _discard(final, problem)
         if (work / "report.json").is_file() and (problem := _problem(work)) is not None:
             log.warning("%s: the finished alignment in %s is damaged (%s); aligning again", manifest.path, work,
                         problem)
             (work / "report.json").unlink()
-        if not (work / "report.json").is_file():  # else it was complete but not yet renamed
-            _write_cache(manifest, work, key, settings, root, workers, device, detector, progress,
-                         checkpoint_every)
-        _publish(work, final)
-    finally:
+        if (work / "report.json").is_file():  # complete but not yet renamed
+            return work, lock, None
+        done = _resume(work, len(manifest), settings.crop_size)
+    except BaseException:
         _release(lock)
-        if lock is None and work.exists():  # a private folder is not resumed: remove it
+        if lock is None:
             shutil.rmtree(work, ignore_errors=True)
-    return final
+        raise
+    todo = np.flatnonzero(~done)
+    if len(todo) < len(manifest):
+        log.info("%s: resuming an interrupted alignment, %d of %d images done before", manifest.path,
+                 len(manifest) - len(todo), len(manifest))
+    return work, lock, todo
+
+
+def _check_shared(work: Path, ranks: Ranks) -> None:
+    """Every rank sees rank 0's work folder, or every rank says which do not."""
+    seen = ranks.gather(work.is_dir())
+    if not all(seen):
+        missing = [r for r, ok in enumerate(seen) if not ok]
+        raise RuntimeError(f"ranks {missing} do not see the alignment folder {work} that rank 0 made: the cache "
+                           "folder must be on a filesystem every node shares (or align on one node first)")
 
 
 def _problem(folder: Path) -> str | None:
@@ -452,128 +520,183 @@ def _release(lock: int | None) -> None:
         os.close(lock)  # closing the descriptor drops the flock
 
 
+# The journal of an alignment: one per writing process, a line per flushed chunk of images.
 JOURNAL = "progress.jsonl"
 
 
-def _read_journal(out: Path, n: int, size: int):
-    """What an interrupted run finished: its crops memory-mapped for writing, per image whether
-    it is done and its report record (None when unreadable), and the unreadable rows."""
+def _journal_name(ranks: Ranks) -> str:
+    return JOURNAL if not ranks.distributed else f"progress.rank{ranks.rank}.jsonl"
+
+
+def _read_journals(out: Path, n: int, truncate: bool = False):
+    """What the journals in ``out`` hold: per image whether it is done and its report record,
+    and the unreadable rows. ``truncate`` drops a line torn by a kill from its file."""
     done = np.zeros(n, bool)
     records: list[dict | None] = [None] * n
     unreadable: list[dict] = []
-    journal, crops_path = out / JOURNAL, out / "crops.npy"
-    crops = None
-    if journal.is_file() and crops_path.is_file():
+    for journal in sorted(out.glob("progress*.jsonl")):
+        valid = 0
+        with open(journal, "rb") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    break  # the torn last line of a kill: those images are aligned again
+                idx = np.asarray(entry["indices"], dtype=np.int64)
+                done[idx] = True
+                for i, rec in zip(idx.tolist(), entry["records"]):
+                    records[i] = rec
+                unreadable += entry["unreadable"]
+                valid += len(line)
+        if truncate:
+            os.truncate(journal, valid)
+    return done, records, unreadable
+
+
+def _resume(out: Path, n: int, size: int) -> np.ndarray:
+    """Make ``out`` ready to align into: the crops of an interrupted run are kept when its journals
+    and crops.npy fit this manifest, else it starts empty. Returns which images are done."""
+    crops_path = out / "crops.npy"
+    journals = list(out.glob("progress*.jsonl"))
+    if journals and crops_path.is_file():
         try:
-            crops = np.load(crops_path, mmap_mode="r+")
-        except (OSError, ValueError):
-            crops = None
-    if crops is None or crops.shape != (n, size, size, 3):
-        crops = np.lib.format.open_memmap(crops_path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        journal.write_bytes(b"")
-        return crops, done, records, unreadable
-    valid = 0
-    with open(journal, "rb") as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                break  # the torn last line of a kill: that chunk is redone
-            idx = np.asarray(entry["indices"], dtype=np.int64)
-            done[idx] = True
-            for i, rec in zip(idx.tolist(), entry["records"]):
-                records[i] = rec
-            unreadable += entry["unreadable"]
-            valid += len(line)
-    os.truncate(journal, valid)
-    return crops, done, records, unreadable
+            shape, dtype, _, _ = _npy_layout(crops_path)
+            if shape == (n, size, size, 3) and dtype == np.uint8:
+                return _read_journals(out, n, truncate=True)[0]
+        except (OSError, ValueError, EOFError):
+            pass
+    for journal in journals:
+        journal.unlink()
+    # A sparse file of the final size, header written: the writers fill in their rows.
+    np.lib.format.open_memmap(crops_path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+    (out / JOURNAL).write_bytes(b"")
+    return np.zeros(n, bool)
 
 
-def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, root, workers: int,
-                 device, detector: FaceDetector | None, progress: bool, checkpoint_every: int = 1024) -> None:
+class _CropWriter:
+    """Writes crops into their rows of crops.npy with positioned writes.
+
+    Not through a memory map: ranks on other nodes write other rows of the same file over a
+    shared filesystem, and a mapped page holding the end of one rank's row and the start of
+    another's would be written back whole by both.
+    """
+
+    def __init__(self, path: Path):
+        shape, _, _, self.offset = _npy_layout(path)
+        self.row = int(np.prod(shape[1:]))
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, i: int, crop: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(crop, dtype=np.uint8)).cast("B")
+        if len(data) != self.row:
+            raise ValueError(f"a crop of {len(data)} bytes for rows of {self.row}")
+        at = self.offset + i * self.row
+        while data:
+            written = os.pwrite(self.fd, data, at)
+            data, at = data[written:], at + written
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _align_rows(manifest: Manifest, out: Path, rows: np.ndarray, settings: AlignmentSettings, root, workers: int,
+                device, detector: FaceDetector | None, progress: bool, checkpoint_every: int, ranks: Ranks) -> None:
+    """Align the images of ``rows`` into ``out``'s crops.npy, journalling them a chunk at a time."""
     centered = settings.method == "center"
-    n, size = len(manifest), settings.crop_size
-    crops, done, records, unreadable = _read_journal(out, n, size)
-    todo = np.flatnonzero(~done)
-    resumed = n - len(todo)
-    if resumed:
-        log.info("%s: resuming an interrupted alignment, %d of %d images done before", manifest.path, resumed, n)
-        if progress:
-            print(f"  resuming: {resumed}/{n} images aligned before", flush=True)
-    detector = None if centered or not len(todo) else detector or FaceDetector(settings, device)
+    size = settings.crop_size
+    detector = None if centered or not len(rows) else detector or FaceDetector(settings, device)
     # The decoder prediction uses (allowlist, pixel limit), in threads, ahead of detection and
     # bounded in pixels as well as in count: a folder of 50 MP photos holds a few at a time.
-    images = [Source(manifest.resolve(int(i), root), "image", key=int(i)) for i in todo]
+    images = [Source(manifest.resolve(int(i), root), "image", key=int(i)) for i in rows]
     prepare = None if centered else partial(detection_copy, max_side=settings.detect_max_side)
     decoded = frames(images, workers=workers, prepare=prepare, ahead=2 * settings.batch_size)
-    start = time.perf_counter()
-    count = 0
-    chunk: dict[str, list] = {"indices": [], "unreadable": []}  # done since the last journal line
+    writer = _CropWriter(out / "crops.npy")
+    journal = out / _journal_name(ranks)
+    who = f"rank {ranks.rank}: " if ranks.distributed else ""
+    start, count = time.perf_counter(), 0
+    chunk: dict[str, list] = {"indices": [], "records": [], "unreadable": []}  # done since the last journal line
 
     def commit() -> None:
         if not chunk["indices"]:
             return
-        crops.flush()  # the crops first: a journalled image is on disk
-        entry = {**chunk, "records": [records[i] for i in chunk["indices"]]}
-        with open(out / JOURNAL, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        writer.sync()  # the crops first: a journalled image is on disk
+        with open(journal, "a") as f:
+            f.write(json.dumps(chunk) + "\n")
             f.flush()
             os.fsync(f.fileno())
         for v in chunk.values():
             v.clear()
 
-    for items in batches(decoded, settings.batch_size):
-        good = [f for f in items if f.pixels is not None]
-        for f in items:
-            if f.error is not None:
-                i = f.source.key
-                bad = {"line": int(manifest.lines[i]), "image": manifest.images[i], "error": str(f.error)}
-                unreadable.append(bad)
-                chunk["unreadable"].append(bad)
-        groups: dict[tuple, list[Frame]] = {}
-        for f in good:
-            groups.setdefault(f.copy[0].shape if f.copy else (), []).append(f)
-        if centered:
+    try:
+        for items in batches(decoded, settings.batch_size):
+            good = [f for f in items if f.pixels is not None]
+            for f in items:
+                if f.error is not None:
+                    i = f.source.key
+                    chunk["unreadable"].append({"line": int(manifest.lines[i]), "image": manifest.images[i],
+                                                "error": str(f.error)})
+            groups: dict[tuple, list[Frame]] = {}
             for f in good:
-                i = f.source.key
-                crops[i] = center_crop(f.pixels, size)
-                records[i] = {"line": int(manifest.lines[i]), "image": manifest.images[i], "status": CENTER}
-            groups = {}
-        for group in groups.values():
-            dets = detector.detect_copies([f.copy[0] for f in group], [f.copy[1] for f in group])
-            for f, det in zip(group, dets):
-                i = f.source.key
-                rec = {"line": int(manifest.lines[i]), "image": manifest.images[i], "faces": len(det)}
-                if len(det):
-                    j = det.pick(settings.selection)
-                    crops[i] = crop_face(f.pixels, det.boxes[j], det.landmarks[j], settings)
-                    rec.update(status=FACE, box=det.boxes[j].round(1).tolist(),
-                               landmarks=det.landmarks[j].round(1).tolist(), score=round(float(det.scores[j]), 4))
-                else:
-                    crops[i] = center_crop(f.pixels, size)
-                    rec.update(status=NO_FACE)
-                records[i] = rec
-        chunk["indices"] += [f.source.key for f in items]
-        for f in good:  # released before the next batch is decoded
-            f.pixels = f.copy = None
-        if len(chunk["indices"]) >= checkpoint_every:
-            commit()
-        count += len(items)
-        if progress:
-            step = max(1, len(todo) // 10)
-            tty = sys.stdout.isatty()
-            if tty or count // step != (count - len(items)) // step or count == len(todo):
-                rate = count / max(time.perf_counter() - start, 1e-9)
-                print(f"{chr(13) if tty else ''}  aligned {resumed + count}/{n} ({rate:.1f} images/s)",
-                      end="" if tty else "\n", flush=True)
-    if progress and sys.stdout.isatty():
-        print()
-    commit()
-    elapsed = time.perf_counter() - start
+                groups.setdefault(f.copy[0].shape if f.copy else (), []).append(f)
+            done: dict[int, dict] = {}
+            if centered:
+                for f in good:
+                    i = f.source.key
+                    writer.write(i, center_crop(f.pixels, size))
+                    done[i] = {"line": int(manifest.lines[i]), "image": manifest.images[i], "status": CENTER}
+                groups = {}
+            for group in groups.values():
+                dets = detector.detect_copies([f.copy[0] for f in group], [f.copy[1] for f in group])
+                for f, det in zip(group, dets):
+                    i = f.source.key
+                    rec = {"line": int(manifest.lines[i]), "image": manifest.images[i], "faces": len(det)}
+                    if len(det):
+                        j = det.pick(settings.selection)
+                        writer.write(i, crop_face(f.pixels, det.boxes[j], det.landmarks[j], settings))
+                        rec.update(status=FACE, box=det.boxes[j].round(1).tolist(),
+                                   landmarks=det.landmarks[j].round(1).tolist(), score=round(float(det.scores[j]), 4))
+                    else:
+                        writer.write(i, center_crop(f.pixels, size))
+                        rec.update(status=NO_FACE)
+                    done[i] = rec
+            for f in items:
+                chunk["indices"].append(f.source.key)
+                chunk["records"].append(done.get(f.source.key))  # None: unreadable
+            for f in good:  # released before the next batch is decoded
+                f.pixels = f.copy = None
+            if len(chunk["indices"]) >= checkpoint_every:
+                commit()
+            count += len(items)
+            if progress:
+                step = max(1, len(rows) // 10)
+                tty = sys.stdout.isatty()
+                if tty or count // step != (count - len(items)) // step or count == len(rows):
+                    rate = count / max(time.perf_counter() - start, 1e-9)
+                    print(f"{chr(13) if tty else ''}  {who}aligned {count}/{len(rows)} ({rate:.1f} images/s)",
+                          end="" if tty else "\n", flush=True)
+        if progress and sys.stdout.isatty():
+            print()
+        commit()
+    finally:
+        writer.close()
+
+
+def _finish_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, resumed: int,
+                  elapsed: float, ranks: int = 1) -> None:
+    """The cache from the journals of every writer: compacted crops, samples, checksums, report."""
+    n, size = len(manifest), settings.crop_size
+    done, records, unreadable = _read_journals(out, n)
+    if not done.all():  # every rank passed the barrier, so a gap is a bug, not a kill
+        raise RuntimeError(f"alignment of {manifest.path}: {int((~done).sum())} images were not journalled "
+                           f"(first: line {int(manifest.lines[np.flatnonzero(~done)[0]])})")
     keep = np.array([r is not None for r in records], bool)
     found = np.array([r is not None and r["status"] == FACE for r in records], bool)
     kept = np.flatnonzero(keep)
     if len(kept) < n:  # compact: unreadable rows leave no hole in the array
+        crops = np.load(out / "crops.npy", mmap_mode="r")
         compact = np.lib.format.open_memmap(out / "crops.tmp.npy", mode="w+", dtype=np.uint8,
                                             shape=(len(kept), size, size, 3))
         for j in range(0, len(kept), 1024):
@@ -581,8 +704,6 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         compact.flush()
         del crops, compact
         os.replace(out / "crops.tmp.npy", out / "crops.npy")
-    else:
-        del crops
     np.savez(out / "samples.npz", labels=manifest.labels[kept], mask=manifest.mask[kept],
              face_found=found[kept], lines=manifest.lines[kept])
     for file in ("crops.npy", "samples.npz"):  # on the disk before a report vouches for them
@@ -605,8 +726,9 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
         "face_rate": round(n_face / max(len(kept), 1), 4),
         "multiple_faces": sum(r.get("faces", 0) > 1 for r in samples),
         "resumed": resumed,  # images taken over from an interrupted run
+        "ranks": ranks,  # processes that aligned (this run's part)
         "seconds": round(elapsed, 2),
-        "images_per_second": round(len(todo) / max(elapsed, 1e-9), 2),
+        "images_per_second": round((n - resumed) / max(elapsed, 1e-9), 2),
         "skipped_rows": unreadable,
         "no_face_rows": [{"line": r["line"], "image": r["image"]} for r in samples if r["status"] == NO_FACE],
         "samples": samples,
@@ -617,7 +739,8 @@ def _write_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSet
     }
     aligned_sheet(AlignedSplit(out, final_crops, manifest.labels[kept], manifest.mask[kept], found[kept],
                                manifest.lines[kept], report), out / "aligned_sheet.png")
-    (out / JOURNAL).unlink()
+    for journal in out.glob("progress*.jsonl"):
+        journal.unlink()
     # Last, and whole: a torn report must not mark a cache complete.
     files.write_text(out / "report.json", json.dumps(report, indent=1))
 

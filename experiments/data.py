@@ -3,6 +3,7 @@
     au-detect synth    --root data/synthau --num_images 2000
     au-detect download --manifest train.tsv val.tsv --out data/emotionet
     au-detect align    --manifests '[data/synthau/train.tsv]'
+    torchrun --nproc_per_node 8 --no-python au-detect align --manifests ...   (the images shared by 8 processes)
     au-detect prepare  --config experiments/demo.yaml
 """
 
@@ -15,6 +16,7 @@ from datamodules.alignment import AlignmentSettings
 from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.download import DownloadInterrupted, DownloadSettings, download_manifests
 from datamodules.manifest import EMOTIONET_AUS, read_manifest
+from datamodules.ranks import Ranks
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 from experiments.lightning_cli import AUDetectCLI
 
@@ -48,7 +50,7 @@ def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num
 
 def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str | None = None,
           aus: Sequence[int] = EMOTIONET_AUS, alignment: AlignmentSettings = AlignmentSettings(),
-          workers: int = 0, device: str | None = None) -> None:
+          workers: int = 0, device: str | None = None, checkpoint_every: int = 1024) -> None:
     """Detect, align and cache the faces of one or more manifests.
 
     Args:
@@ -58,13 +60,23 @@ def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str |
         aus: AU columns to read.
         alignment: detection and crop settings.
         workers: image decoding threads (0: decode in turn with detection, fastest on a small CPU).
-        device: torch device for MTCNN (default: cuda when available).
+        device: torch device for MTCNN (default: each process's GPU when there are GPUs).
+        checkpoint_every: images between flushes of the crops and the journal (what a killed
+            alignment keeps).
+
+    Started by torchrun (``torchrun --nproc_per_node N [--nnodes M ...] --no-python au-detect
+    align ...``), the processes share out each manifest's images and write the one cache a single
+    process would; ``cache_dir`` must then be on a filesystem every node sees.
     """
+    ranks = Ranks.from_env()
+    if ranks.distributed and ranks.rank == 0:
+        print(f"aligning with {ranks.world} processes")
     for path in manifests:
         manifest = read_manifest(path, aus=aus, root=image_root)
         folder = align_manifest(manifest, cache_dir, alignment, root=image_root, workers=workers, device=device,
-                                progress=True)
-        _print_report(AlignedSplit.open(folder).report, folder)
+                                progress=ranks.rank == 0, checkpoint_every=checkpoint_every, ranks=ranks)
+        if ranks.rank == 0:
+            _print_report(AlignedSplit.open(folder).report, folder)
 
 
 def download(manifest: list[str], out: str = "data/emotionet", settings: DownloadSettings = DownloadSettings(),

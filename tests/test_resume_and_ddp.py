@@ -84,7 +84,8 @@ def test_killed_fit_resumes_the_same_run(synthau, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_match_one_process(tmp_path):
     """Validation on 2 ranks (DistributedSampler pads 13 samples to 14) fits the thresholds and
-    scores that one process computes from the same model's predictions."""
+    scores that one process computes from the same model's predictions. The two ranks aligned
+    the data together."""
     root = tmp_path / "synthau"
     generate_synthau(root, SynthAUSettings(num_images=130, seed=3), workers=2)  # val: 13 scenes
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -109,7 +110,7 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path):
     np.testing.assert_allclose(model.thresholds.numpy(), ddp_thresholds, atol=1e-6)
     (val_cache,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("val-")]
     split = AlignedSplit.open(val_cache)
-    assert len(split) == 13
+    assert len(split) == 13 and split.report["ranks"] == 2  # aligned in setup, the images shared by both ranks
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     x = (torch.from_numpy(np.array(split.crops)).permute(0, 3, 1, 2).float() - mean) / std
