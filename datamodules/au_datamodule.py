@@ -119,6 +119,9 @@ class AUDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Data and caches live on a filesystem every node sees (alignment needs it): one process
+        # of the job prepares them, not one per node racing on the same files.
+        self.prepare_data_per_node = False
         # Under LightningCLI, hparams hold the config as given (mappings): keep the objects apart.
         self.synth = synth if isinstance(synth, SynthAUSettings) else SynthAUSettings(**dict(synth))
         self.download = download if isinstance(download, DownloadSettings) else DownloadSettings(**dict(download))

@@ -15,13 +15,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from callbacks.soft_threshold import fit_thresholds
 from lightning_modules.checkpoints import load_checkpoint
-from datamodules.crop_cache import AlignedSplit
 from datamodules.synthetic import SynthAUSettings, generate_synthau
-from lightning_modules.metrics import au_scores
 
-from .training_helpers import small_fit_args, write_mlflow_yaml
+from .training_helpers import matches_one_process, small_fit_args, write_mlflow_yaml
 
 AU_DETECT = str(Path(sys.executable).with_name("au-detect"))
 
@@ -101,27 +98,4 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path):
     stored = json.loads(Path(client.download_artifacts(run.info.run_id, "thresholds.json")).read_text())
     ddp_thresholds = np.array(list(stored["thresholds"].values()))
 
-    # One process: the checkpoint's model on the whole validation cache.
-    (ckpt,) = [p for p in tmp_path.glob("runs/**/*.ckpt") if p.name != "last.ckpt"]
-    state = load_checkpoint(ckpt)
-    from lightning_modules.au_detector import AUDetector
-
-    model = AUDetector.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    np.testing.assert_allclose(model.thresholds.numpy(), ddp_thresholds, atol=1e-6)
-    (val_cache,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("val-")]
-    split = AlignedSplit.open(val_cache)
-    assert len(split) == 13 and split.report["ranks"] == 2  # aligned in setup, the images shared by both ranks
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-    x = (torch.from_numpy(np.array(split.crops)).permute(0, 3, 1, 2).float() - mean) / std
-    with torch.no_grad():
-        probs = torch.sigmoid(model(x)).numpy()
-    single = fit_thresholds(probs, split.labels, split.mask, "f1")
-    np.testing.assert_allclose(single, ddp_thresholds, atol=1e-5)
-    metrics = run.data.metrics
-    at_half = au_scores(probs, split.labels, split.mask, 0.5)
-    at_fitted = au_scores(probs, split.labels, split.mask, single)
-    assert metrics["val/f1"] == pytest.approx(at_half["mean_f1"], abs=1e-5)
-    assert metrics["val/accuracy"] == pytest.approx(at_half["mean_accuracy"], abs=1e-5)
-    assert metrics["val/f1_fitted"] == pytest.approx(at_fitted["mean_f1"], abs=1e-5)
-    assert state["mlflow_run_id"] == run.info.run_id
+    matches_one_process(tmp_path / "runs", tmp_path / "cache", run, ddp_thresholds, ranks=2)

@@ -117,6 +117,39 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     return {"run_id": run_id, "metrics": metrics, "client": client}
 
 
+def matches_one_process(runs: Path, cache: Path, run, thresholds: np.ndarray, ranks: int) -> None:
+    """A distributed fit's run against one process: the best checkpoint's model on the whole
+    validation cache (13 samples, which DistributedSampler pads) gives the thresholds and scores
+    the run logged, and the checkpoint carries the run's id."""
+    import pytest
+
+    from callbacks.soft_threshold import fit_thresholds
+    from datamodules.crop_cache import AlignedSplit
+    from lightning_modules.au_detector import AUDetector
+    from lightning_modules.metrics import au_scores
+
+    (ckpt,) = [p for p in runs.glob("**/*.ckpt") if p.name != "last.ckpt"]
+    assert load_checkpoint(ckpt)["mlflow_run_id"] == run.info.run_id
+    model = AUDetector.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    np.testing.assert_allclose(model.thresholds.numpy(), thresholds, atol=1e-6)
+    (val_cache,) = [p for p in cache.iterdir() if p.name.startswith("val-")]
+    split = AlignedSplit.open(val_cache)
+    assert len(split) == 13 and split.report["ranks"] == ranks  # aligned in setup, the images shared by the ranks
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    x = (torch.from_numpy(np.array(split.crops)).permute(0, 3, 1, 2).float() - mean) / std
+    with torch.no_grad():
+        probs = torch.sigmoid(model(x)).numpy()
+    single = fit_thresholds(probs, split.labels, split.mask, "f1")
+    np.testing.assert_allclose(single, thresholds, atol=1e-5)
+    metrics = run.data.metrics
+    at_half = au_scores(probs, split.labels, split.mask, 0.5)
+    at_fitted = au_scores(probs, split.labels, split.mask, single)
+    assert metrics["val/f1"] == pytest.approx(at_half["mean_f1"], abs=1e-5)
+    assert metrics["val/accuracy"] == pytest.approx(at_half["mean_accuracy"], abs=1e-5)
+    assert metrics["val/f1_fitted"] == pytest.approx(at_fitted["mean_f1"], abs=1e-5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
