@@ -4,8 +4,9 @@ The crops of a split go into one uint8 array on disk that every loader worker me
 the pixels are shared between processes instead of copied. The cache is keyed by the manifest,
 the image files and the settings, and written to a hidden ``.<name>.partial`` folder that is
 renamed into place only when complete, so a killed run never leaves a cache that looks finished.
-The partial folder keeps a journal of the images done (after their crops reach the disk): a
-killed alignment resumes where it stopped instead of starting over. The report of a finished
+The partial folder keeps a journal of the images done (after their crops reach the disk), one per
+aligning process when the ranks of a distributed job share the images out: a killed alignment
+resumes where it stopped instead of starting over. The report of a finished
 cache records the size of its files and a crc32 of every chunk of crops: opening checks the
 sizes and layout, reading a sample checks its chunk (once per process tree), and a damaged
 cache is aligned again.
@@ -739,10 +740,11 @@ def _finish_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSe
     }
     aligned_sheet(AlignedSplit(out, final_crops, manifest.labels[kept], manifest.mask[kept], found[kept],
                                manifest.lines[kept], report), out / "aligned_sheet.png")
+    # Last, and whole: a torn report must not mark a cache complete. The journals go after it, so
+    # that a kill in between leaves a finished cache (published by the next call), not a restart.
+    files.write_text(out / "report.json", json.dumps(report, indent=1))
     for journal in out.glob("progress*.jsonl"):
         journal.unlink()
-    # Last, and whole: a torn report must not mark a cache complete.
-    files.write_text(out / "report.json", json.dumps(report, indent=1))
 
 
 def summarize(report: dict) -> str:
