@@ -119,6 +119,8 @@ class AUDetector(L.LightningModule):
         optimizer, scheduler: from the config, as class paths with their arguments.
         scheduler_interval: step the scheduler each ``epoch`` or each ``step``.
         loss_seed: seed of selective learning's random drops.
+        channels_last: on a GPU, the network and its batches in channels-last memory (NHWC), the
+            layout tensor cores convolve in under bf16; ignored on the CPU.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class AUDetector(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         loss_seed: int | None = 0,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -193,8 +196,18 @@ class AUDetector(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def configure_model(self) -> None:
+        # Before the strategy moves the model to its device and wraps it (DDP's gradient buckets
+        # are views of the parameters as they are then); the move keeps the memory format.
+        if self.hparams.channels_last and self.trainer.strategy.root_device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
+
+    def _images(self, batch: dict) -> torch.Tensor:
+        x = batch["image"]
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last and x.is_cuda else x
+
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        logits, aux, feats = self.net.forward_all(batch["image"])
+        logits, aux, feats = self.net.forward_all(self._images(batch))
         labels, mask = batch["labels"], batch["mask"]
         parts = {"main": self.criterion(logits, labels, mask)}
         for name, aux_logits in aux.items():
@@ -218,7 +231,7 @@ class AUDetector(L.LightningModule):
     def evaluation_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and plain masked BCE: deterministic (selective learning drops at random) and the
         same yardstick whatever loss a run trains with, so runs compare."""
-        logits = self.net(batch["image"])
+        logits = self.net(self._images(batch))
         return self.eval_criterion(logits, batch["labels"], batch["mask"]), logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
