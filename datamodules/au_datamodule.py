@@ -11,6 +11,7 @@ Images travel as uint8 and are normalised after the transfer to the device (4x l
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +55,13 @@ class AlignedFaceDataset(Dataset):
             "mask": torch.as_tensor(mask, dtype=torch.bool),
             "index": i,
         }
+
+
+def freeze_inherited_heap(worker_id: int) -> None:
+    """A loader worker's start: the objects it inherited from the training process are left out of
+    garbage collection, whose bookkeeping would otherwise write to (and so copy) every page of
+    them: about 120 MB per worker after its first full collection (``benchmarks/scale.py``)."""
+    gc.freeze()
 
 
 class AUDataModule(L.LightningDataModule):
@@ -231,6 +239,7 @@ class AUDataModule(L.LightningDataModule):
         workers = self.hparams.num_workers
         return DataLoader(self.dataset(stage), batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                          worker_init_fn=freeze_inherited_heap if workers else None,
                           pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
                           drop_last=stage == "train" and len(self.splits[stage]) > self.hparams.batch_size)
 

@@ -74,9 +74,10 @@ class MultilabelBalancedSampler(Sampler[int]):
         n, k = y.shape
         if n < 1:
             raise ValueError("labels has no rows: nothing to sample")
-        labelled_values = y[m]
-        if not np.isin(labelled_values, (0, 1)).all():
-            bad = np.unique(labelled_values[~np.isin(labelled_values, (0, 1))])[:5].tolist()
+        # no copy of the labelled entries: an (N, K) bool pass, values gathered only to report them
+        outside = m & (y != 0) & (y != 1)
+        if outside.any():
+            bad = np.unique(y[outside])[:5].tolist()
             raise ValueError(
                 f"labelled entries must be 0 or 1, found {bad}; mark unlabelled entries (999) with mask"
             )
@@ -112,8 +113,13 @@ class MultilabelBalancedSampler(Sampler[int]):
         usable = positives > 0
         au_weight = np.zeros(len(labelled))
         au_weight[usable] = (positives[usable] / labelled[usable]) ** -self.power
-        w = np.where(self._positive[:, usable], au_weight[usable], 0.0).max(1, initial=0.0)
-        w[~self._positive[:, usable].any(1)] = 1.0
+        # Each sample's largest weight among its positive AUs: the AUs' weights written in rising
+        # order, the rarest last. One (N,) pass per AU instead of an (N, K) float64 temporary
+        # (184 MB at 1M samples, and 1 s of page faults).
+        w = np.zeros(len(self._positive))
+        for k in sorted(np.flatnonzero(usable), key=lambda k: au_weight[k]):
+            np.copyto(w, au_weight[k], where=self._positive[:, k])
+        w[w == 0] = 1.0  # no positive AU (the AUs' weights are f ** -power >= 1)
         return torch.from_numpy(w / w.sum())
 
     @property

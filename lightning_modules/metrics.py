@@ -32,6 +32,7 @@ from lightning_modules.evaluation import dedupe_by_index
 __all__ = ["au_confusion", "au_scores", "scores_from_counts", "ranked_counts", "AUMetrics"]
 
 _UNLABELLED = -1  # the target value torchmetrics is told to ignore
+_CONFUSION_ROWS = 1 << 16  # rows au_confusion counts at a time
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -71,9 +72,16 @@ def au_confusion(probs: Any, labels: Any, mask: Any = None,
     m = _default_mask(y) if mask is None else _as_2d(as_numpy(mask)).astype(bool)
     if not (p.shape == y.shape == m.shape):
         raise ValueError(f"probs {p.shape}, labels {y.shape} and mask {m.shape} must have the same (N, K) shape")
-    decisions = _decisions(_as_tensor(p), _as_tensor(as_numpy(thresholds)))
-    counts = _count(decisions, torch.from_numpy(y > 0.5), torch.from_numpy(m))
-    return tuple(c.numpy() for c in counts)
+    thresholds = _as_tensor(as_numpy(thresholds))
+    total = None
+    # A block of rows at a time (counts add up): the decisions and torchmetrics' counting hold
+    # about 27 bytes per entry, 600 MB for 1M rows of 23 AUs at once.
+    for i in range(0, max(len(p), 1), _CONFUSION_ROWS):
+        rows = slice(i, i + _CONFUSION_ROWS)
+        decisions = _decisions(_as_tensor(p[rows]), thresholds)
+        counts = _count(decisions, torch.from_numpy(y[rows] > 0.5), torch.from_numpy(m[rows]))
+        total = counts if total is None else tuple(a + b for a, b in zip(total, counts))
+    return tuple(c.numpy() for c in total)
 
 
 def _as_tensor(x: np.ndarray) -> torch.Tensor:
@@ -182,12 +190,38 @@ def ranked_counts(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray, n
     """
     s = np.asarray(scores).reshape(-1)
     y = np.asarray(positive).reshape(-1).astype(bool)
+    if _ties_interchangeable(s):
+        return _ranked_counts_by_search(s, y)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     tp = np.cumsum(y, dtype=np.int64)
     fp = np.arange(1, s.size + 1, dtype=np.int64) - tp
     last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])[:s.size]  # the last entry of each run of ties
     return s[last], tp[last], fp[last]
+
+
+def _ties_interchangeable(s: np.ndarray) -> bool:
+    """Whether the order among equal scores cannot show in :func:`ranked_counts`' result: float
+    scores with no NaN (each NaN is a run of its own, counted in file order) and no zero of both
+    signs (the run's reported value would take the sign of its last entry)."""
+    if not np.issubdtype(s.dtype, np.floating) or np.isnan(s).any():
+        return False
+    zero_signs = np.signbit(s[s == 0])
+    return not (zero_signs.any() and not zero_signs.all())
+
+
+def _ranked_counts_by_search(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`ranked_counts` from sorted values instead of an argsort and gathers: the same
+    arrays, about 5x faster at 1M scores (sorting values is SIMD-fast; gathering by a random
+    order misses the cache once the arrays outgrow it)."""
+    ascending = np.sort(s)
+    starts = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])[:s.size]  # each run of ties' first entry
+    values = ascending[starts]
+    # positives per distinct value (each positive's value is one of them), summed from the top
+    per_value = np.bincount(np.searchsorted(values, np.sort(s[y])), minlength=values.size)
+    tp = np.cumsum(per_value[::-1], dtype=np.int64)
+    at_or_above = (s.size - starts[::-1]).astype(np.int64)
+    return values[::-1], tp, at_or_above - tp
 
 
 class AUMetrics(torchmetrics.Metric):
