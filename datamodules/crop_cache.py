@@ -15,6 +15,7 @@ cache is aligned again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -28,7 +29,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -363,8 +364,8 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
 
     ``ranks``: the processes of a distributed job (:class:`~datamodules.ranks.Ranks`), every one
     calling with the same manifest. The images are then shared out: rank 0 holds the partial
-    folder, each rank aligns every ``world``-th image still to do (on its own GPU when there are
-    GPUs) and journals it, and rank 0 writes the same cache one process would. ``cache_dir`` must
+    folder, each rank aligns every ``world``-th batch of the images still to do (on its own GPU
+    when there are GPUs: the same batches one process would detect) and journals them, and rank 0 writes the same cache one process would. ``cache_dir`` must
     be a folder every rank sees (a shared filesystem across nodes). A killed rank ends the job
     (torchrun and Lightning stop the others); the rerun, with any number of ranks, aligns only
     what no journal holds.
@@ -397,7 +398,7 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
             if ranks.distributed:
                 _check_shared(work, ranks)
             start = time.perf_counter()
-            _align_rows(manifest, work, ranks.share(todo), settings, root, workers, device or ranks.device(),
+            _align_rows(manifest, work, _share(todo, settings.batch_size, ranks), settings, root, workers, device or ranks.device(),
                         detector, progress, checkpoint_every, ranks)
             ranks.barrier()  # every share journalled
             if ranks.rank == 0:
@@ -450,6 +451,19 @@ def _start(manifest: Manifest, final: Path, settings: AlignmentSettings) -> tupl
         log.info("%s: resuming an interrupted alignment, %d of %d images done before", manifest.path,
                  len(manifest) - len(todo), len(manifest))
     return work, lock, todo
+
+
+def _share(todo: np.ndarray, batch_size: int, ranks: Ranks) -> np.ndarray:
+    """This rank's images: whole detection batches, cut at fixed rows of the manifest (row //
+    batch_size), every ``world``-th one, so that each rank gets the same mix of large and small
+    images whatever order the manifest has. MTCNN's result for an image moves a little with the
+    images that share its batch; with batches fixed by the manifest (and journalled whole), a
+    shared or resumed alignment detects the same batches as one uninterrupted process.
+
+    >>> _share(np.array([0, 1, 2, 3, 4, 5, 6, 8, 9]), 3, Ranks(1, 2)).tolist()
+    [3, 4, 5, 9]
+    """
+    return todo[(todo // batch_size) % ranks.world == ranks.rank]
 
 
 def _check_shared(work: Path, ranks: Ranks) -> None:
@@ -615,6 +629,7 @@ def _align_rows(manifest: Manifest, out: Path, rows: np.ndarray, settings: Align
     prepare = None if centered else partial(detection_copy, max_side=settings.detect_max_side)
     decoded = frames(images, workers=workers, prepare=prepare, ahead=2 * settings.batch_size)
     writer = _CropWriter(out / "crops.npy")
+    block_ends = set(rows[np.r_[np.diff(rows // settings.batch_size) != 0, True]].tolist()) if len(rows) else set()
     journal = out / _journal_name(ranks)
     who = f"rank {ranks.rank}: " if ranks.distributed else ""
     start, count = time.perf_counter(), 0
@@ -632,7 +647,7 @@ def _align_rows(manifest: Manifest, out: Path, rows: np.ndarray, settings: Align
             v.clear()
 
     try:
-        for items in batches(decoded, settings.batch_size):
+        for items in _manifest_batches(decoded, settings.batch_size):
             good = [f for f in items if f.pixels is not None]
             for f in items:
                 if f.error is not None:
@@ -668,8 +683,8 @@ def _align_rows(manifest: Manifest, out: Path, rows: np.ndarray, settings: Align
                 chunk["records"].append(done.get(f.source.key))  # None: unreadable
             for f in good:  # released before the next batch is decoded
                 f.pixels = f.copy = None
-            if len(chunk["indices"]) >= checkpoint_every:
-                commit()
+            if len(chunk["indices"]) >= checkpoint_every and items[-1].source.key in block_ends:
+                commit()  # whole blocks only: a resumed run detects the batches an uninterrupted one would
             count += len(items)
             if progress:
                 step = max(1, len(rows) // 10)
@@ -683,6 +698,13 @@ def _align_rows(manifest: Manifest, out: Path, rows: np.ndarray, settings: Align
         commit()
     finally:
         writer.close()
+
+
+def _manifest_batches(decoded: Iterable[Frame], batch_size: int) -> Iterator[list[Frame]]:
+    """Detection batches that never cross a block of the manifest (row // batch_size, see
+    :func:`_share`); within a block, :func:`~datamodules.sources.batches` cuts them by size and pixels."""
+    for _, block in itertools.groupby(decoded, key=lambda f: f.source.key // batch_size):
+        yield from batches(block, batch_size)
 
 
 def _finish_cache(manifest: Manifest, out: Path, key: str, settings: AlignmentSettings, resumed: int,

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -74,15 +73,6 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self._group())
-
-    def share(self, items: Sequence[int] | np.ndarray) -> np.ndarray:
-        """This rank's part of ``items``: every ``world``-th from its rank on, so that each rank
-        gets the same mix of large and small images whatever order the manifest has.
-
-        >>> Ranks(1, 3).share(np.arange(8)).tolist()
-        [1, 4, 7]
-        """
-        return np.asarray(items)[self.rank::self.world]
 
     def device(self) -> str | None:
         """The GPU of this rank when there are GPUs (``cuda:<local rank>``); None lets the caller choose."""

@@ -17,9 +17,10 @@ from datamodules.crop_cache import AlignedSplit, align_manifest
 from datamodules.manifest import read_manifest
 from datamodules.ranks import Ranks
 
-from .conftest import SMALL_ALIGNMENT
+from datamodules.alignment import AlignmentSettings
 
 BIN = Path(sys.executable).parent
+SETTINGS = AlignmentSettings(crop_size=64, batch_size=4)  # small batches: a kill lands between journal lines
 
 
 def _manifest_with_bad_rows(synthau: Path, folder: Path, rows: int = 40) -> Path:
@@ -46,7 +47,7 @@ def _torchrun(manifest: Path, cache: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
          "--no-python", str(BIN / "au-detect"), "align", "--manifests", f"[{manifest}]", "--cache_dir", str(cache),
-         "--alignment.crop_size", str(SMALL_ALIGNMENT.crop_size), *extra],
+         "--alignment.crop_size", str(SETTINGS.crop_size), "--alignment.batch_size", str(SETTINGS.batch_size), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -82,12 +83,12 @@ def _journalled(folder: Path) -> int:
 @pytest.mark.slow
 def test_two_ranks_align_the_cache_one_process_writes_and_survive_a_killed_rank(synthau, tmp_path):
     """torchrun, 2 CPU ranks: rank 1 is SIGKILLed mid-way (torchrun stops rank 0 too); the rerun
-    aligns only what no journal holds, and the cache equals one process's: the same samples,
-    report records and skipped rows, crops within one grey level (thread counts move MTCNN's
-    float results)."""
+    aligns only what no journal holds, and the cache equals one uninterrupted process's: the same
+    samples, report records and skipped rows (the ranks detect the same batches), crops within
+    one grey level (thread counts move MTCNN's float results)."""
     manifest = _manifest_with_bad_rows(synthau, tmp_path / "data")
     cache = tmp_path / "cache"
-    job = _torchrun(manifest, cache, "--alignment.batch_size", "2", "--checkpoint_every", "2")
+    job = _torchrun(manifest, cache, "--checkpoint_every", "4")
     deadline = time.time() + 180
     while time.time() < deadline and job.poll() is None and _journalled(cache) < 6:
         time.sleep(0.05)
@@ -108,7 +109,7 @@ def test_two_ranks_align_the_cache_one_process_writes_and_survive_a_killed_rank(
     two = AlignedSplit.open(folder)
     assert two.report["ranks"] == 2 and two.report["resumed"] == kept
 
-    one = AlignedSplit.open(align_manifest(read_manifest(manifest), tmp_path / "single", SMALL_ALIGNMENT))
+    one = AlignedSplit.open(align_manifest(read_manifest(manifest), tmp_path / "single", SETTINGS))
     assert two.path.name == one.path.name  # the same key: same manifest, images and settings
     assert len(one) == len(two) == 40
     np.testing.assert_array_equal(two.labels, one.labels)
@@ -121,9 +122,11 @@ def test_two_ranks_align_the_cache_one_process_writes_and_survive_a_killed_rank(
     two.verify()
 
 
-def test_one_rank_shares_nothing(synthau, tmp_path):
-    """Without a process group, the ranks are one process and ``share`` is the identity."""
+def test_one_rank_shares_nothing():
+    """Without a process group, the ranks are one process, which aligns every image."""
+    from datamodules.crop_cache import _share
+
     ranks = Ranks.current()
     assert (ranks.rank, ranks.world, ranks.distributed) == (0, 1, False)
-    np.testing.assert_array_equal(ranks.share(np.arange(5)), np.arange(5))
+    np.testing.assert_array_equal(_share(np.arange(5), 2, ranks), np.arange(5))
     assert ranks.broadcast("x") == "x" and ranks.gather(3) == [3]
