@@ -10,6 +10,8 @@ On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
   images and does detection and alignment itself (``runs:/<run id>/model``, see
   :mod:`lightning_modules.pyfunc`; ``au-detect predict --model runs:/<run id>/model`` uses it
   too) and, last, ``best.json``.
+With the CLI's logger all of it goes through the run's tracking spool
+(:mod:`callbacks.tracking_spool`), in this order: nothing here waits for the tracking server.
 The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes the same run.
 
 Crash consistency: the files of the best validation are rendered once into a record (their
@@ -40,12 +42,12 @@ from callbacks.au_report import as_csv, as_markdown, au_report, prior_f1
 from callbacks.mlflow_run import RUN_ID_KEY, mlflow_logger
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
 from callbacks.soft_threshold import SoftThresholdCallback
+from callbacks.tracking_spool import log_predictor
 from datamodules.au_datamodule import AUDataModule
 from datamodules.manifest import au_column_name
 from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import load_checkpoint
 from lightning_modules.predictor import AUPredictor
-from lightning_modules.pyfunc import log_model_to_run
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +252,9 @@ class MLflowArtifacts(L.Callback):
             net = ckpt["state_dict"] if ckpt is not None else pl_module.state_dict()
             predictor = AUPredictor.from_state(net, pl_module.hparams, data.alignment, data.normalize.mean,
                                                data.normalize.std)
-            log_model_to_run(predictor, client, run_id, registered_model_name=self.registered_model_name,
-                             onnx=self.log_onnx)
+            # through the spool when the run has one: logged when the server takes it, after what came before
+            log_predictor(client, run_id, predictor, registered_model_name=self.registered_model_name,
+                          onnx=self.log_onnx)
             model_uri = f"runs:/{run_id}/model"
         # Last: with best.json there, the run's artifacts are complete.
         summary = {"best_epoch": record["epoch"] if record else self.best_epoch,

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
+from callbacks.tracking_spool import TrackingServerUnreachable
 from datamodules.manifest import ManifestError
 from experiments import data
 from experiments.ablation import main as ablation
@@ -24,6 +25,7 @@ from experiments.pipeline import main as pipeline
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 from experiments.export import export
 from experiments.predict import predict
+from experiments.tracking import sync_tracking
 from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
 
@@ -60,6 +62,8 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command("training", "the whole method: data, both branches pretrained, the AU fit and test; "
                         "one MLflow parent run", pipeline),
     "ablation": Command("training", "the paper's Table 2 over seeds, every row an MLflow run", ablation),
+    "sync-tracking": Command("training", "send to MLflow what a fit kept on disk while its tracking server "
+                             "was unreachable", _function_command("sync-tracking")),
     "predict": Command("using a trained detector", "every face of photos, folders, lists and videos to CSV",
                        _function_command("predict")),
     "export": Command("using a trained detector", "the AU network as ONNX (onnxruntime, C++, C#, browsers), "
@@ -73,7 +77,8 @@ COMMANDS: dict[str, Command] = {
     "prepare": Command("data", "what a training config prepares: generate or download, align, report",
                        data.prepare),
 }
-FUNCTIONS = {"predict": predict, "export": export, "synth": data.synth, "download": data.download, "align": data.align}
+FUNCTIONS = {"predict": predict, "export": export, "synth": data.synth, "download": data.download, "align": data.align,
+             "sync-tracking": sync_tracking}
 # Options given as lists on the shell (--input a.jpg photos/ clip.mp4) and flags without a value.
 LISTS = {"predict": ("input", "images, folders, globs, lists of images, videos"),
          "download": ("manifest", "manifests whose images are URLs")}
@@ -147,7 +152,7 @@ def main(args: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         command.run(args[1:])
-    except (CheckpointError, WeightsError, ManifestError) as e:
+    except (CheckpointError, WeightsError, ManifestError, TrackingServerUnreachable) as e:
         if not from_shell:
             raise
         raise SystemExit(f"au-detect: error: {e}") from None

@@ -24,6 +24,7 @@ from callbacks.backbone_export import BackboneExport
 from callbacks.mlflow_artifacts import MLflowArtifacts
 from callbacks.mlflow_run import mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
+from callbacks.tracking_spool import SPOOL_DIR
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
 from experiments.tracking import TrackingSettings
@@ -65,9 +66,12 @@ class TrackedCLI(LightningCLI):
     """A LightningCLI whose runs are tracked in MLflow.
 
     Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets ``trainer.logger``
-    itself; the resolved config goes to the run (:class:`MLflowSaveConfig`). A checkpoint written
-    by a tracked run carries its run id, so ``--ckpt_path`` continues that run; ``fit
-    --ckpt_path last`` continues the newest interrupted run of the experiment.
+    itself; the resolved config goes to the run (:class:`MLflowSaveConfig`). Training never waits
+    for the tracking server: the run's writes go through a spool on local disk
+    (:mod:`callbacks.tracking_spool`); the server must answer when the job starts. A checkpoint
+    written by a tracked run carries its run id, so ``--ckpt_path`` continues that run (and sends
+    what its spool kept first); ``fit --ckpt_path last`` continues the newest interrupted run of
+    the experiment.
     """
 
     summary_metrics: tuple[str, ...] = ()
@@ -163,7 +167,10 @@ class TrackedCLI(LightningCLI):
         config = self._subconfig()
         if config.trainer.get("logger") is None and "logger" not in kwargs:
             self.tracking = TrackingSettings.read(config.mlflow)
-            kwargs["logger"] = self.tracking.logger(config.run_name, self.checkpoint_run, tags=config.tags)
+            # The run's writes wait in <default_root_dir>/mlflow_spool/<run id> until the server takes them.
+            spool_root = Path(config.trainer.get("default_root_dir") or ".") / SPOOL_DIR
+            kwargs["logger"] = self.tracking.logger(config.run_name, self.checkpoint_run, tags=config.tags,
+                                                    spool_root=spool_root)
             self.resumed_run = self.checkpoint_run
         return super().instantiate_trainer(**kwargs)
 

@@ -1,4 +1,5 @@
-"""``mlflow.yaml``: where runs are tracked. This is the only place that reads it."""
+"""``mlflow.yaml``: where runs are tracked. This is the only place that reads it; ``au-detect
+sync-tracking`` (:func:`sync_tracking`) sends what fits kept while the server was away."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
+
+from callbacks.tracking_spool import (SpooledMLFlowLogger, TrackingServerUnreachable, reachable, send_spool,
+                                      spool_folders, summary_text)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -21,6 +25,9 @@ class TrackingSettings:
     artifact_location: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     registered_model_name: str | None = None  # register each fit's model under this name
+    # seconds the end of a fit waits for a tracking server that shows no sign of life before it
+    # leaves what is unsent in the run's spool (callbacks.tracking_spool) and ends
+    flush_timeout: float = 60.0
 
     @classmethod
     def read(cls, path: str | Path) -> "TrackingSettings":
@@ -49,17 +56,57 @@ class TrackingSettings:
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
 
     def logger(self, run_name: str | None = None, run_id: str | None = None,
-               tags: dict[str, str] | None = None) -> MLFlowLogger:
+               tags: dict[str, str] | None = None, spool_root: str | Path | None = None) -> MLFlowLogger:
+        """The run's logger. With ``spool_root`` (what the training CLI passes) its writes go through a
+        spool there and never wait for the server (:class:`SpooledMLFlowLogger`); without, they are
+        Lightning's synchronous calls."""
         # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
         # longer takes by default: the URI is always explicit. The store is opened here first, in
         # this thread, so that a new SQLite database gets its tables once, before anything else
         # of the run (callbacks, model logging) opens it.
         from mlflow import MlflowClient
 
+        if not reachable(self.tracking_uri, timeout=10):  # a quick answer, not MLflow's minutes of retries
+            raise TrackingServerUnreachable(
+                f"the MLflow tracking server at {self.tracking_uri} does not answer: a job needs it when it starts, "
+                f"to find or create its run (once started, it goes on without it). Start the server, or point "
+                f"tracking_uri in the MLflow settings elsewhere.")
         MlflowClient(self.tracking_uri).search_experiments(max_results=1)
-        return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, tags={**self.tags, **(tags or {})},
-                            artifact_location=self.artifact_location, run_name=run_name, run_id=run_id,
-                            log_model=False)
+        kwargs = dict(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
+                      tags={**self.tags, **(tags or {})}, artifact_location=self.artifact_location, run_name=run_name,
+                      run_id=run_id, log_model=False)
+        if spool_root is None:
+            return MLFlowLogger(**kwargs)
+        return SpooledMLFlowLogger(spool_root=spool_root, flush_timeout=self.flush_timeout, **kwargs)
+
+
+def sync_tracking(spool: str, tracking_uri: str | None = None, timeout: float = 60.0) -> list[dict]:
+    """Send to MLflow what fits kept while their tracking server could not be reached.
+
+    Args:
+        spool: a run's spool folder as the fit named it (``<trainer.default_root_dir>/mlflow_spool/<run
+            id>``), or the ``mlflow_spool`` folder above it: every run's there.
+        tracking_uri: the server to send to, when not the one the fit used (it must hold the same run).
+        timeout: give up after this many seconds without any answer from the server.
+    """
+    results = []
+    for folder in spool_folders(spool):
+        result = send_spool(folder, tracking_uri, timeout)
+        results.append(result)
+        where = f"run {result['run_id']} at {result['tracking_uri']}"
+        if result["busy"]:
+            print(f"{folder}: another process is sending it now (a fit of {where} still running?); left as it is")
+        elif result["left"]["records"]:
+            print(f"{folder}: sent {result['sent']} of {result['pending']} records to {where}; the server stopped "
+                  f"answering ({result['error'][:200]}). Kept: {summary_text(result['left'])}. Run this again later.")
+        else:
+            print(f"{folder}: sent {result['sent']} records to {where}; nothing left to send")
+        if result["rejected"]:
+            print(f"{folder}: {result['rejected']} records the server refused are in {folder}/rejected "
+                  f"(the reason beside each)")
+    if any(r["busy"] or r["left"]["records"] for r in results):
+        raise SystemExit("au-detect sync-tracking: some of the kept tracking could not be sent (see above)")
+    return results
 
 
 def use_for_model_uri(model: str, settings: str | Path) -> None:

@@ -199,7 +199,9 @@ class AUDetector(L.LightningModule):
     def configure_model(self) -> None:
         # Before the strategy moves the model to its device and wraps it (DDP's gradient buckets
         # are views of the parameters as they are then); the move keeps the memory format.
-        if self.hparams.channels_last and self.trainer.strategy.root_device.type == "cuda":
+        # load_from_checkpoint calls this too, outside any trainer: nothing to place then.
+        trainer = self._trainer
+        if self.hparams.channels_last and trainer is not None and trainer.strategy.root_device.type == "cuda":
             self.net.to(memory_format=torch.channels_last)
 
     def _images(self, batch: dict) -> torch.Tensor:

@@ -48,7 +48,7 @@ from mlflow.types import ColSpec, Schema
 from datamodules.images import DEFAULT_MAX_PIXELS, EMPTY, UNREADABLE, InputError, probe
 from datamodules.manifest import au_column_name
 from datamodules.sources import BATCH_PIXELS, Source, frames
-from lightning_modules.predictor import LANDMARKS, columns, frame_records
+from lightning_modules.predictor import LANDMARKS, AUPredictor, columns, frame_records
 
 PACKAGES = ("datamodules", "lightning_modules")  # what loading the model imports
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -216,6 +216,12 @@ def log_model_to_run(predictor, client, run_id: str, name: str = "model", regist
         for model in models[:-1]:
             client.delete_logged_model(model.model_id)
     return info
+
+
+def log_saved_predictor(folder: str | Path, client, run_id: str, **kwargs):
+    """:func:`log_model_to_run` for a predictor saved to ``folder`` (``AUPredictor.save``): how a
+    model kept while the tracking server was away is logged later (:mod:`callbacks.tracking_spool`)."""
+    return log_model_to_run(AUPredictor.from_dir(folder, device="cpu"), client, run_id, **kwargs)
 
 
 def _models_of(client, experiment_id: str, run_id: str, name: str) -> list:

@@ -24,6 +24,7 @@ import pytest
 from jsonargparse import Namespace
 from mlflow import MlflowClient
 
+from experiments.cli import main
 from experiments.lightning_cli import TrackedCLI
 from lightning_modules.checkpoints import load_checkpoint
 
@@ -161,6 +162,10 @@ def test_killed_anywhere_resumes_to_one_consistent_run(synthau, tmp_path, capsys
     ``--ckpt_path last`` and ``--ckpt_path <last.ckpt>`` (which file a resume takes is all that
     differs between the two; what the resumed fit does is the same).
 
+    A fit's writes to its run go through a spool on disk (callbacks.tracking_spool): after each kill
+    the run is read once ``au-detect sync-tracking`` has sent what the killed process had not yet
+    (but for the kill while logging the model, whose half-logged state is checked as it is).
+
     Epoch 1 first scores 0.9 (better than epoch 0's 0.5) and is killed at its checkpoint save:
     the run's files then describe epoch 1, whose checkpoint was never written. Re-run, epoch 1
     scores 0.1: the best stays epoch 0, and everything must say so in the end.
@@ -178,6 +183,8 @@ def test_killed_anywhere_resumes_to_one_consistent_run(synthau, tmp_path, capsys
 
     def fit(scores: list[float], at: str | None, ckpt: str) -> subprocess.CompletedProcess:
         done = _fit(args, scores, at, str(last) if ckpt == "path" else "last")
+        if at not in (None, "log_model"):  # what the killed fit had not sent yet: its run's spool
+            main(["sync-tracking", "--spool", str(tmp_path / "runs" / "mlflow_spool")])
         if ckpt == "last":  # it says which file it took
             said = (f"--ckpt_path last: resuming MLflow run {run_id} from {last}" if run_id else
                     f"--ckpt_path last: no interrupted run of experiment '{EXPERIMENT}'")
