@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ from datamodules.alignment import AlignmentSettings
 from datamodules.crop_cache import AlignedSplit, align_manifest
 from datamodules.manifest import read_manifest
 from datamodules.synthetic import SynthAUSettings, generate_synthau
+
+from .training_helpers import free_port
 
 torch.set_num_threads(2)
 
@@ -78,3 +84,32 @@ def image_server(synthau):
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` process on loopback, with its own SQLite store and artifact root."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        # no job runner: nothing the tests use, and it would leave a folder in /dev/shm each time
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start in 90 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)

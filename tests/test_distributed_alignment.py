@@ -19,6 +19,8 @@ from datamodules.ranks import Ranks
 
 from datamodules.alignment import AlignmentSettings
 
+from .training_helpers import free_port
+
 BIN = Path(sys.executable).parent
 SETTINGS = AlignmentSettings(crop_size=64, batch_size=4)  # small batches: a kill lands between journal lines
 
@@ -43,20 +45,12 @@ def _manifest_with_bad_rows(synthau: Path, folder: Path, rows: int = 40) -> Path
 
 
 def _torchrun(manifest: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    port = _free_port()
+    port = free_port()
     return subprocess.Popen(
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
          "--no-python", str(BIN / "au-detect"), "align", "--manifests", f"[{manifest}]", "--cache_dir", str(cache),
          "--alignment.crop_size", str(SETTINGS.crop_size), "--alignment.batch_size", str(SETTINGS.batch_size), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -14,14 +14,13 @@ from mlflow import MlflowClient
 
 from datamodules.synthetic import SynthAUSettings, generate_synthau
 
-from .test_training import mlflow_server  # noqa: F401  (the fixture)
 from .training_helpers import free_port, matches_one_process, small_fit_args, write_mlflow_yaml
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-def test_two_nodes_fit_one_run(tmp_path, mlflow_server):  # noqa: F811
+def test_two_nodes_fit_one_run(tmp_path, mlflow_server):
     """Each "node" is a torchrun agent of its own, started in its own folder as on its own machine;
     they meet at the c10d rendezvous of node 0. The data, cache and checkpoints are on the shared
     filesystem (here: tmp_path). Only global rank 0 writes to the tracking server."""

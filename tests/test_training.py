@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,41 +33,6 @@ def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
           "--soft_threshold.criterion", "score"])
     after = Path(facts["client"].download_artifacts(facts["run_id"], "thresholds.json", str(tmp_path / "b"))).read_text()
     assert after == before
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` process on loopback, with its own SQLite store and artifact root."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        # no job runner: nothing the tests use, and it would leave a folder in /dev/shm each time
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start in 90 s")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.mark.slow
