@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from lightning_modules.checkpoints import load_checkpoint
