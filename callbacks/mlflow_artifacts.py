@@ -1,15 +1,16 @@
 """What an MLflow run holds beyond Lightning's metric curves.
 
 On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
-- at fit start: the label frequencies (raw vs as drawn by balanced sampling) and a grid of the
+- at fit start: the train/val/test manifests as dataset inputs (:mod:`callbacks.dataset_lineage`),
+  the label frequencies (raw vs as drawn by balanced sampling) and a grid of the
   first training batch, as PNG;
 - whenever the monitored validation score improves: ``thresholds.json`` (the fitted per-AU
   thresholds and the epoch), ``au_report.csv``/``.md`` (per-AU support, thresholds, F1 and
   accuracy at 0.5 and at the fitted thresholds) and the PR curves per AU;
-- at fit end: the best checkpoint, the best model as an MLflow pyfunc model that takes
-  images and does detection and alignment itself (``runs:/<run id>/model``, see
-  :mod:`lightning_modules.pyfunc`; ``au-detect predict --model runs:/<run id>/model`` uses it
-  too) and, last, ``best.json``.
+- at fit end: the best checkpoint (its weights, without the optimizer state), the best model as
+  an MLflow pyfunc model that takes images and does detection and alignment itself
+  (``runs:/<run id>/model``, see :mod:`lightning_modules.pyfunc`; ``au-detect predict --model
+  runs:/<run id>/model`` uses it too) and, last, ``best.json``.
 With the CLI's logger all of it goes through the run's tracking spool
 (:mod:`callbacks.tracking_spool`), in this order: nothing here waits for the tracking server.
 The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes the same run.
@@ -39,6 +40,7 @@ import numpy as np
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.au_report import as_csv, as_markdown, au_report, prior_f1
+from callbacks.dataset_lineage import datamodule_datasets, dataset_inputs
 from callbacks.mlflow_run import RUN_ID_KEY, mlflow_logger
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
 from callbacks.soft_threshold import SoftThresholdCallback
@@ -202,6 +204,8 @@ class MLflowArtifacts(L.Callback):
                              "plots/sample_grid.png")
             if "val" in data.splits:
                 client.log_metric(run_id, "val/f1_prior", prior_f1(data.splits["val"].labels, data.splits["val"].mask))
+            # the manifests as the run's dataset inputs (MLflow's Datasets column), with digests
+            client.log_inputs(run_id, datasets=dataset_inputs(datamodule_datasets(data)))
             for stage, report in data.reports.items():
                 summary = {k: v for k, v in report.items() if k not in ("samples", "no_face_rows", "skipped_rows")}
                 self._text(trainer, json.dumps(summary, indent=1), f"data/alignment_{stage}.json")
@@ -243,7 +247,7 @@ class MLflowArtifacts(L.Callback):
         if record is not None and self._written != (record["epoch"], record["step"]):
             self._write(trainer, record)  # the files must describe the checkpoint the model comes from
         if best:
-            client.log_artifact(run_id, best, "checkpoints")
+            log_model_checkpoint(client, run_id, best, ckpt)
         model_uri = None
         data = trainer.datamodule
         aligned = isinstance(data, AUDataModule) and data.alignment.method == "mtcnn"
@@ -260,6 +264,28 @@ class MLflowArtifacts(L.Callback):
         summary = {"best_epoch": record["epoch"] if record else self.best_epoch,
                    self.monitor: record["score"] if record else self.best, "best_checkpoint": best, "model": model_uri}
         self._text(trainer, json.dumps(summary, indent=1), "best.json")
+
+
+# What only resuming the training needs: the optimizer's moments are twice the weights again (AdamW).
+TRAINING_STATE = ("optimizer_states", "lr_schedulers")
+
+
+def model_checkpoint(ckpt: dict) -> dict:
+    """A Lightning checkpoint without the optimizer and scheduler state: the weights, hyperparameters,
+    epoch, callbacks' state and run id, for ``load_from_checkpoint``, ``au-detect test`` and predict."""
+    return {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+
+
+def log_model_checkpoint(client, run_id: str, path: str, ckpt: dict) -> None:
+    """The best checkpoint on the run, under ``checkpoints/`` with its file's name, without what only
+    resuming needs (that stays in the local file, which ``--ckpt_path`` resumes from): uploads sized
+    by the model, which matters for two ResNet-152 branches behind a proxy."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        slim = Path(tmp, Path(path).name)
+        torch.save(model_checkpoint(ckpt), slim)
+        client.log_artifact(run_id, str(slim), "checkpoints")
 
 
 def _png(fig) -> bytes:

@@ -245,8 +245,8 @@ class Spool:
 # -- what records hold -------------------------------------------------------------------------
 def describe(records: Iterable[tuple[dict, Path | None]]) -> dict[str, Any]:
     """What unsent records amount to: counts, and whether the model and the run's end are among them."""
-    out = {"records": 0, "metric_points": 0, "params": 0, "tags": 0, "artifact_files": 0, "model": False,
-           "end": None}
+    out = {"records": 0, "metric_points": 0, "params": 0, "tags": 0, "artifact_files": 0, "datasets": 0,
+           "model": False, "end": None}
     for record, payload in records:
         out["records"] += 1
         op = record.get("op")
@@ -256,6 +256,8 @@ def describe(records: Iterable[tuple[dict, Path | None]]) -> dict[str, Any]:
             out["tags"] += len(record["tags"])
         elif op == "log_artifacts" and payload is not None:
             out["artifact_files"] += sum(1 for p in payload.rglob("*") if p.is_file())
+        elif op == "log_inputs":
+            out["datasets"] += len(record["datasets"])
         elif op == "log_model":
             out["model"] = True
         elif op == "set_terminated":
@@ -266,6 +268,7 @@ def describe(records: Iterable[tuple[dict, Path | None]]) -> dict[str, Any]:
 def summary_text(counts: dict[str, Any]) -> str:
     parts = [f"{counts['metric_points']} metric points", f"{counts['params']} params", f"{counts['tags']} tags",
              f"{counts['artifact_files']} artifact files"]
+    parts += [f"{counts['datasets']} dataset inputs"] if counts.get("datasets") else []
     parts += ["the model"] if counts["model"] else []
     parts += [f"the run's end ({counts['end']})"] if counts["end"] else []
     return f"{counts['records']} records: " + ", ".join(parts)
@@ -496,6 +499,12 @@ class SpoolSender:
             if payload is None:
                 raise SpoolError(f"artifact record of {self.spool.folder} without its files")
             self.client.log_artifacts(run_id, str(payload), first.get("artifact_path"))
+        elif op == "log_inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            inputs = [DatasetInput(Dataset(**d["dataset"]), [InputTag(k, v) for k, v in d["tags"]])
+                      for d in first["datasets"]]
+            self.client.log_inputs(run_id, datasets=inputs)
         elif op == "set_terminated":
             self.client.set_terminated(run_id, first["status"], first["end_time"])
         elif op == "log_model":
@@ -668,6 +677,13 @@ class SpooledClient:
         from mlflow.entities import RunTag
 
         self.log_batch(run_id, tags=[RunTag(key, str(value))])
+
+    def log_inputs(self, run_id: str, datasets=None, models=None) -> None:
+        if models:
+            raise NotImplementedError("the tracking spool logs dataset inputs only")
+        self.sender.put({"op": "log_inputs", "run_id": run_id, "datasets": [
+            {"dataset": {k: getattr(d.dataset, k) for k in ("name", "digest", "source_type", "source", "schema", "profile")},
+             "tags": [[t.key, t.value] for t in d.tags]} for d in datasets or ()]})
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
         # the time the run ended, not the time the record reaches the server

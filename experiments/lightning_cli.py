@@ -24,6 +24,7 @@ from callbacks.backbone_export import BackboneExport
 from callbacks.mlflow_artifacts import MLflowArtifacts
 from callbacks.mlflow_run import mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
+from callbacks.system_metrics import SystemMetrics
 from callbacks.tracking_spool import SPOOL_DIR
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
@@ -156,9 +157,11 @@ class TrackedCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--mlflow", type=str, default="mlflow.yaml", help="MLflow settings (tracking URI, ...)")
-        parser.add_argument("--run_name", type=Optional[str], default=None, help="MLflow run name")
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="MLflow run name (default: <config>-<backbone>[-<loss>]-s<seed>, numbered when taken)")
         parser.add_argument("--tags", type=dict[str, str], default={},
                             help="MLflow tags of the run, over mlflow.yaml's (e.g. '{\"ablation\": \"t2\"}')")
+        parser.add_lightning_class_args(SystemMetrics, "system_metrics")
 
     def _subconfig(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -170,9 +173,24 @@ class TrackedCLI(LightningCLI):
             # The run's writes wait in <default_root_dir>/mlflow_spool/<run id> until the server takes them.
             spool_root = Path(config.trainer.get("default_root_dir") or ".") / SPOOL_DIR
             kwargs["logger"] = self.tracking.logger(config.run_name, self.checkpoint_run, tags=config.tags,
-                                                    spool_root=spool_root)
+                                                    spool_root=spool_root,
+                                                    default_run_name=self.default_run_name(config))
             self.resumed_run = self.checkpoint_run
         return super().instantiate_trainer(**kwargs)
+
+    def run_name_parts(self, config) -> list:
+        """What tells runs of one config apart in a run's default name, after the config's name."""
+        return [config.model.get("backbone")]
+
+    def default_run_name(self, config) -> str:
+        """``<config>-<what run_name_parts says>-s<seed>``, e.g. ``demo-resnet18-bce-s0``: a new run's
+        name unless ``--run_name`` gives one (numbered ``-2``, ``-3``... when taken)."""
+        files = config.get("config") or []
+        parts = [Path(str(files[-1])).stem if files else self.subcommand or "run", *self.run_name_parts(config)]
+        seed = config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            parts.append(f"s{seed}")
+        return "-".join(str(p) for p in parts if p not in (None, ""))
 
     def before_fit(self) -> None:
         logger = mlflow_logger(self.trainer)
@@ -203,6 +221,9 @@ class AUDetectCLI(TrackedCLI):
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs):
         super().__init__(AUDetector, AUDataModule, args=args, **kwargs)
+
+    def run_name_parts(self, config) -> list:
+        return [config.model.get("backbone"), config.model.get("loss")]
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)

@@ -55,11 +55,36 @@ class TrackingSettings:
             return "mlflow ui"
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
 
+    def unique_run_name(self, name: str, client=None) -> str:
+        """``name``, or ``name-2``, ``name-3``... the first no run of the experiment is called yet."""
+        from mlflow import MlflowClient
+
+        client = client or MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            return name
+        pattern = name.replace("'", "_")  # LIKE's any-character: no quote inside the filter's string
+        taken, token = set(), None
+        while True:
+            page = client.search_runs([experiment.experiment_id], f"attributes.run_name LIKE '{pattern}%'",
+                                      max_results=1000, page_token=token)
+            taken |= {run.info.run_name for run in page}
+            token = page.token
+            if not token:
+                break
+        n, candidate = 1, name
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}-{n}"
+        return candidate
+
     def logger(self, run_name: str | None = None, run_id: str | None = None,
-               tags: dict[str, str] | None = None, spool_root: str | Path | None = None) -> MLFlowLogger:
+               tags: dict[str, str] | None = None, spool_root: str | Path | None = None,
+               default_run_name: str | None = None) -> MLFlowLogger:
         """The run's logger. With ``spool_root`` (what the training CLI passes) its writes go through a
         spool there and never wait for the server (:class:`SpooledMLFlowLogger`); without, they are
-        Lightning's synchronous calls."""
+        Lightning's synchronous calls. A new run without ``run_name`` is called ``default_run_name``,
+        made unique in the experiment (MLflow's generated names repeat under a fixed seed)."""
         # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
         # longer takes by default: the URI is always explicit. The store is opened here first, in
         # this thread, so that a new SQLite database gets its tables once, before anything else
@@ -71,7 +96,10 @@ class TrackingSettings:
                 f"the MLflow tracking server at {self.tracking_uri} does not answer: a job needs it when it starts, "
                 f"to find or create its run (once started, it goes on without it). Start the server, or point "
                 f"tracking_uri in the MLflow settings elsewhere.")
-        MlflowClient(self.tracking_uri).search_experiments(max_results=1)
+        client = MlflowClient(self.tracking_uri)
+        client.search_experiments(max_results=1)
+        if run_name is None and run_id is None and default_run_name:
+            run_name = self.unique_run_name(default_run_name, client)
         kwargs = dict(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
                       tags={**self.tags, **(tags or {})}, artifact_location=self.artifact_location, run_name=run_name,
                       run_id=run_id, log_model=False)

@@ -57,3 +57,61 @@ def test_config_flattens_to_params():
     params = flatten_config({"model": {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002}}},
                              "ckpt_path": "x.ckpt"}, skip=("ckpt_path",))
     assert params == {"model.optimizer.class_path": "torch.optim.AdamW", "model.optimizer.init_args.lr": "0.002"}
+
+
+def test_default_run_names_are_numbered_when_taken(tmp_path):
+    from mlflow import MlflowClient
+
+    settings = TrackingSettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="names")
+    client = MlflowClient(settings.tracking_uri)
+    assert settings.unique_run_name("demo-resnet18-bce-s0") == "demo-resnet18-bce-s0"  # no experiment yet
+    experiment = settings.experiment_id(client)
+    for name in ("demo-resnet18-bce-s0", "demo-resnet18-bce-s0-2", "demo-resnet18-bce-s01", "it's"):
+        client.create_run(experiment, run_name=name)
+    assert settings.unique_run_name("demo-resnet18-bce-s0") == "demo-resnet18-bce-s0-3"
+    assert settings.unique_run_name("demo-resnet18-bce-s1") == "demo-resnet18-bce-s1"
+    assert settings.unique_run_name("it's") == "it's-2"  # a quote in the name does not break the search
+
+
+def test_a_changed_manifest_is_a_new_dataset(tmp_path):
+    """The digest follows the manifest's bytes; the profile holds rows and per-AU rates by hand."""
+    from callbacks.dataset_lineage import manifest_dataset
+    from datamodules.manifest import read_manifest
+    import hashlib
+    import json
+
+    path = tmp_path / "train.tsv"
+    path.write_text("image\tAU1\tAU2\na.jpg\t1\t0\nb.jpg\t0\t999\nc.jpg\t1\t999\n")
+    first = manifest_dataset(read_manifest(path, aus=(1, 2)), str(path), report={"key": "k" * 64, "settings": {}})
+    assert first["digest"] == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert first["name"] == f"{tmp_path.name}/train.tsv" and json.loads(first["source"]) == {"uri": str(path)}
+    profile = json.loads(first["profile"])
+    assert profile["rows"] == 3 and profile["labelled_entries"] == 4 and profile["cache_key"] == "k" * 64
+    assert profile["au_positive_rates"] == {"AU1": round(2 / 3, 5), "AU2": 0.0}
+    path.write_text("image\tAU1\tAU2\na.jpg\t1\t0\nb.jpg\t0\t999\nc.jpg\t0\t999\n")  # one label changed
+    second = manifest_dataset(read_manifest(path, aus=(1, 2)), str(path))
+    assert second["digest"] != first["digest"] and second["name"] == first["name"]
+    url = manifest_dataset(read_manifest(path, aus=(1, 2)), "https://example.org/emotionet/train.tsv")
+    assert url["source_type"] == "http" and json.loads(url["source"]) == {"url": "https://example.org/emotionet/train.tsv"}
+
+
+def test_dataset_inputs_go_through_the_spool(tmp_path):
+    """Logged while the fit runs, kept on disk, sent in order: the run shows the same datasets."""
+    from mlflow import MlflowClient
+
+    from callbacks.dataset_lineage import dataset_inputs
+    from callbacks.tracking_spool import Spool, SpoolSender, SpooledClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("lineage"))
+    run_id = run.info.run_id
+    fields = {"name": "synthau/train.tsv", "digest": "0123456789ab", "source_type": "local",
+              "source": '{"uri": "/data/train.tsv"}', "schema": "{}", "profile": '{"rows": 3}'}
+    spooled = SpooledClient(lambda: SpoolSender(Spool.create(tmp_path / "spool", uri, run_id), client).start(), client)
+    spooled.log_inputs(run_id, datasets=dataset_inputs([(fields, "training"), ({**fields, "digest": "ba9876543210",
+                                                                                 "name": "synthau/val.tsv"}, "validation")]))
+    assert spooled.sender.close()
+    logged = client.get_run(run_id).inputs.dataset_inputs
+    assert sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in logged) == [
+        ("synthau/train.tsv", "0123456789ab", "training"), ("synthau/val.tsv", "ba9876543210", "validation")]

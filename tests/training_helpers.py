@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from PIL import Image
 import yaml
 from mlflow import MlflowClient
 
+from callbacks.dataset_lineage import manifest_digest
 from lightning_modules.checkpoints import load_checkpoint
 
 
@@ -58,7 +60,7 @@ def small_fit_args(synthau: Path, cache: Path, mlflow_yaml: Path, out: Path, epo
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.scheduler.init_args.T_max", str(epochs), "--mlflow", str(mlflow_yaml),
             "--mlflow_artifacts.sample_grid", "8", "--model.face_weights", "null", "--model.emotion_weights", "null",
-            "--mlflow_artifacts.log_onnx", str(onnx).lower()]
+            "--mlflow_artifacts.log_onnx", str(onnx).lower(), "--system_metrics.sampling_interval", "0.5"]
 
 
 def check_run(tracking_uri: str, experiment: str, crop: int = 64) -> dict:
@@ -94,6 +96,19 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     state = load_checkpoint(client.download_artifacts(run_id, ckpt, tmp))
     assert state["mlflow_run_id"] == run_id
+    # the logged checkpoint is the weights without the optimizer's state (the local one keeps it, to resume)
+    assert "optimizer_states" not in state and "lr_schedulers" not in state and state["state_dict"]
+    # a readable name, the manifests as dataset inputs, the machine's curves
+    assert re.fullmatch(r"demo-resnet18-bce-s0(-\d+)?", run.info.run_name), run.info.run_name
+    inputs = {d.tags[0].value: d.dataset for d in client.get_run(run_id).inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    for stage, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        source = Path(json.loads(inputs[context].source)["uri"])
+        assert source.name == f"{stage}.tsv" and inputs[context].digest == manifest_digest(source)
+        profile = json.loads(inputs[context].profile)
+        assert profile["rows"] == len(source.read_text().splitlines()) - 1
+        assert stage == "test" or len(profile["cache_key"]) == 64  # the crops trained and validated on
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
     # The logged model: images in, with a working AUNet and the best epoch's thresholds inside.
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", dst_path=tmp)
