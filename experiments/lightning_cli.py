@@ -60,7 +60,7 @@ class MLflowSaveConfig(SaveConfigCallback):
         for k, v in params.items():
             if k in existing and existing[k] != v:
                 client.set_tag(run_id, f"resumed_with/{k}", v[:5000])
-        client.set_tag(run_id, "au_detect.command", stage)
+        client.set_tag(run_id, "au_detect.command", getattr(stage, "value", stage))  # "fit", not TrainerFn.FITTING
 
 
 class TrackedCLI(LightningCLI):

@@ -444,6 +444,9 @@ def _check_complete_run(uri: str, experiment: str, steps: int, folder: Path) -> 
     assert sorted(m.step for m in loss) == list(range(steps))  # one point per step, none twice
     val = client.get_metric_history(run_id, "val/f1")
     assert len(val) == 3 and len({m.step for m in val}) == 3  # one per epoch
+    # the machine's curves went through the spool too: no gap where the server was away
+    cpu = sorted(m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    assert len(cpu) >= 3 and cpu == list(range(len(cpu))), cpu
     points = 0
     for key in run.data.metrics:
         history = [(m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key)]

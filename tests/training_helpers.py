@@ -77,7 +77,7 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     params, metrics = run.data.params, run.data.metrics
     assert params["model.backbone"] == "resnet18" and params["data.balanced_sampling"] == "True"
     assert params["model.loss"] == "bce" and params["soft_threshold.criterion"] == "f1"
-    assert run.data.tags["suite"] == "tests"
+    assert run.data.tags["suite"] == "tests" and run.data.tags["au_detect.command"] == "fit"
     assert run.data.tags["weights.face"] == run.data.tags["weights.emotion"] == "random initialisation"
     assert 0 < metrics["val/f1_prior"] < 1
     for name in ("val/f1", "val/accuracy", "val/score", "val/f1_fitted", "val/score_fitted", "val/score_heldout", "train/loss",
