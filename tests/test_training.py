@@ -1,10 +1,9 @@
-"""au-detect fit from the demo config, read back from MLflow: SQLite store and a real HTTP server."""
+"""au-detect fit, test and validate from the demo config, read back from MLflow (against a real server:
+test_tracking_outage and test_multinode)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 from experiments.cli import main
 
@@ -33,10 +32,3 @@ def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
           "--soft_threshold.criterion", "score"])
     after = Path(facts["client"].download_artifacts(facts["run_id"], "thresholds.json", str(tmp_path / "b"))).read_text()
     assert after == before
-
-
-@pytest.mark.slow
-def test_fit_against_an_mlflow_server(synthau, tmp_path, mlflow_server):
-    cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", mlflow_server, "au-detect-http")
-    main(["fit", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs")])
-    check_run(mlflow_server, "au-detect-http")
