@@ -113,8 +113,9 @@ def collectors() -> list:
 def next_step(client, run_id: str) -> int:
     """One past the largest step of the run's system metrics (0 for a new run)."""
     try:
-        metrics = client.get_run(run_id).data._metric_objs
+        run = client.get_run(run_id)
+        keys = [k for k in run.data.metrics if k.startswith(PREFIX)]
+        # every collector logs at each step: one curve says where they all are
+        return max((m.step for m in client.get_metric_history(run_id, keys[0])), default=-1) + 1 if keys else 0
     except Exception:  # noqa: BLE001 - the run cannot be read now: start again at 0
         return 0
-    steps = [m.step for m in metrics if m.key.startswith(PREFIX)]
-    return max(steps) + 1 if steps else 0

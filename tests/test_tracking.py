@@ -115,3 +115,18 @@ def test_dataset_inputs_go_through_the_spool(tmp_path):
     logged = client.get_run(run_id).inputs.dataset_inputs
     assert sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in logged) == [
         ("synthau/train.tsv", "0123456789ab", "training"), ("synthau/val.tsv", "ba9876543210", "validation")]
+
+
+def test_system_metrics_of_a_resumed_run_go_on_from_its_last_step(tmp_path):
+    from mlflow import MlflowClient
+
+    from callbacks.system_metrics import next_step
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    assert next_step(client, run_id) == 0
+    for step in range(5):
+        client.log_metric(run_id, "system/cpu_utilization_percentage", 50.0, step=step)
+        client.log_metric(run_id, "system/system_memory_usage_megabytes", 900.0, step=step)
+    client.log_metric(run_id, "train/loss", 1.0, step=99)  # the fit's own steps are not the machine's
+    assert next_step(client, run_id) == 5
