@@ -23,8 +23,11 @@ from experiments import data
 from experiments.ablation import main as ablation
 from experiments.pipeline import main as pipeline
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
+from experiments.compare import compare
 from experiments.export import export
 from experiments.predict import predict
+from experiments.sweep import sweep
+from experiments.registry import promote
 from experiments.tracking import sync_tracking
 from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
@@ -62,12 +65,18 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command("training", "the whole method: data, both branches pretrained, the AU fit and test; "
                         "one MLflow parent run", pipeline),
     "ablation": Command("training", "the paper's Table 2 over seeds, every row an MLflow run", ablation),
+    "sweep": Command("training", "an Optuna study over fit options, every trial an MLflow run; resumable, "
+                     "several processes on one study", _function_command("sweep")),
     "sync-tracking": Command("training", "send to MLflow what a fit kept on disk while its tracking server "
                              "was unreachable", _function_command("sync-tracking")),
     "predict": Command("using a trained detector", "every face of photos, folders, lists and videos to CSV",
                        _function_command("predict")),
     "export": Command("using a trained detector", "the AU network as ONNX (onnxruntime, C++, C#, browsers), "
                       "checked against PyTorch", _function_command("export")),
+    "promote": Command("using a trained detector", "point a registry alias (champion) at a model version: "
+                       "models:/<name>@<alias>", _function_command("promote")),
+    "compare": Command("training", "runs side by side per AU (F1, thresholds, change vs a baseline): "
+                       "table, heat map, an MLflow run", _function_command("compare")),
     "synth": Command("data", "render SynthAU (images, EmotioNet-form manifests, contact sheet)",
                      _function_command("synth")),
     "download": Command("data", "fetch the images of URL manifests (EmotioNet), resumable, with a report",
@@ -78,10 +87,11 @@ COMMANDS: dict[str, Command] = {
                        data.prepare),
 }
 FUNCTIONS = {"predict": predict, "export": export, "synth": data.synth, "download": data.download, "align": data.align,
-             "sync-tracking": sync_tracking}
+             "sync-tracking": sync_tracking, "promote": promote, "compare": compare, "sweep": sweep}
 # Options given as lists on the shell (--input a.jpg photos/ clip.mp4) and flags without a value.
 LISTS = {"predict": ("input", "images, folders, globs, lists of images, videos"),
-         "download": ("manifest", "manifests whose images are URLs")}
+         "download": ("manifest", "manifests whose images are URLs"),
+         "compare": ("runs", "run ids, the first the baseline (or --filter)", False)}
 FLAGS = {"download": ("retry_failed",)}
 
 
@@ -94,8 +104,8 @@ def function_parser() -> ArgumentParser:
         sub.add_argument("--config", action=ActionConfigFile)
         skip = set(FLAGS.get(name, ()))
         if name in LISTS:
-            option, help_text = LISTS[name]
-            sub.add_argument(f"--{option}", nargs="+", required=True, help=help_text)
+            option, help_text, *required = LISTS[name]  # a third item False: the list may be left out
+            sub.add_argument(f"--{option}", nargs="+", required=required[0] if required else True, help=help_text)
             skip.add(option)
         for flag in FLAGS.get(name, ()):
             sub.add_argument(f"--{flag}", action=ActionYesNo, default=False, help=_arg_doc(fn, flag))

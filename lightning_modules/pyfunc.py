@@ -51,6 +51,7 @@ from datamodules.sources import BATCH_PIXELS, Source, frames
 from lightning_modules.predictor import LANDMARKS, AUPredictor, columns, frame_records
 
 PACKAGES = ("datamodules", "lightning_modules")  # what loading the model imports
+CANDIDATE_ALIAS = "candidate"  # the alias every newly registered version gets (models:/<name>@candidate)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "torchmetrics", "jsonargparse",
                 "albumentations", "opencv-python-headless", "pillow", "numpy", "pandas", "mlflow")
@@ -173,9 +174,11 @@ def requirements() -> list[str]:
 def log_model(predictor, name: str = "model", registered_model_name: str | None = None,
               limits: RequestLimits = RequestLimits(), onnx: bool = False):
     """Log a predictor as a pyfunc model (from code) on the active MLflow run; returns MLflow's
-    ModelInfo. With ``onnx``, the network is also exported (:mod:`lightning_modules.onnx_model`):
-    the file goes into the pyfunc model's predictor folder (``model_config={"backend":
-    "onnxruntime"}`` runs it) and is logged as an MLflow ONNX model, ``<name>_onnx``."""
+    ModelInfo. With ``registered_model_name`` the model is also registered, and the new version gets
+    the alias ``candidate`` (:data:`CANDIDATE_ALIAS`). With ``onnx``, the network is also exported
+    (:mod:`lightning_modules.onnx_model`): the file goes into the pyfunc model's predictor folder
+    (``model_config={"backend": "onnxruntime"}`` runs it) and is logged as an MLflow ONNX model,
+    ``<name>_onnx``."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = predictor.save(Path(tmp) / "predictor")
@@ -188,6 +191,10 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
             code_paths=[str(root / p) for p in PACKAGES], signature=signature(predictor.aus),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
             model_config={**asdict(limits), "backend": "torch"}, registered_model_name=registered_model_name)
+        if registered_model_name and info.registered_model_version is not None:
+            # the newest fit's model is the candidate; `au-detect promote` moves other aliases (champion)
+            mlflow.MlflowClient().set_registered_model_alias(registered_model_name, CANDIDATE_ALIAS,
+                                                             str(info.registered_model_version))
         if onnx:
             import onnx as onnx_lib
 
