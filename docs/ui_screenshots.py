@@ -5,7 +5,7 @@
 
 starts ``mlflow server`` on the store (loopback, a free port) and writes ``mlflow_run.png`` (the
 fit's name, its dataset inputs, tags), ``mlflow_run_system_metrics.png`` (its CPU and memory
-curves), ``mlflow_sweep.png`` (the sweep's parent run) and, when the parent holds them,
+curves), ``mlflow_sweep.png`` (the sweep's parent run, its trials as child runs) and, when the parent holds them,
 ``mlflow_sweep_<plot>.png`` (Optuna's plots as the artifact viewer shows them). Needs a Chromium
 (``apt install chromium``); the page is given time to render its scripts before the capture.
 """
