@@ -28,7 +28,8 @@ def export(model: str, out: str, format: Literal["onnx"] = "onnx", opset: int = 
 
     Args:
         model: a checkpoint of ``au-detect fit``, a predictor folder, or an MLflow model URI
-            (``runs:/<id>/model``, ``models:/<name>/<version>``) read from ``--mlflow``'s server.
+            (``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``) read
+            from ``--mlflow``'s server.
         out: the folder to write: ``au_net.onnx`` and ``predictor.json`` (how to feed it).
         format: ``onnx``.
         opset: the ONNX opset written.

@@ -175,7 +175,8 @@ def predict(model: str, input: list[str], out: str = "predictions.csv", every: i
 
     Args:
         model: a checkpoint of ``au-detect fit``, or an MLflow model URI (``runs:/<id>/model``,
-            ``models:/<name>/<version>``), read from the tracking server of ``--mlflow``; with
+            ``models:/<name>/<version>``, ``models:/<name>@champion``), read from the tracking
+            server of ``--mlflow``; with
             ``--backend onnxruntime``, a folder of ``au-detect export``.
         input: images, folders (recursive), quoted globs (``"shots/**/*.jpg"``), manifests
             (``.tsv``/``.csv``/``.txt`` with an ``image`` column or paths in the first) and videos.

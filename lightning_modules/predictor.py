@@ -96,8 +96,8 @@ class AUPredictor:
     @classmethod
     def load(cls, model: str, device: str | None = None, **detection) -> "AUPredictor":
         """From a checkpoint file, a predictor folder, or an MLflow model URI (``runs:/<id>/model``,
-        ``models:/<name>/<version>``). ``detection`` overrides detection settings (e.g.
-        ``min_face_size``). The exported ONNX network: :func:`lightning_modules.onnx_model.load_predictor`."""
+        ``models:/<name>/<version>``, ``models:/<name>@<alias>``). ``detection`` overrides
+        detection settings (e.g. ``min_face_size``). The exported ONNX network: :func:`lightning_modules.onnx_model.load_predictor`."""
         if model.startswith(MLFLOW_SCHEMES):
             return cls.from_mlflow(model, device, **detection)
         path = Path(model)
