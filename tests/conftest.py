@@ -55,6 +55,14 @@ def synthau(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synthau_13_val(tmp_path_factory) -> Path:
+    """130 SynthAU scenes: a validation split of 13, which DistributedSampler pads for 2 ranks."""
+    root = tmp_path_factory.mktemp("synthau130") / "synthau"
+    generate_synthau(root, SynthAUSettings(num_images=130, seed=3), workers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
 def truth(synthau) -> dict[str, dict]:
     """Ground truth of every scene by image reference: faces, boxes, landmarks, intensities."""
     rows = [json.loads(line) for line in (synthau / "faces.jsonl").read_text().splitlines()]

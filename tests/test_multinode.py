@@ -12,23 +12,21 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from datamodules.synthetic import SynthAUSettings, generate_synthau
-
 from .training_helpers import free_port, matches_one_process, small_fit_args, write_mlflow_yaml
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-def test_two_nodes_fit_one_run(tmp_path, mlflow_server):
+def test_two_nodes_fit_one_run(synthau_13_val, tmp_path, mlflow_server):
     """Each "node" is a torchrun agent of its own, started in its own folder as on its own machine;
     they meet at the c10d rendezvous of node 0. The data, cache and checkpoints are on the shared
     filesystem (here: tmp_path). Only global rank 0 writes to the tracking server."""
-    root = tmp_path / "synthau"
-    generate_synthau(root, SynthAUSettings(num_images=130, seed=3), workers=2)  # val: 13 scenes
+    root = synthau_13_val  # val: 13 scenes
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", mlflow_server, "two-nodes")
     args = small_fit_args(root, tmp_path / "cache", cfg, tmp_path / "runs", epochs=1, train_batches=2)
-    args += ["--data.synth.num_images", "130", "--data.batch_size", "4", "--trainer.accelerator", "cpu",
+    args += ["--data.synth.num_images", "130", "--data.batch_size", "4",
+             "--mlflow_artifacts.log_model", "false",  # what is compared is the checkpoint "--trainer.accelerator", "cpu",
              "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"]
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
