@@ -26,7 +26,8 @@ def test_two_nodes_fit_one_run(synthau_13_val, tmp_path, mlflow_server):
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", mlflow_server, "two-nodes")
     args = small_fit_args(root, tmp_path / "cache", cfg, tmp_path / "runs", epochs=1, train_batches=2)
     args += ["--data.synth.num_images", "130", "--data.batch_size", "4",
-             "--mlflow_artifacts.log_model", "false",  # what is compared is the checkpoint "--trainer.accelerator", "cpu",
+             "--mlflow_artifacts.log_model", "false",  # what is compared is the checkpoint
+             "--trainer.accelerator", "cpu",
              "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"]
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []

@@ -26,7 +26,8 @@ def test_ddp_two_cpu_ranks_match_one_process(synthau_13_val, tmp_path):
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri, "ddp")
     args = small_fit_args(root, tmp_path / "cache", cfg, tmp_path / "runs", epochs=1, train_batches=2)
     args += ["--data.synth.num_images", "130", "--data.batch_size", "4",
-             "--mlflow_artifacts.log_model", "false",  # what is compared is the checkpoint "--trainer.accelerator", "cpu",
+             "--mlflow_artifacts.log_model", "false",  # what is compared is the checkpoint
+             "--trainer.accelerator", "cpu",
              "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     done = subprocess.run([AU_DETECT, "fit", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
