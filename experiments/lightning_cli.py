@@ -28,7 +28,7 @@ from callbacks.system_metrics import SystemMetrics
 from callbacks.tracking_spool import SPOOL_DIR
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
-from experiments.tracking import TrackingSettings
+from experiments.tracking import TrackingSettings, log_params_once
 from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
@@ -52,14 +52,7 @@ class MLflowSaveConfig(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         client, run_id = logger.experiment, logger.run_id
         client.log_text(run_id, text, "config.yaml")
-        params = flatten_config(yaml.safe_load(text), skip=NOT_PARAMS)
-        existing = client.get_run(run_id).data.params
-        new = {k: v for k, v in params.items() if k not in existing}
-        if new:
-            logger.log_hyperparams(new)
-        for k, v in params.items():
-            if k in existing and existing[k] != v:
-                client.set_tag(run_id, f"resumed_with/{k}", v[:5000])
+        log_params_once(client, run_id, flatten_config(yaml.safe_load(text), skip=NOT_PARAMS))
         client.set_tag(run_id, "au_detect.command", getattr(stage, "value", stage))  # "fit", not TrainerFn.FITTING
 
 

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from experiments.tracking import TrackingSettings
+from lightning_modules.pyfunc import logged_models
 
 
 class RegistryError(SystemExit):
@@ -225,14 +226,7 @@ def _logged_model_ids(client: MlflowClient, model: str, run_id: str, path: str) 
         run = client.get_run(run_id)
     except MlflowException:
         raise RegistryError(f"model {model!r}: no run {run_id} at {client.tracking_uri}") from None
-    models, token = [], None
-    while True:
-        page = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{_quote(path)}'",
-                                           page_token=token)
-        models += [m for m in page if m.source_run_id == run_id]
-        token = page.token
-        if not token:
-            break
+    models = logged_models(client, run.info.experiment_id, run_id, path)
     models.sort(key=lambda m: m.creation_timestamp)
     if not models:
         raise RegistryError(f"model {model!r}: run {run_id} ({run.info.run_name}) has no model {path!r} "

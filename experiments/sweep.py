@@ -38,18 +38,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import socket
-import tempfile
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import optuna
 import yaml
@@ -61,7 +58,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from callbacks.mlflow_run import mlflow_logger
 from experiments.stages import with_overrides
-from experiments.tracking import TrackingSettings
+from experiments.tracking import TrackingSettings, creation_lock, log_params_once
 
 PARENT_ATTR = "mlflow_parent_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -281,7 +278,7 @@ def sweep(
         sampler.reseed_rng()
     parent = parent_run(opened, created, client, experiment_id, tracking, study)
     client.update_run(parent, status="RUNNING")
-    _retry(lambda: _log_params_once(client, parent, {
+    _retry(lambda: log_params_once(client, parent, {
         "study": study, "fit_config": fit_config, "n_trials": n_trials, "metric": metric, "direction": direction,
         "storage": _public_url(storage), "sampler": type(sampler).__name__, "pruner": type(pruner).__name__,
         **{f"fixed.{k}": v for k, v in fixed.items()},
@@ -594,25 +591,6 @@ def _plots(study: optuna.Study, client, parent: str, metric: str, complete: int)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _log_params_once(client, run_id: str, params: dict[str, Any]) -> None:
-    """Params the parent does not have yet; a changed one (a rerun with more trials) as a
-    ``resumed_with/<key>`` tag, since MLflow params cannot change."""
-    existing = client.get_run(run_id).data.params
-    new = {}
-    for key, value in params.items():
-        text = str(value)[:6000]
-        if key not in existing:
-            new[key] = text
-        elif existing[key] != text:
-            client.set_tag(run_id, f"resumed_with/{key}", text[:5000])
-    if new:
-        from mlflow.entities import Param
-
-        items = list(new.items())
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-
-
 def _describe(spec: SearchParam) -> str:
     if spec.choices is not None:
         return f"choices {spec.choices}"
@@ -628,31 +606,6 @@ def _public_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a database URL: shown as given
         return url
-
-
-@contextmanager
-def creation_lock(url: str) -> Iterator[None]:
-    """Held while a SQLite database is opened (and, the first time, its tables created): processes
-    started together on one machine would otherwise both create MLflow's or Optuna's tables and
-    one of them fail. Other URLs (servers) need nothing."""
-    try:
-        import fcntl
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-    except Exception:  # no fcntl (Windows), or not a database URL (http://)
-        yield
-        return
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        yield
-        return
-    key = hashlib.sha1(str(Path(parsed.database).resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"au-detect-sqlite-{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _retry(fn: Callable[[], T], attempts: int = 6, pause: float = 1.0) -> T:

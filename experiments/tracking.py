@@ -3,9 +3,13 @@ sync-tracking`` (:func:`sync_tracking`) sends what fits kept while the server wa
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
@@ -97,7 +101,8 @@ class TrackingSettings:
                 f"to find or create its run (once started, it goes on without it). Start the server, or point "
                 f"tracking_uri in the MLflow settings elsewhere.")
         client = MlflowClient(self.tracking_uri)
-        client.search_experiments(max_results=1)
+        with creation_lock(self.tracking_uri):  # a new SQLite store's tables, made by one process
+            client.search_experiments(max_results=1)
         if run_name is None and run_id is None and default_run_name:
             run_name = self.unique_run_name(default_run_name, client)
         kwargs = dict(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
@@ -106,6 +111,49 @@ class TrackingSettings:
         if spool_root is None:
             return MLFlowLogger(**kwargs)
         return SpooledMLFlowLogger(spool_root=spool_root, flush_timeout=self.flush_timeout, **kwargs)
+
+
+@contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Held while a SQLite database is opened (and, the first time, its tables created): processes
+    started together on one machine would otherwise both create MLflow's or Optuna's tables and
+    one of them fail. Other URLs (servers) need nothing."""
+    try:
+        import fcntl
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # no fcntl (Windows), or not a database URL (http://)
+        yield
+        return
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        yield
+        return
+    key = hashlib.sha1(str(Path(parsed.database).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"au-detect-sqlite-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def log_params_once(client, run_id: str, params: dict[str, object]) -> None:
+    """The params the run does not have yet (values as text, in requests of 100, MLflow's limit); a
+    value that differs from the run's (a resume, a rerun with more trials) becomes the tag
+    ``resumed_with/<key>``, since MLflow params cannot change."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    new = []
+    for key, value in params.items():
+        text = str(value)[:6000]
+        if key not in existing:
+            new.append(Param(key, text))
+        elif existing[key] != text:
+            client.set_tag(run_id, f"resumed_with/{key}", text[:5000])
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i:i + 100])
 
 
 def sync_tracking(spool: str, tracking_uri: str | None = None, timeout: float = 60.0) -> list[dict]:

@@ -215,11 +215,11 @@ def log_model_to_run(predictor, client, run_id: str, name: str = "model", regist
     finally:
         mlflow.set_tracking_uri(previous)
     experiment_id = client.get_run(run_id).info.experiment_id
-    for model in _models_of(client, experiment_id, run_id, name):
+    for model in logged_models(client, experiment_id, run_id, name):
         if model.model_id != info.model_id:
             client.delete_logged_model(model.model_id)
     if onnx:  # the ONNX model just logged is the newest of its name
-        models = sorted(_models_of(client, experiment_id, run_id, f"{name}_onnx"), key=lambda m: m.creation_timestamp)
+        models = sorted(logged_models(client, experiment_id, run_id, f"{name}_onnx"), key=lambda m: m.creation_timestamp)
         for model in models[:-1]:
             client.delete_logged_model(model.model_id)
     return info
@@ -231,11 +231,12 @@ def log_saved_predictor(folder: str | Path, client, run_id: str, **kwargs):
     return log_model_to_run(AUPredictor.from_dir(folder, device="cpu"), client, run_id, **kwargs)
 
 
-def _models_of(client, experiment_id: str, run_id: str, name: str) -> list:
-    """The logged models of ``run_id`` named ``name``."""
+def logged_models(client, experiment_id: str, run_id: str, name: str) -> list:
+    """The logged models of ``run_id`` named ``name``, in the order the store gives them."""
+    quoted = name.replace("'", "\\'")
     found, token = [], None
     while True:
-        page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
+        page = client.search_logged_models([experiment_id], filter_string=f"name = '{quoted}'", page_token=token)
         found += [m for m in page if m.source_run_id == run_id]
         token = page.token
         if not token:
