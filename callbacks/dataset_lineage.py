@@ -54,12 +54,11 @@ def manifest_dataset(manifest: Manifest, source: str, report: dict | None = None
         source: the manifest as the config names it (a path or a URL).
         report: the alignment report of its crop cache, when aligned.
     """
-    labelled = manifest.mask.sum(axis=0)
-    rates = np.where(labelled > 0, (manifest.labels * manifest.mask).sum(axis=0) / np.maximum(labelled, 1), np.nan)
+    rates = manifest.positive_rate()
     profile: dict[str, Any] = {
         "rows": len(manifest),
         "skipped_rows": len(manifest.skipped),
-        "labelled_entries": int(labelled.sum()),
+        "labelled_entries": int(manifest.mask.sum()),
         "au_positive_rates": {au_column_name(a): (None if np.isnan(r) else round(float(r), 5))
                               for a, r in zip(manifest.aus, rates)},
     }

@@ -92,22 +92,12 @@ class SystemMetrics(L.Callback):
 
 
 def collectors() -> list:
-    """MLflow's system metric collectors for this machine: CPU and memory, disk, network, and the
-    GPUs when nvidia-ml-py (or ROCm's library) finds any."""
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+    """MLflow's system metric collectors for this machine, as its own monitor picks them: CPU and
+    memory, disk, network, and the GPUs when nvidia-ml-py (or ROCm's library) finds any. Only the
+    collectors are used: the monitor's thread and its logging are replaced here."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-    for gpu in (GPUMonitor, ROCMMonitor):
-        try:
-            monitors.append(gpu())
-            break
-        except Exception:  # noqa: BLE001 - no such GPU or library: the CPU curves are still there
-            continue
-    return monitors
+    return SystemMetricsMonitor(run_id="").monitors
 
 
 def next_step(client, run_id: str) -> int:
