@@ -24,10 +24,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare import alternate, print_table  # noqa: E402
-from datamodules.alignment import AlignmentSettings, box_iou  # noqa: E402
-from datamodules.crop_cache import AlignedSplit, align_manifest  # noqa: E402
-from datamodules.manifest import read_manifest  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings, box_iou  # noqa: E402
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest  # noqa: E402
+from datamodules.io.manifest import read_manifest  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 
 
 def baseline(paths: list[str], truth: list[list[float]]) -> tuple[float, float]:

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare import alternate, print_table  # noqa: E402
-from datamodules.alignment import AlignmentSettings, warp_face  # noqa: E402
-from datamodules.images import read_image  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings, warp_face  # noqa: E402
+from datamodules.io.images import read_image  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 
 
 def crops(faces: list[tuple[np.ndarray, np.ndarray]], settings: AlignmentSettings) -> tuple[float, int]:

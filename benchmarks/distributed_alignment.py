@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare import alternate, print_table  # noqa: E402
-from datamodules.crop_cache import AlignedSplit  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.alignment.crop_cache import AlignedSplit  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

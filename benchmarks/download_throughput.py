@@ -13,8 +13,8 @@ the repeats: on a shared machine, compare the ratios more than the absolute figu
     python benchmarks/download_throughput.py [--images 200] [--latency-ms 20] [--connect-ms 30]
         [--repeats 5] [--baseline OLD_DOWNLOAD_PY]
 
-``--baseline`` takes a copy of another version of ``datamodules/download.py``, e.g.
-``git show <commit>:datamodules/download.py > /tmp/old_download.py``; it is imported as a
+``--baseline`` takes a copy of another version of ``datamodules/download/downloader.py``, e.g.
+``git show <commit>:datamodules/download/downloader.py > /tmp/old_download.py``; it is imported as a
 module of the ``datamodules`` package and run with the same settings.
 """
 
@@ -35,7 +35,7 @@ from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import datamodules.download as current  # noqa: E402
+import datamodules.download.downloader as current  # noqa: E402
 
 
 def make_jpegs(n: int, distinct: int = 16) -> list[bytes]:
@@ -93,7 +93,7 @@ def serve(n: int, latency: float, setup: float) -> None:
 
 
 def load_baseline(path: str) -> ModuleType:
-    """Another version of datamodules/download.py, as the module ``datamodules._baseline_download``."""
+    """Another version of datamodules/download/downloader.py, as the module ``datamodules._baseline_download``."""
     name = "datamodules._baseline_download"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

@@ -69,17 +69,17 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.alignment import AlignmentSettings, FaceDetector  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings, FaceDetector  # noqa: E402
 from datamodules.au_datamodule import AlignedFaceDataset  # noqa: E402
 from datamodules.augmentation import AUAugmentation  # noqa: E402
-from datamodules.crop_cache import AlignedSplit, align_manifest  # noqa: E402
-from datamodules.manifest import EMOTIONET_AUS, read_manifest  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest  # noqa: E402
+from datamodules.io.manifest import EMOTIONET_AUS, read_manifest  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 from experiments.predict import run as predict_run  # noqa: E402
 from lightning_modules.au_detector import AUDetector, AUNet  # noqa: E402
-from lightning_modules.predictor import AUPredictor  # noqa: E402
+from lightning_modules.serving.predictor import AUPredictor  # noqa: E402
 
-PAPER_CONFIG = ROOT / "experiments" / "emotionet_resnet152.yaml"
+PAPER_CONFIG = ROOT / "experiments" / "configs" / "emotionet_resnet152.yaml"
 # Peak dense bf16 FLOP/s (no sparsity), by what torch.cuda.get_device_name contains; the first match wins.
 PEAK_BF16 = [
     (("H200",), 989e12, "H200"),

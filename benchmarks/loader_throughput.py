@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.alignment import AlignmentSettings  # noqa: E402
-from datamodules.crop_cache import AlignedSplit, align_manifest  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings  # noqa: E402
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest  # noqa: E402
 from datamodules.au_datamodule import AlignedFaceDataset  # noqa: E402
 from datamodules.augmentation import AUAugmentation  # noqa: E402
-from datamodules.manifest import EMOTIONET_AUS, read_manifest  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.io.manifest import EMOTIONET_AUS, read_manifest  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 
 
 class JpegFolder(Dataset):
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3, help="alternating checked/unchecked runs")
-    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml").read_text())
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml").read_text())
     parser.add_argument("--sizes", type=int, nargs="+", default=[demo["data"]["alignment"]["crop_size"], 224],
                         help="crop sizes (default: the demo's and the paper's)")
     args = parser.parse_args()

@@ -34,10 +34,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare import alternate, print_table  # noqa: E402
-from datamodules.alignment import AlignmentSettings, warp_face  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings, warp_face  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 from experiments.predict import run  # noqa: E402
-from lightning_modules.predictor import AUPredictor  # noqa: E402
+from lightning_modules.serving.predictor import AUPredictor  # noqa: E402
 from lightning_modules.au_detector import AUNet  # noqa: E402
 
 SPEC = {"aus": None, "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}
@@ -75,7 +75,7 @@ def ours(folder: Path, predictor: AUPredictor, out: Path, precision: str = "32-t
 def exported(predictor: AUPredictor, folder: Path):
     """The predictor exported to ONNX and loaded in onnxruntime; None without the onnx extra."""
     try:
-        from lightning_modules.onnx_model import OnnxAUPredictor, export_onnx
+        from lightning_modules.serving.onnx_model import OnnxAUPredictor, export_onnx
 
         return OnnxAUPredictor.from_dir(export_onnx(predictor, folder), "cpu")
     except ImportError as e:
@@ -85,7 +85,7 @@ def exported(predictor: AUPredictor, folder: Path):
 
 def aligned_crops(paths: list[Path], predictor: AUPredictor) -> np.ndarray:
     """The aligned faces of the scenes, as the predictor crops them."""
-    from datamodules.alignment import crop_face
+    from datamodules.alignment.align import crop_face
 
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     crops = [crop_face(frame, det.boxes[j], det.landmarks[j], predictor.alignment)

@@ -126,8 +126,8 @@ def label_table(n: int, seed: int = 0, pool: int = 4096) -> np.ndarray:
     model); each entry is then left unlabelled (999) with ``sample_labels``' per-AU rates, so rows
     are as varied as the model makes them.
     """
-    from datamodules.manifest import EMOTIONET_AUS, UNLABELLED
-    from datamodules.synthetic_labels import UNLABELLED_RATE, UNLABELLED_RATE_DEFAULT, sample_aus
+    from datamodules.io.manifest import EMOTIONET_AUS, UNLABELLED
+    from datamodules.synthau.labels import UNLABELLED_RATE, UNLABELLED_RATE_DEFAULT, sample_aus
 
     rng = np.random.default_rng(seed)
     active = (sample_aus(rng)[1] for _ in range(pool))
@@ -143,7 +143,7 @@ def label_table(n: int, seed: int = 0, pool: int = 4096) -> np.ndarray:
 
 def label_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The (labels float32 0/1, mask bool) a manifest of ``label_table(n, seed)`` parses to."""
-    from datamodules.manifest import UNLABELLED
+    from datamodules.io.manifest import UNLABELLED
 
     values = label_table(n, seed)
     return (values == 1).astype(np.float32), values != UNLABELLED
@@ -152,7 +152,7 @@ def label_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def write_scale_manifest(path: Path, n: int, seed: int = 0) -> dict[str, list[int]]:
     """An n-row manifest with SynthAU's header; returns per AU the positives and unlabelled
     entries written, which parsing must give back."""
-    from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name
+    from datamodules.io.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name
 
     values = label_table(n, seed)
     text = np.array(["0", "1", "999"], dtype=object)
@@ -171,7 +171,7 @@ def write_scale_manifest(path: Path, n: int, seed: int = 0) -> dict[str, list[in
 def validation_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probs float32, labels float32 with 999 unlabelled, mask): predictions that lean towards
     the labels, with the float32 ties a network's sigmoid gives."""
-    from datamodules.manifest import UNLABELLED
+    from datamodules.io.manifest import UNLABELLED
 
     values = label_table(n, seed)
     rng = np.random.default_rng(seed + 1)
@@ -188,9 +188,9 @@ def write_crop_cache(folder: Path, n: int, size: int = 64, seed: int = 0) -> Pat
     one for the ``center`` method; the crops are noise, the labels ``label_arrays``'."""
     from dataclasses import asdict
 
-    from datamodules.alignment import AlignmentSettings
-    from datamodules.crop_cache import CHECKSUM_CHUNK_BYTES, crop_checksums
-    from datamodules.manifest import EMOTIONET_AUS
+    from datamodules.alignment.align import AlignmentSettings
+    from datamodules.alignment.crop_cache import CHECKSUM_CHUNK_BYTES, crop_checksums
+    from datamodules.io.manifest import EMOTIONET_AUS
 
     settings = AlignmentSettings(crop_size=size, method="center")
     folder.mkdir(parents=True)
@@ -251,7 +251,7 @@ def measure_manifest(path: str, repeats: int = 3) -> dict:
     garbage collections walk)."""
     import lightning  # noqa: F401
 
-    from datamodules.manifest import read_manifest
+    from datamodules.io.manifest import read_manifest
 
     base = _start_peak()
     first, m = _timed(lambda: read_manifest(path))
@@ -264,7 +264,7 @@ def measure_manifest(path: str, repeats: int = 3) -> dict:
 
 def measure_manifest_python_peak(path: str) -> dict:
     """tracemalloc's peak while parsing (Python objects and numpy arrays)."""
-    from datamodules.manifest import read_manifest
+    from datamodules.io.manifest import read_manifest
 
     tracemalloc.start()
     m = read_manifest(path)
@@ -350,7 +350,7 @@ def measure_loader(folder: str, workers: int, batch_size: int = 64, every: int =
     per process, the largest of each memory figure seen (every ``every`` batches and at the end).
     ``worker_gc``: what each worker does first (see WORKER_GC)."""
     from datamodules.au_datamodule import AUDataModule
-    from datamodules.crop_cache import AlignedSplit
+    from datamodules.alignment.crop_cache import AlignedSplit
 
     dm = AUDataModule(num_workers=workers, batch_size=batch_size, balanced_sampling=True, pin_memory=False)
     dm.splits["train"] = AlignedSplit.open(folder)  # what setup() opens, without aligning anything
@@ -385,8 +385,8 @@ def measure_alignment(root: Path, scenes: Sequence[int], workers: Sequence[int],
     count; medians of ``repeats`` runs, the settings alternating (a slow spell hits them alike)."""
     from benchmarks.alignment_throughput import ours
     from benchmarks.compare import alternate
-    from datamodules.alignment import AlignmentSettings
-    from datamodules.manifest import read_manifest
+    from datamodules.alignment.align import AlignmentSettings
+    from datamodules.io.manifest import read_manifest
 
     manifest = read_manifest(root / "train.tsv")
     faces = {json.loads(line)["image"]: json.loads(line) for line in (root / "faces.jsonl").read_text().splitlines()}
@@ -549,7 +549,7 @@ def stage_loader(tmp: Path, cache_sizes: Sequence[int], workers: Sequence[int], 
 
 
 def stage_alignment(tmp: Path, scenes: Sequence[int], workers: Sequence[int], repeats: int) -> dict:
-    from datamodules.synthetic import SynthAUSettings, generate_synthau
+    from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 
     root = tmp / "synthau"
     generate_synthau(root, SynthAUSettings(num_images=max(scenes), seed=123, val_fraction=0, test_fraction=0))

@@ -26,10 +26,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.alignment import AlignmentSettings  # noqa: E402
-from datamodules.crop_cache import AlignedSplit, align_manifest  # noqa: E402
-from datamodules.manifest import read_manifest  # noqa: E402
-from datamodules.synthetic import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings  # noqa: E402
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest  # noqa: E402
+from datamodules.io.manifest import read_manifest  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
 from experiments.lightning_cli import AUDetectCLI  # noqa: E402
 from lightning_modules.au_detector import AUNet  # noqa: E402
 from lightning_modules.losses import SelectiveLearningLoss  # noqa: E402
@@ -80,7 +80,7 @@ def lightning_fit(tmp: Path, root: Path, cache: Path, batch_size: int, steps: in
     (tmp / "mlflow.yaml").write_text(yaml.safe_dump({"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
                                                      "experiment_name": "throughput"}))
     timer = StepTimer(warmup)
-    AUDetectCLI(args=["fit", "--config", str(ROOT / "experiments" / "demo.yaml"), "--data.data_root", str(root),
+    AUDetectCLI(args=["fit", "--config", str(ROOT / "experiments" / "configs" / "demo.yaml"), "--data.data_root", str(root),
                       "--data.synth.num_images", str(SCENES), "--data.synth.seed", "9", "--data.synth.val_fraction",
                       "0.1", "--data.synth.test_fraction", "0.1", "--data.cache_dir", str(cache),
                       "--data.batch_size", str(batch_size), "--trainer.max_epochs", "1",
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     SCENES = args.scenes
-    demo = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "experiments" / "configs" / "demo.yaml").read_text())
     batch_size, crop = demo["data"]["batch_size"], demo["data"]["alignment"]["crop_size"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

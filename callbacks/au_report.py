@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.manifest import au_column_name, positive_rate
+from datamodules.io.manifest import au_column_name, positive_rate
 
 
 def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
-from callbacks.mlflow_run import mlflow_logger
+from callbacks.tracking.mlflow_run import mlflow_logger
 
 
 class BackboneExport(L.Callback):

@@ -1,7 +1,7 @@
 """What an MLflow run holds beyond Lightning's metric curves.
 
 On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
-- at fit start: the train/val/test manifests as dataset inputs (:mod:`callbacks.dataset_lineage`),
+- at fit start: the train/val/test manifests as dataset inputs (:mod:`callbacks.tracking.dataset_lineage`),
   the label frequencies (raw vs as drawn by balanced sampling) and a grid of the
   first training batch, as PNG;
 - whenever the monitored validation score improves: ``thresholds.json`` (the fitted per-AU
@@ -9,10 +9,10 @@ On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
   accuracy at 0.5 and at the fitted thresholds) and the PR curves per AU;
 - at fit end: the best checkpoint (its weights, without the optimizer state), the best model as
   an MLflow pyfunc model that takes images and does detection and alignment itself
-  (``runs:/<run id>/model``, see :mod:`lightning_modules.pyfunc`; ``au-detect predict --model
+  (``runs:/<run id>/model``, see :mod:`lightning_modules.serving.pyfunc`; ``au-detect predict --model
   runs:/<run id>/model`` uses it too) and, last, ``best.json``.
 With the CLI's logger all of it goes through the run's tracking spool
-(:mod:`callbacks.tracking_spool`), in this order: nothing here waits for the tracking server.
+(:mod:`callbacks.tracking.spool`), in this order: nothing here waits for the tracking server.
 The MLflow run id is stored in every checkpoint, so that ``--ckpt_path`` resumes the same run.
 
 Crash consistency: the files of the best validation are rendered once into a record (their
@@ -40,16 +40,16 @@ import numpy as np
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.au_report import as_csv, as_markdown, au_report, prior_f1
-from callbacks.dataset_lineage import datamodule_datasets, dataset_inputs
-from callbacks.mlflow_run import RUN_ID_KEY, mlflow_logger
+from callbacks.tracking.dataset_lineage import datamodule_datasets, dataset_inputs
+from callbacks.tracking.mlflow_run import RUN_ID_KEY, mlflow_logger
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
 from callbacks.soft_threshold import SoftThresholdCallback
-from callbacks.tracking_spool import log_predictor
+from callbacks.tracking.spool import log_predictor
 from datamodules.au_datamodule import AUDataModule
-from datamodules.manifest import au_column_name
+from datamodules.io.manifest import au_column_name
 from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import load_checkpoint
-from lightning_modules.predictor import AUPredictor
+from lightning_modules.serving.predictor import AUPredictor
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class MLflowArtifacts(L.Callback):
         monitor: validation metric that decides the best epoch (higher is better); ModelCheckpoint's
             monitor, since the artifacts and the model are those of its best checkpoint.
         log_model: log the best model at the end of fit as an MLflow pyfunc model that takes
-            images (:mod:`lightning_modules.pyfunc`; ``runs:/<run id>/model``).
+            images (:mod:`lightning_modules.serving.pyfunc`; ``runs:/<run id>/model``).
         registered_model_name: also register it under this name (the CLI sets it from
             ``mlflow.yaml``'s ``registered_model_name``).
         log_onnx: also export the network to ONNX: in the pyfunc model (its ``backend:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: training machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from datamodules.manifest import au_column_name  # noqa: E402
+from datamodules.io.manifest import au_column_name  # noqa: E402
 from lightning_modules.metrics import ranked_counts  # noqa: E402
 
 

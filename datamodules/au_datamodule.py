@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.alignment import AlignmentSettings
-from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
+from datamodules.alignment.align import AlignmentSettings
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, AUAugmentation, Normalize
-from datamodules.download import DownloadSettings, download_manifests, local_manifest_path
-from datamodules.manifest import EMOTIONET_AUS, Manifest, is_url, positive_rate, read_manifest
-from datamodules.ranks import Ranks
+from datamodules.download.downloader import DownloadSettings, download_manifests, local_manifest_path
+from datamodules.io.manifest import EMOTIONET_AUS, Manifest, is_url, positive_rate, read_manifest
+from datamodules.alignment.ranks import Ranks
 from datamodules.sampling import MultilabelBalancedSampler
-from datamodules.synthetic import SynthAUSettings, generate_synthau
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 
 log = logging.getLogger(__name__)
 

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.alignment import AlignmentSettings
-from datamodules.crop_cache import AlignedSplit, align_manifest
+from datamodules.alignment.align import AlignmentSettings
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from datamodules.images import IMAGE_SUFFIXES
-from datamodules.manifest import (EMOTIONET_AUS, UNLABELLED, Manifest, ManifestError, au_column_name, read_columns,
+from datamodules.io.images import IMAGE_SUFFIXES
+from datamodules.io.manifest import (EMOTIONET_AUS, UNLABELLED, Manifest, ManifestError, au_column_name, read_columns,
                                   read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class PretrainDataModule(L.LightningDataModule):
         path = Path(self.manifest_path)
         if not path.is_file():
             hint = (" (SynthAU has not been generated there: run the AU training once, or "
-                    "datamodules.synthetic.generate_synthau, or pass data.manifest / data.image_folder)"
+                    "datamodules.synthau.generate.generate_synthau, or pass data.manifest / data.image_folder)"
                     if hp.manifest is None else "")
             raise FileNotFoundError(f"pretraining manifest {path} not found{hint}")
         try:  # EmotioNet form (SynthAU): the AU data's own cache serves

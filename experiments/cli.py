@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from callbacks.tracking_spool import TrackingServerUnreachable
-from datamodules.manifest import ManifestError
+from callbacks.tracking.spool import TrackingServerUnreachable
+from datamodules.io.manifest import ManifestError
 from experiments import data
-from experiments.ablation import main as ablation
+from experiments.ablation.run import main as ablation
 from experiments.pipeline import main as pipeline
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 from experiments.compare import compare

@@ -85,7 +85,7 @@ def compare(runs: list[str] | None = None, filter: str | None = None, experiment
     ``au_report.csv`` (a pretraining run, an ablation's summary, a fit killed before its first
     validation) is named and skipped.
 
-    The runs of an ablation (``au-detect ablation``; ``experiments/ablation_demo.yaml`` names it
+    The runs of an ablation (``au-detect ablation``; ``experiments/configs/ablation_demo.yaml`` names it
     ``table2-demo``) are tagged ``ablation`` (its name), ``ablation.role`` (``row``, ``pretrain``,
     ``summary``), ``ablation.row`` and ``ablation.seed``; its finished rows at seed 0::
 

@@ -4,7 +4,7 @@
     au-detect download --manifest train.tsv val.tsv --out data/emotionet
     au-detect align    --manifests '[data/synthau/train.tsv]'
     torchrun --nproc_per_node 8 --no-python au-detect align --manifests ...   (the images shared by 8 processes)
-    au-detect prepare  --config experiments/demo.yaml
+    au-detect prepare  --config experiments/configs/demo.yaml
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from datamodules.alignment import AlignmentSettings
-from datamodules.crop_cache import AlignedSplit, align_manifest, summarize
-from datamodules.download import DownloadInterrupted, DownloadSettings, download_manifests
-from datamodules.manifest import EMOTIONET_AUS, read_manifest
-from datamodules.ranks import Ranks
-from datamodules.synthetic import SynthAUSettings, generate_synthau
+from datamodules.alignment.align import AlignmentSettings
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest, summarize
+from datamodules.download.downloader import DownloadInterrupted, DownloadSettings, download_manifests
+from datamodules.io.manifest import EMOTIONET_AUS, read_manifest
+from datamodules.alignment.ranks import Ranks
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 from experiments.lightning_cli import AUDetectCLI
 
 
@@ -112,7 +112,7 @@ def download(manifest: list[str], out: str = "data/emotionet", settings: Downloa
 def prepare(args: Sequence[str] | dict) -> None:
     """Prepare the data of a training config: generate SynthAU or download, align every split, report.
 
-    ``args`` are those of ``au-detect fit`` (``--config experiments/demo.yaml``, overrides), or a
+    ``args`` are those of ``au-detect fit`` (``--config experiments/configs/demo.yaml``, overrides), or a
     config's content as a dict: the
     config is parsed by the same LightningCLI, without tracking or branch weights (the data need
     neither, and pretrained branches may not exist yet), and only its data module does anything.

@@ -3,7 +3,7 @@
     au-detect export --model runs/.../checkpoints/best.ckpt --out export/
     au-detect predict --backend onnxruntime --model export/ --input photos/
 
-What the folder holds and how to feed it without this project: :mod:`lightning_modules.onnx_model`
+What the folder holds and how to feed it without this project: :mod:`lightning_modules.serving.onnx_model`
 and the README.
 """
 
@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 
 from experiments.tracking import use_for_model_uri
-from lightning_modules.onnx_model import CONFIG_FILE, ONNX_FILE, OPSET, OnnxAUPredictor, export_onnx, parity
-from lightning_modules.predictor import AUPredictor
+from lightning_modules.serving.onnx_model import CONFIG_FILE, ONNX_FILE, OPSET, OnnxAUPredictor, export_onnx, parity
+from lightning_modules.serving.predictor import AUPredictor
 
 # an export whose probabilities differ more than this from PyTorch's on the check crops is refused
 TOLERANCE = 1e-4

@@ -1,6 +1,6 @@
 """The LightningCLIs of ``au-detect``: the AU detector and the two pretraining tasks, tracked in MLflow.
 
-    au-detect fit|validate|test --config experiments/demo.yaml          AUDetectCLI
+    au-detect fit|validate|test --config experiments/configs/demo.yaml          AUDetectCLI
     au-detect pretrain-face|pretrain-expression fit --config ...        PretrainCLI
 
 Every option comes from a class signature (jsonargparse): ``--help`` lists them, ``--config
@@ -22,10 +22,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.backbone_export import BackboneExport
 from callbacks.mlflow_artifacts import MLflowArtifacts
-from callbacks.mlflow_run import mlflow_logger, run_id_from_checkpoint
+from callbacks.tracking.mlflow_run import mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
-from callbacks.system_metrics import SystemMetrics
-from callbacks.tracking_spool import SPOOL_DIR
+from callbacks.tracking.system_metrics import SystemMetrics
+from callbacks.tracking.spool import SPOOL_DIR
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
 from experiments.tracking import TrackingSettings, log_params_once
@@ -62,7 +62,7 @@ class TrackedCLI(LightningCLI):
     Runs go where ``--mlflow`` (``mlflow.yaml``) says, unless the config sets ``trainer.logger``
     itself; the resolved config goes to the run (:class:`MLflowSaveConfig`). Training never waits
     for the tracking server: the run's writes go through a spool on local disk
-    (:mod:`callbacks.tracking_spool`); the server must answer when the job starts. A checkpoint
+    (:mod:`callbacks.tracking.spool`); the server must answer when the job starts. A checkpoint
     written by a tracked run carries its run id, so ``--ckpt_path`` continues that run (and sends
     what its spool kept first); ``fit --ckpt_path last`` continues the newest interrupted run of
     the experiment.

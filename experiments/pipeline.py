@@ -1,6 +1,6 @@
 """``au-detect pipeline``: the whole method in one command, each stage an MLflow run under one parent.
 
-    au-detect pipeline --config experiments/pipeline_demo.yaml
+    au-detect pipeline --config experiments/configs/pipeline_demo.yaml
 
 1. **data**: the AU config's data prepared (SynthAU generated, every split aligned);
 2. **face branch**: face-recognition pretraining (``au-detect pretrain-face fit``), its backbone
@@ -12,7 +12,7 @@
 
 A branch checkpoint that exists already is reused, so a rerun goes straight to the AU fit (delete
 the file, or pass ``--retrain_branches true``, to pretrain again). The AU config stays a plain
-LightningCLI config: ``au-detect fit --config experiments/demo.yaml`` does stage 4 alone. In MLflow
+LightningCLI config: ``au-detect fit --config experiments/configs/demo.yaml`` does stage 4 alone. In MLflow
 the stages are runs nested under a parent run named after the pipeline (tags ``pipeline`` and
 ``pipeline.stage``), which holds the test figures and the minutes each stage took. With
 ``baseline: true`` the AU fit is repeated from random branches at the same budget, and the
@@ -46,9 +46,9 @@ def _fit_and_test(config: dict[str, Any], label: str) -> dict[str, Any]:
 
 def pipeline(
     name: str = "demo",
-    fit_config: str = "experiments/demo.yaml",
-    face_config: str = "experiments/pretrain_face_demo.yaml",
-    expression_config: str = "experiments/pretrain_expression_demo.yaml",
+    fit_config: str = "experiments/configs/demo.yaml",
+    face_config: str = "experiments/configs/pretrain_face_demo.yaml",
+    expression_config: str = "experiments/configs/pretrain_expression_demo.yaml",
     fit_overrides: dict[str, Any] | None = None,
     pretrain_overrides: dict[str, Any] | None = None,
     retrain_branches: bool = False,

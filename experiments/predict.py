@@ -28,12 +28,12 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from datamodules.images import DEFAULT_MAX_PIXELS
-from datamodules.manifest import au_column_name
-from datamodules.sources import BATCH_PIXELS, Frame, Source, expand, frames
+from datamodules.io.images import DEFAULT_MAX_PIXELS
+from datamodules.io.manifest import au_column_name
+from datamodules.io.sources import BATCH_PIXELS, Frame, Source, expand, frames
 from experiments.tracking import use_for_model_uri
-from lightning_modules.onnx_model import Backend, load_predictor
-from lightning_modules.predictor import AUPredictor, Face, Precision, columns, frame_records
+from lightning_modules.serving.onnx_model import Backend, load_predictor
+from lightning_modules.serving.predictor import AUPredictor, Face, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
 

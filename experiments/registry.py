@@ -6,7 +6,7 @@
 
 A fit whose MLflow settings name a ``registered_model_name`` registers its model as a new version
 of that model and gives the version the alias ``candidate``
-(:data:`lightning_modules.pyfunc.CANDIDATE_ALIAS`). Promoting moves another alias to a version;
+(:data:`lightning_modules.serving.pyfunc.CANDIDATE_ALIAS`). Promoting moves another alias to a version;
 everything that loads ``models:/<name>@<alias>`` (``au-detect predict --model``, ``mlflow models
 serve -m``, ``mlflow.pyfunc.load_model``) then gets that version.
 """
@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from experiments.tracking import TrackingSettings
-from lightning_modules.pyfunc import logged_models
+from lightning_modules.serving.pyfunc import logged_models
 
 
 class RegistryError(SystemExit):

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from callbacks.mlflow_run import mlflow_logger
+from callbacks.tracking.mlflow_run import mlflow_logger
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
 BRANCH_TASKS = {"face": "pretrain-face", "emotion": "pretrain-expression"}
@@ -35,7 +35,7 @@ def run_function(fn: Callable, parser: ArgumentParser, args: Sequence[str] | Non
 def with_overrides(config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """A config file's content with dotted keys set in it: what LightningCLI takes as ``args``.
 
-    >>> with_overrides("experiments/demo.yaml", {"trainer.max_epochs": 2, "model.scheduler.init_args.T_max": 2,
+    >>> with_overrides("experiments/configs/demo.yaml", {"trainer.max_epochs": 2, "model.scheduler.init_args.T_max": 2,
     ...                                          "run_name": "a"})["model"]["scheduler"]["init_args"]["T_max"]
     2
     """

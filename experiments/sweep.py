@@ -1,6 +1,6 @@
 """``au-detect sweep``: an Optuna study over ``au-detect fit``'s options, every trial an MLflow run.
 
-    au-detect sweep --config experiments/sweep_demo.yaml
+    au-detect sweep --config experiments/configs/sweep_demo.yaml
 
 1. **Search space.** Any option of ``au-detect fit``, by its dotted path in the fit config
    (``model.optimizer.init_args.lr``, ``model.loss``, ``data.balanced_sampling``, ...), with a
@@ -56,7 +56,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from callbacks.mlflow_run import mlflow_logger
+from callbacks.tracking.mlflow_run import mlflow_logger
 from experiments.stages import with_overrides
 from experiments.tracking import TrackingSettings, creation_lock, log_params_once
 
@@ -201,7 +201,7 @@ class StaleTrial:
 def sweep(
     search_space: dict[str, SearchParam],
     study: str = "sweep",
-    fit_config: str = "experiments/demo.yaml",
+    fit_config: str = "experiments/configs/demo.yaml",
     fit_overrides: dict[str, Any] | None = None,
     n_trials: int = 20,
     metric: str = "val/score_heldout",

@@ -14,7 +14,7 @@ from typing import Iterator
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 
-from callbacks.tracking_spool import (SpooledMLFlowLogger, TrackingServerUnreachable, reachable, send_spool,
+from callbacks.tracking.spool import (SpooledMLFlowLogger, TrackingServerUnreachable, reachable, send_spool,
                                       spool_folders, summary_text)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -30,7 +30,7 @@ class TrackingSettings:
     tags: dict[str, str] = field(default_factory=dict)
     registered_model_name: str | None = None  # register each fit's model under this name
     # seconds the end of a fit waits for a tracking server that shows no sign of life before it
-    # leaves what is unsent in the run's spool (callbacks.tracking_spool) and ends
+    # leaves what is unsent in the run's spool (callbacks.tracking.spool) and ends
     flush_timeout: float = 60.0
 
     @classmethod
@@ -188,7 +188,7 @@ def sync_tracking(spool: str, tracking_uri: str | None = None, timeout: float = 
 def use_for_model_uri(model: str, settings: str | Path) -> None:
     """Point MLflow at the settings file's store when ``model`` is an MLflow model URI (``runs:/``,
     ``models:/``); MLFLOW_TRACKING_URI, when set, wins."""
-    from lightning_modules.predictor import MLFLOW_SCHEMES
+    from lightning_modules.serving.predictor import MLFLOW_SCHEMES
 
     if model.startswith(MLFLOW_SCHEMES) and not os.environ.get("MLFLOW_TRACKING_URI") and Path(settings).is_file():
         import mlflow

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from datamodules.manifest import EMOTIONET_AUS, au_column_name
+from datamodules.io.manifest import EMOTIONET_AUS, au_column_name
 from lightning_modules.backbones import create_backbone
 from lightning_modules.losses import MaskedBCEWithLogits, build_loss, prior_target_rate
 from lightning_modules.metrics import AUMetrics

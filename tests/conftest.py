@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.alignment import AlignmentSettings
-from datamodules.crop_cache import AlignedSplit, align_manifest
-from datamodules.manifest import read_manifest
-from datamodules.synthetic import SynthAUSettings, generate_synthau
+from datamodules.alignment.align import AlignmentSettings
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
+from datamodules.io.manifest import read_manifest
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 
 from .training_helpers import free_port
 

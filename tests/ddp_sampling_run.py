@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.alignment import AlignmentSettings  # noqa: E402
+from datamodules.alignment.align import AlignmentSettings  # noqa: E402
 from datamodules.au_datamodule import AUDataModule  # noqa: E402
-from datamodules.synthetic import SynthAUSettings  # noqa: E402
+from datamodules.synthau.generate import SynthAUSettings  # noqa: E402
 
 
 class IndexProbe(L.LightningModule):

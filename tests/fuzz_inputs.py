@@ -146,7 +146,7 @@ def corpus(seeds: dict[str, bytes], n: int, seed: int) -> list[tuple[str, bytes]
 
 
 def _decode_all(folder: Path, n: int, seed: int) -> dict:
-    from datamodules.images import InputError, read_image
+    from datamodules.io.images import InputError, read_image
 
     seeds = {p.stem: p.read_bytes() for p in sorted(folder.glob("seed_*.bin"))}
     seeds = {k[len("seed_"):]: v for k, v in seeds.items()}

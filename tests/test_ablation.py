@@ -7,8 +7,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from experiments.ablation_report import markdown_table, orderings, per_au_changes, per_au_figure, per_au_summary
-from experiments.ablation_rows import PAPER_TABLE2, ROW_BY_KEY, row_metrics
+from experiments.ablation.report import markdown_table, orderings, per_au_changes, per_au_figure, per_au_summary
+from experiments.ablation.rows import PAPER_TABLE2, ROW_BY_KEY, row_metrics
 from experiments.cli import main
 
 from .conftest import SMALL
@@ -83,7 +83,7 @@ def test_ablation_end_to_end_resumes_and_reads_mlflow(synthau, tmp_path, capsys)
     tiny = {"data.alignment.crop_size": 64, "data.cache_dir": str(tmp_path / "cache"), "data.num_workers": 0,
             "data.batch_size": 16, "trainer.max_epochs": 1, "trainer.limit_train_batches": 2}
     config = {
-        "name": "t2", "fit_config": "experiments/demo.yaml",
+        "name": "t2", "fit_config": "experiments/configs/demo.yaml",
         "fit_overrides": {**tiny, "data.data_root": str(synthau), "data.synth.num_images": SMALL.num_images,
                           "data.synth.seed": SMALL.seed, "model.scheduler.init_args.T_max": 1,
                           "mlflow_artifacts.log_model": False},

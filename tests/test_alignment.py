@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from datamodules.alignment import (AlignmentSettings, FaceDetector, box_iou, detection_copy, similarity_transform,
+from datamodules.alignment.align import (AlignmentSettings, FaceDetector, box_iou, detection_copy, similarity_transform,
                                    warp_face)
-from datamodules.crop_cache import AlignedSplit, align_manifest
-from datamodules.images import read_image
-from datamodules.manifest import read_manifest
-from datamodules.synthetic import SynthAUSettings, generate_synthau
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
+from datamodules.io.images import read_image
+from datamodules.io.manifest import read_manifest
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 
 
 def test_similarity_recovers_a_known_transform():

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules.manifest import ManifestError
+from datamodules.io.manifest import ManifestError
 from experiments.cli import main
 
-DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
 def test_synth_then_align(tmp_path, capsys):
@@ -144,7 +145,7 @@ def test_pipeline_config_overrides_are_options_of_its_commands(monkeypatch):
     from experiments.pipeline import build_parser
     from experiments.stages import with_overrides
 
-    monkeypatch.chdir(DEMO.parents[1])
+    monkeypatch.chdir(ROOT)
     cfg = build_parser().parse_path(str(DEMO.parent / "pipeline_demo.yaml"))
     fit = _parsed(AUDetectCLI, config=with_overrides(cfg.fit_config, cfg.fit_overrides or {}))
     assert fit.model.face_weights and fit.model.emotion_weights
@@ -159,12 +160,12 @@ def test_pipeline_config_overrides_are_options_of_its_commands(monkeypatch):
 def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
     """The ablation config parses, and every config it hands fit and pretraining (a dict: the
     config file with the row's changes) is accepted by them."""
-    from experiments.ablation import build_parser
+    from experiments.ablation.run import build_parser
     from experiments.stages import with_overrides
-    from experiments.ablation_rows import ROW_BY_KEY
+    from experiments.ablation.rows import ROW_BY_KEY
     from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
-    monkeypatch.chdir(DEMO.parents[1])  # the config's paths are relative to the project root
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the project root
     weights = {"face": "face.pt", "emotion": "emotion.pt"}
     for name in ("ablation_table1.yaml", "ablation_demo.yaml"):
         cfg = build_parser().parse_path(str(DEMO.parent / name))

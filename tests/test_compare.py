@@ -158,7 +158,7 @@ def test_clear_errors(store, tmp_path):
 def test_the_ablations_rows_by_the_documented_filter(store, tmp_path):
     """The filter of the command's docstring on runs tagged as ``au-detect ablation`` tags them:
     the summary run and other ablations are left out, a failed row too."""
-    from experiments.ablation_store import Ablation
+    from experiments.ablation.store import Ablation
 
     client, reports = store["client"], store["reports"]
     study = Ablation("table2", TrackingSettings.read(store["yaml"]), store["yaml"])

@@ -162,7 +162,7 @@ def test_killed_anywhere_resumes_to_one_consistent_run(synthau, tmp_path, capsys
     ``--ckpt_path last`` and ``--ckpt_path <last.ckpt>`` (which file a resume takes is all that
     differs between the two; what the resumed fit does is the same).
 
-    A fit's writes to its run go through a spool on disk (callbacks.tracking_spool): after each kill
+    A fit's writes to its run go through a spool on disk (callbacks.tracking.spool): after each kill
     the run is read once ``au-detect sync-tracking`` has sent what the killed process had not yet
     (but for the kill while logging the model, whose half-logged state is checked as it is).
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import crop_cache
-from datamodules.alignment import AlignmentSettings, FaceDetector, box_crop, box_iou, center_crop
-from datamodules.crop_cache import NO_FACE, AlignedSplit, align_manifest, cache_key
-from datamodules.images import read_image
-from datamodules.manifest import read_manifest
+from datamodules.alignment import crop_cache
+from datamodules.alignment.align import AlignmentSettings, FaceDetector, box_crop, box_iou, center_crop
+from datamodules.alignment.crop_cache import NO_FACE, AlignedSplit, align_manifest, cache_key
+from datamodules.io.images import read_image
+from datamodules.io.manifest import read_manifest
 
 from .conftest import SMALL_ALIGNMENT
 
@@ -174,8 +174,8 @@ def test_a_second_aligner_of_the_same_cache_works_apart(synthau, tmp_path):
 @pytest.mark.slow
 def test_sigkilled_alignment_resumes(synthau, tmp_path):
     """A real SIGKILL of an aligning process: the rerun takes over what the journal holds."""
-    script = (f"from datamodules.alignment import AlignmentSettings\nfrom datamodules.crop_cache import align_manifest\n"
-              f"from datamodules.manifest import read_manifest\n"
+    script = (f"from datamodules.alignment.align import AlignmentSettings\nfrom datamodules.alignment.crop_cache import align_manifest\n"
+              f"from datamodules.io.manifest import read_manifest\n"
               f"align_manifest(read_manifest({str(synthau / 'train.tsv')!r}), {str(tmp_path / 'cache')!r}, "
               f"AlignmentSettings(crop_size=64, batch_size=4), checkpoint_every=4)\n")
     root = Path(__file__).resolve().parents[1]
@@ -385,7 +385,7 @@ def test_cache_without_checksums_is_kept(synthau, val_cache, caplog):
     del report["files"], report["crop_checksums"]
     (folder / "report.json").write_text(json.dumps(report))
     before = (folder / "crops.npy").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="datamodules.crop_cache"):
+    with caplog.at_level("INFO", logger="datamodules.alignment.crop_cache"):
         assert _realign(synthau, folder) == folder
     assert (folder / "crops.npy").stat().st_mtime_ns == before
     assert any("predates crop checksums" in r.getMessage() for r in caplog.records)

@@ -11,9 +11,9 @@ import torch
 
 from datamodules.au_datamodule import AUDataModule
 from datamodules.augmentation import AUAugmentation, flip_permutation
-from datamodules.manifest import EMOTIONET_AUS, read_manifest
+from datamodules.io.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.sampling import MultilabelBalancedSampler
-from datamodules.synthetic_face import FaceSpec, render_face, sample_identity
+from datamodules.synthau.face import FaceSpec, render_face, sample_identity
 
 from .conftest import SMALL, SMALL_ALIGNMENT
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.crop_cache import AlignedSplit, align_manifest
-from datamodules.manifest import read_manifest
-from datamodules.ranks import Ranks
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
+from datamodules.io.manifest import read_manifest
+from datamodules.alignment.ranks import Ranks
 
-from datamodules.alignment import AlignmentSettings
+from datamodules.alignment.align import AlignmentSettings
 
 from .training_helpers import free_port
 
@@ -118,7 +118,7 @@ def test_two_ranks_align_the_cache_one_process_writes_and_survive_a_killed_rank(
 
 def test_one_rank_shares_nothing():
     """Without a process group, the ranks are one process, which aligns every image."""
-    from datamodules.crop_cache import _share
+    from datamodules.alignment.crop_cache import _share
 
     ranks = Ranks.current()
     assert (ranks.rank, ranks.world, ranks.distributed) == (0, 1, False)

@@ -28,14 +28,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from datamodules.download import (
+from datamodules.download.downloader import (
     DownloadReport,
     DownloadSettings,
     download_images,
     download_manifests,
     local_name,
 )
-from datamodules.manifest import read_manifest
+from datamodules.io.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_SLEEP = 2.0
@@ -386,7 +386,7 @@ def test_manifests_end_to_end(server, tmp_path, caplog):
     train, val = _write_manifests(tmp_path, server.base)
     out = tmp_path / "out"
     start = time.perf_counter()
-    with caplog.at_level("WARNING", logger="datamodules.download"):
+    with caplog.at_level("WARNING", logger="datamodules.download.downloader"):
         report = download_manifests([train, val], out, FAST, aus=(1, 2), progress=False)
     elapsed = time.perf_counter() - start
 
@@ -606,7 +606,7 @@ def test_retry_after_is_honoured(server, tmp_path):
 
 
 def test_retry_after_is_capped_and_held_to_the_deadline(server, tmp_path, monkeypatch):
-    import datamodules.http_transfer as http_transfer
+    import datamodules.download.http_transfer as http_transfer
 
     # capped at 30 s: longer than the 5 s timeout, so no retry and no waiting
     url = server.base + "/busy/3600/a"
@@ -690,7 +690,7 @@ def test_stale_parts_are_removed(server, tmp_path):
 
 _CHILD = """
 import sys
-from datamodules.download import DownloadSettings, download_images
+from datamodules.download.downloader import DownloadSettings, download_images
 download_images(sys.argv[2:], sys.argv[1], DownloadSettings(workers=4, timeout=5, retries=0), progress=False)
 """
 
@@ -753,7 +753,7 @@ def _default_sigint() -> None:
 # download_manifests as the CLI calls it, without the CLI's imports (torch, Lightning)
 _INTERRUPTIBLE = """
 import sys
-from datamodules.download import DownloadInterrupted, DownloadSettings, download_manifests
+from datamodules.download.downloader import DownloadInterrupted, DownloadSettings, download_manifests
 try:
     download_manifests([sys.argv[1]], sys.argv[2], DownloadSettings(workers=5, timeout=60), aus=(1,), progress=False)
 except DownloadInterrupted as e:

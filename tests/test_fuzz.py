@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.alignment import AlignmentSettings
+from datamodules.alignment.align import AlignmentSettings
 from lightning_modules.au_detector import AUNet
-from lightning_modules.predictor import AUPredictor
+from lightning_modules.serving.predictor import AUPredictor
 
 from .fuzz_inputs import corpus, seed_images
 from .training_helpers import local_tracking
@@ -95,7 +95,7 @@ def test_predict_gives_every_mutated_file_its_rows(fuzz_folder, tmp_path):
 
 
 def test_mlflow_model_gives_every_mutated_row_its_rows(fuzz_folder, tmp_path):
-    from lightning_modules.pyfunc import log_model
+    from lightning_modules.serving.pyfunc import log_model
 
     _, items = fuzz_folder
     local_tracking(tmp_path)

@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from datamodules.manifest import EMOTIONET_AUS
+from datamodules.io.manifest import EMOTIONET_AUS
 from lightning_modules.au_detector import AUNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def hand_count(backbone: str, crop: int) -> tuple[float, float]:
     none (the first convolution of each branch). Linear layers likewise. Normalisation, pooling
     and the loss are not model FLOPs.
     """
-    model = yaml.safe_load((ROOT / "experiments" / "emotionet_resnet152.yaml").read_text())["model"]
+    model = yaml.safe_load((ROOT / "experiments" / "configs" / "emotionet_resnet152.yaml").read_text())["model"]
     net = AUNet(EMOTIONET_AUS, backbone, model["branches"], aux_heads=model["aux_heads"])
     forward = backward = 0.0
 

@@ -11,8 +11,8 @@ PACKAGES = ("datamodules", "lightning_modules", "callbacks", "experiments")
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {f"{p.parent.name}.{p.stem}": ast.parse(p.read_text(), str(p))
-            for package in PACKAGES for p in sorted((ROOT / package).glob("*.py")) if p.stem != "__init__"}
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts): ast.parse(p.read_text(), str(p))
+            for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py")) if p.stem != "__init__"}
 
 
 def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.manifest import (
+from datamodules.io.manifest import (
     DISFA_AUS,
     EMOTIONET_AUS,
     ManifestError,
@@ -256,7 +256,7 @@ def test_positive_rate_matches_hand_count(tmp_path):
 
 
 def test_write_manifest_round_trips_and_leaves_an_unchanged_file_alone(tmp_path):
-    from datamodules.manifest import write_manifest
+    from datamodules.io.manifest import write_manifest
 
     path = tmp_path / "out" / "m.tsv"
     rows = [("a.jpg", 1, 0, 999, "p1"), ("b c.jpg", 0, 1, 0, "p2")]
@@ -277,7 +277,7 @@ def test_write_manifest_round_trips_and_leaves_an_unchanged_file_alone(tmp_path)
 
 
 def test_read_columns_and_image_lists(tmp_path):
-    from datamodules.manifest import read_columns, read_image_list
+    from datamodules.io.manifest import read_columns, read_image_list
 
     path = write(tmp_path / "ids.csv", "path,identity\nx/1.jpg,7\n\n/abs/2.jpg,8\n")
     assert read_columns(path, ["identity"], image_column="path") == [

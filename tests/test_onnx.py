@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from datamodules.crop_cache import AlignedSplit, align_manifest
-from datamodules.manifest import read_manifest
+from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
+from datamodules.io.manifest import read_manifest
 from experiments.cli import main
 from lightning_modules.au_detector import AUNet
-from lightning_modules.onnx_model import ONNX_FILE, OnnxAUPredictor, load_predictor
-from lightning_modules.predictor import AUPredictor
+from lightning_modules.serving.onnx_model import ONNX_FILE, OnnxAUPredictor, load_predictor
+from lightning_modules.serving.predictor import AUPredictor
 
 from .conftest import SMALL_ALIGNMENT
 
@@ -132,7 +132,7 @@ def test_mlflow_run_holds_the_onnx_model_and_the_pyfunc_runs_it(synthau, truth, 
     import pandas as pd
     from mlflow import MlflowClient
 
-    from lightning_modules.pyfunc import log_model_to_run
+    from lightning_modules.serving.pyfunc import log_model_to_run
 
     from .training_helpers import local_tracking
 

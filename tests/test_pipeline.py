@@ -20,7 +20,7 @@ def test_pipeline_chains_the_stages_under_one_parent_and_reuses_branches(synthau
             "trainer.enable_progress_bar": False, "data.data_root": str(synthau)}
     face, emotion = tmp_path / "branches" / "face.pt", tmp_path / "branches" / "emotion.pt"
     config = {
-        "name": "p", "fit_config": "experiments/demo.yaml",
+        "name": "p", "fit_config": "experiments/configs/demo.yaml",
         "fit_overrides": {**tiny, "data.synth.num_images": SMALL.num_images, "data.synth.seed": SMALL.seed,
                           "model.scheduler.init_args.T_max": 1, "mlflow_artifacts.log_model": False,
                           "model.face_weights": str(face), "model.emotion_weights": str(emotion),

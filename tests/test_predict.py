@@ -20,12 +20,12 @@ import torch
 import yaml
 
 from lightning_modules.checkpoints import load_checkpoint
-from datamodules.alignment import box_iou
+from datamodules.alignment.align import box_iou
 from experiments.cli import main
 from experiments.lightning_cli import AUDetectCLI
-from datamodules.images import InputError, read_image
+from datamodules.io.images import InputError, read_image
 from experiments.predict import run
-from lightning_modules.predictor import AUPredictor, columns
+from lightning_modules.serving.predictor import AUPredictor, columns
 
 from .training_helpers import served_model, small_fit_args, write_mlflow_yaml
 
@@ -104,7 +104,7 @@ def test_folder_of_scenes_one_row_per_face_near_the_truth(synthau, truth, traine
 
     # The largest face of a training scene is aligned exactly as training aligned it: its
     # probabilities are the network's on the cached training crop.
-    from datamodules.crop_cache import AlignedSplit
+    from datamodules.alignment.crop_cache import AlignedSplit
 
     predictor = AUPredictor.load(trained["ckpt"], "cpu")
     train_cache = next(p for p in Path(trained["cache"]).iterdir() if p.name.startswith("train-"))
@@ -211,9 +211,9 @@ def test_inference_copy_folds_batch_norm_and_answers_as_the_net(tmp_path):
     """The predictor's inference copy (batch norms folded into the convolutions, channels-last):
     no batch norm left, the same probabilities as the trained network (1e-5), decisions at the
     net's own thresholds even when they change after the predictor was built."""
-    from datamodules.alignment import AlignmentSettings
+    from datamodules.alignment.align import AlignmentSettings
     from lightning_modules.au_detector import AUNet
-    from lightning_modules.predictor import inference_copy
+    from lightning_modules.serving.predictor import inference_copy
 
     torch.manual_seed(0)
     net = AUNet(aus=[1, 2, 4, 12], backbone="resnet18", branches=["face", "emotion"]).eval()
@@ -244,7 +244,7 @@ def test_large_photos_are_held_by_pixels_not_only_by_count(tmp_path, monkeypatch
     """With a 4 MP budget, 30 photos of 1 MP go through in batches of 4 frames and the frames
     decoded at once stay near two budgets (tracemalloc peak), where batches of 16 with 20 decoded
     ahead would hold 36 frames (108 MB)."""
-    from datamodules.alignment import AlignmentSettings
+    from datamodules.alignment.align import AlignmentSettings
     from lightning_modules.au_detector import AUNet
 
     folder = tmp_path / "photos"
@@ -319,7 +319,7 @@ def test_mlflow_models_serve_answers_like_au_detect_predict(synthau, truth, trai
 
 
 def test_inputs_expand_from_folders_globs_and_manifests(tmp_path):
-    from datamodules.sources import expand
+    from datamodules.io.sources import expand
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/1.jpg", "a/b/2.png", "a/b/clip.mp4", "a/notes.txt.bak", "a/.hidden.jpg"):
@@ -363,7 +363,7 @@ def test_mixed_precision_stays_near_float32(synthau, truth, trained, tmp_path, c
 def test_a_box_model_classifies_box_crops_and_a_center_model_is_refused(synthau, method):
     """A model trained on box crops predicts on the same crops; one trained on whole-scene
     center crops cannot be run on detected faces."""
-    from datamodules.alignment import AlignmentSettings, box_crop
+    from datamodules.alignment.align import AlignmentSettings, box_crop
     from lightning_modules.au_detector import AUNet
 
     spec = {"aus": [1, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score
 
-from datamodules.manifest import read_manifest
+from datamodules.io.manifest import read_manifest
 from datamodules.pretrain_datamodule import PretrainDataModule
 from lightning_modules.au_detector import AUNet
 from lightning_modules.backbones import create_backbone
@@ -226,7 +226,7 @@ def test_expression_pretraining(expression_run, synthau):
 
 
 def test_expression_class_list_and_weights(synthau, cache):
-    from datamodules.synthetic_labels import EXPRESSIONS
+    from datamodules.synthau.labels import EXPRESSIONS
 
     fixed = list(EXPRESSIONS)
     dm = _datamodule(synthau, cache, "expression", classes=fixed)

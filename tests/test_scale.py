@@ -11,8 +11,8 @@ import pytest
 from benchmarks.scale import (FLAG_EXPONENT, growth_exponent, label_arrays, measure_loader, measure_sampler,
                               measure_thresholds, print_table, process_memory, run_child, write_crop_cache,
                               write_scale_manifest)
-from datamodules.crop_cache import AlignedSplit
-from datamodules.manifest import EMOTIONET_AUS, read_manifest
+from datamodules.alignment.crop_cache import AlignedSplit
+from datamodules.io.manifest import EMOTIONET_AUS, read_manifest
 
 SIZES = np.array([1e4, 1e5, 1e6])
 

@@ -67,7 +67,7 @@ def _write_config(tmp_path: Path, synthau: Path, cache: Path, name: str, n_trial
                   epochs: int = 2, **more) -> tuple[Path, str, str]:
     mlflow_yaml = write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path}/mlflow.db", EXPERIMENT)
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    config = {"study": name, "fit_config": str(ROOT / "experiments" / "demo.yaml"),
+    config = {"study": name, "fit_config": str(ROOT / "experiments" / "configs" / "demo.yaml"),
               "fit_overrides": _fit_overrides(synthau, cache, epochs), "search_space": SPACE, "n_trials": n_trials,
               "storage": storage, "seed": 0, "pruner": pruner, "out": str(tmp_path / "runs"),
               "mlflow": str(mlflow_yaml), **more}
@@ -171,7 +171,7 @@ def test_sweep_refuses_a_search_space_the_fit_does_not_take(tmp_path, synthau):
     from experiments.sweep import SearchParam, sweep
 
     mlflow_yaml = write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path}/mlflow.db", EXPERIMENT)
-    common = dict(fit_config=str(ROOT / "experiments" / "demo.yaml"), storage=f"sqlite:///{tmp_path}/o.db",
+    common = dict(fit_config=str(ROOT / "experiments" / "configs" / "demo.yaml"), storage=f"sqlite:///{tmp_path}/o.db",
                   mlflow=str(mlflow_yaml), out=str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="does not take"):
         sweep({"model.learning_rate": SearchParam(low=0.1, high=0.2)}, **common)
@@ -269,14 +269,14 @@ def test_two_processes_share_one_study(synthau, sweep_cache, tmp_path):
 
 
 def test_the_demo_sweep_config_parses_and_its_trials_are_fit_configs(monkeypatch):
-    """``experiments/sweep_demo.yaml`` parses with ``au-detect sweep``, and the fit config with its
+    """``experiments/configs/sweep_demo.yaml`` parses with ``au-detect sweep``, and the fit config with its
     fixed changes and either end of every range is one ``au-detect fit`` takes."""
     from experiments.cli import function_parser
     from experiments.sweep import check_fit_config
 
     monkeypatch.chdir(ROOT)  # the config's paths are relative to the project root
     parser = function_parser()
-    init = parser.instantiate_classes(parser.parse_args(["sweep", "--config", "experiments/sweep_demo.yaml"]))["sweep"]
+    init = parser.instantiate_classes(parser.parse_args(["sweep", "--config", "experiments/configs/sweep_demo.yaml"]))["sweep"]
     assert init.n_trials == 6 and init.storage == "sqlite:///sweeps.db" and init.metric == "val/score_heldout"
     assert isinstance(init.pruner, optuna.pruners.MedianPruner) and isinstance(init.sampler, optuna.samplers.TPESampler)
     assert init.fit_overrides["mlflow_artifacts.log_model"] is False and init.fit_overrides["model.face_weights"] is None

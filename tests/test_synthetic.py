@@ -7,11 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 
-from datamodules import synthetic
-from datamodules.manifest import EMOTIONET_AUS, UNLABELLED, read_manifest
-from datamodules.synthetic import SynthAUSettings, generate_synthau
-from datamodules.synthetic_face import FaceSpec, render_face, sample_identity
-from datamodules.synthetic_labels import EXPRESSIONS, sample_aus, sample_labels
+from datamodules.synthau import generate
+from datamodules.io.manifest import EMOTIONET_AUS, UNLABELLED, read_manifest
+from datamodules.synthau.generate import SynthAUSettings, generate_synthau
+from datamodules.synthau.face import FaceSpec, render_face, sample_identity
+from datamodules.synthau.labels import EXPRESSIONS, sample_aus, sample_labels
 
 FRONT_LIGHT = np.array([0.0, 0.0, 1.0])
 
@@ -75,7 +75,7 @@ def test_summary_counts(synthau):
 
 def test_identities_and_expressions_at_scale():
     settings = SynthAUSettings()
-    identities = synthetic._identities(settings)
+    identities = generate._identities(settings)
     assert len({(i.skin, i.hair) for i in identities}) > 50  # people look different, not 120 copies
     rng = np.random.default_rng(1)
     assert {sample_aus(rng)[0] for _ in range(2000)} == set(EXPRESSIONS)
@@ -101,7 +101,7 @@ def test_au_moves_the_right_region():
 
 def test_interrupted_generation_leaves_nothing_complete(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = synthetic._render_chunk
+    real = generate._render_chunk
 
     def failing(args):
         calls["n"] += 1
@@ -109,7 +109,7 @@ def test_interrupted_generation_leaves_nothing_complete(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed mid-way
         return real(args)
 
-    monkeypatch.setattr(synthetic, "_render_chunk", failing)
+    monkeypatch.setattr(generate, "_render_chunk", failing)
     with pytest.raises(KeyboardInterrupt):
         generate_synthau(tmp_path / "d", SynthAUSettings(num_images=16), workers=1)
     assert not (tmp_path / "d").exists()

@@ -75,8 +75,8 @@ def test_default_run_names_are_numbered_when_taken(tmp_path):
 
 def test_a_changed_manifest_is_a_new_dataset(tmp_path):
     """The digest follows the manifest's bytes; the profile holds rows and per-AU rates by hand."""
-    from callbacks.dataset_lineage import manifest_dataset
-    from datamodules.manifest import read_manifest
+    from callbacks.tracking.dataset_lineage import manifest_dataset
+    from datamodules.io.manifest import read_manifest
     import hashlib
     import json
 
@@ -99,8 +99,8 @@ def test_dataset_inputs_go_through_the_spool(tmp_path):
     """Logged while the fit runs, kept on disk, sent in order: the run shows the same datasets."""
     from mlflow import MlflowClient
 
-    from callbacks.dataset_lineage import dataset_inputs
-    from callbacks.tracking_spool import Spool, SpoolSender, SpooledClient
+    from callbacks.tracking.dataset_lineage import dataset_inputs
+    from callbacks.tracking.spool import Spool, SpoolSender, SpooledClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -120,7 +120,7 @@ def test_dataset_inputs_go_through_the_spool(tmp_path):
 def test_system_metrics_of_a_resumed_run_go_on_from_its_last_step(tmp_path):
     from mlflow import MlflowClient
 
-    from callbacks.system_metrics import next_step
+    from callbacks.tracking.system_metrics import next_step
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("system")).info.run_id

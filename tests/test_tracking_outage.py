@@ -1,5 +1,5 @@
 """Training never waits on tracking: the run's writes go through a spool on local disk
-(callbacks.tracking_spool), are sent in order and once, and what an outage kept reaches the run later."""
+(callbacks.tracking.spool), are sent in order and once, and what an outage kept reaches the run later."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from callbacks.tracking_spool import (PROBE_TIMEOUT, Spool, SpooledClient, SpoolSender, TrackingServerUnreachable,
+from callbacks.tracking.spool import (PROBE_TIMEOUT, Spool, SpooledClient, SpoolSender, TrackingServerUnreachable,
                                       reachable)
 from experiments.cli import main
 from experiments.tracking import TrackingSettings

@@ -23,12 +23,12 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.alignment import AlignmentSettings
+from datamodules.alignment.align import AlignmentSettings
 from experiments.cli import main
 from lightning_modules.au_detector import AUNet
 from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
-from lightning_modules.predictor import AUPredictor
+from lightning_modules.serving.predictor import AUPredictor
 
 from .training_helpers import DEMO, local_tracking, served_model, write_mlflow_yaml
 
@@ -81,7 +81,7 @@ def test_crafted_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys):
     _crafted(folder / "weights.pt", marker, dict(predictor.net.state_dict()))
     with pytest.raises(CheckpointError, match=r"predictor weights .*weights\.pt: refused"):
         AUPredictor.from_dir(folder)
-    from lightning_modules.pyfunc import log_model
+    from lightning_modules.serving.pyfunc import log_model
 
     local_tracking(tmp_path / "models")
     with mlflow.start_run():
@@ -123,7 +123,7 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     predictor = AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
                             AlignmentSettings(crop_size=32), SPEC, device="cpu")
-    from lightning_modules.pyfunc import log_model
+    from lightning_modules.serving.pyfunc import log_model
 
     with mlflow.start_run() as run:
         log_model(predictor)
@@ -235,7 +235,7 @@ def test_request_limits_and_rows(tmp_path):
     a request whole, and limits come from the model's config."""
     from mlflow.exceptions import MlflowException
 
-    from lightning_modules.pyfunc import log_model
+    from lightning_modules.serving.pyfunc import log_model
 
     local_tracking(tmp_path)
     predictor = AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
@@ -266,7 +266,7 @@ def test_request_limits_and_rows(tmp_path):
 def test_inputs_that_cannot_be_read_are_rows(tmp_path):
     """A FIFO named like a photo (would block a reader forever), a folder named like one, a
     dangling link, an empty list, a list that is not UTF-8 text: each gets a row, nothing hangs."""
-    from datamodules.sources import expand, frames
+    from datamodules.io.sources import expand, frames
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -301,7 +301,7 @@ def test_unreadable_folder_gets_a_row(tmp_path):
         cv2.imwrite(str(place / "open" / "a.png"), np.zeros((8, 8, 3), np.uint8))
         cv2.imwrite(str(place / "closed" / "b.png"), np.zeros((8, 8, 3), np.uint8))
         os.chmod(place / "closed", 0)
-        code = ("import json, sys; from datamodules.sources import expand; "
+        code = ("import json, sys; from datamodules.io.sources import expand; "
                 "print(json.dumps([(s.path, s.kind, s.error and s.error.status, str(s.error or '')) "
                 "for s in expand([sys.argv[1]])]))")
         command = [sys.executable, "-c", code, str(place)]

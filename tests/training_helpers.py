@@ -24,12 +24,12 @@ from PIL import Image
 import yaml
 from mlflow import MlflowClient
 
-from callbacks.dataset_lineage import manifest_digest
+from callbacks.tracking.dataset_lineage import manifest_digest
 from lightning_modules.checkpoints import load_checkpoint
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
 def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detect-test") -> Path:
@@ -139,7 +139,7 @@ def matches_one_process(runs: Path, cache: Path, run, thresholds: np.ndarray, ra
     import pytest
 
     from callbacks.soft_threshold import fit_thresholds
-    from datamodules.crop_cache import AlignedSplit
+    from datamodules.alignment.crop_cache import AlignedSplit
     from lightning_modules.au_detector import AUDetector
     from lightning_modules.metrics import au_scores
 

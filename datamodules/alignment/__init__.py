@@ -1,0 +1,1 @@
+"""Face alignment: MTCNN detection, the similarity warp to the template, the crop cache."""

@@ -1,0 +1,1 @@
+"""SynthAU: rendered faces with known AUs, identities and expressions, for tests and demos."""

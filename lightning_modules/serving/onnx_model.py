@@ -1,0 +1,217 @@
+"""The AU network as an ONNX file, and a predictor that runs it with onnxruntime.
+
+``au-detect export --model CKPT --out DIR`` writes into ``DIR``:
+
+- ``au_net.onnx``: aligned crops in, probabilities and decisions out. The input is what the
+  alignment writes (uint8 RGB, ``(batch, S, S, 3)``, channels last); the normalisation, both
+  branches, the head, the sigmoid and the comparison with the fitted thresholds are inside the
+  graph, so a caller needs nothing but onnxruntime and numpy. AU names, thresholds, crop size and
+  normalisation are also in the file's metadata (``metadata_props``).
+- ``predictor.json``: the same file a predictor folder holds (network spec, alignment, mean,
+  std, thresholds) plus an ``onnx`` section saying how to feed the file.
+
+:class:`OnnxAUPredictor` is :class:`~lightning_modules.serving.predictor.AUPredictor` with the network
+run by onnxruntime: decoding, detection (MTCNN, still PyTorch), alignment and rows are the same
+code. ``au-detect predict --backend onnxruntime --model DIR`` uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from datamodules.alignment.align import FaceDetector
+from datamodules.io.files import sync, write_text
+from datamodules.io.manifest import au_column_name
+from lightning_modules.serving.predictor import CONFIG_FILE, AUPredictor, inference_copy, saved_alignment
+
+ONNX_FILE = "au_net.onnx"
+Backend = Literal["torch", "onnxruntime"]  # what runs the AU network
+# opset 18 is what torch's exporter writes natively and onnxruntime has run since 1.14
+OPSET = 18
+INPUT, OUTPUTS = "crops", ("probabilities", "decisions")
+
+
+class CropClassifier(nn.Module):
+    """uint8 crops ``(N, S, S, 3)`` -> probabilities ``(N, K)`` float32 and decisions ``(N, K)``
+    bool, as :meth:`AUPredictor.classify` computes them (the graph that is exported)."""
+
+    def __init__(self, predictor: AUPredictor):
+        super().__init__()
+        self.net = inference_copy(predictor.net).cpu().to(memory_format=torch.contiguous_format)
+        self.register_buffer("mean", torch.tensor(predictor.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(predictor.std).view(1, 3, 1, 1) * 255)
+        self.register_buffer("thresholds", predictor.net.thresholds.detach().cpu().clone())
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (crops.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        probs = torch.sigmoid(self.net(x))
+        return probs, probs >= self.thresholds
+
+
+def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) -> Path:
+    """Write ``au_net.onnx`` and ``predictor.json`` into ``folder`` (see the module's docstring).
+
+    The ONNX file is written beside its final name and renamed into place, and ``predictor.json``
+    last: a folder with both files holds a whole export, whatever stopped a previous one.
+    """
+    try:
+        import onnx
+
+        importlib.import_module("onnxscript")  # torch's exporter needs it: said here, not deep inside torch
+    except ImportError as e:
+        raise ImportError(f"exporting to ONNX needs onnx and onnxscript ({e}): pip install -e '.[onnx]'") from e
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    module = CropClassifier(predictor).eval()
+    size = predictor.alignment.crop_size
+    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    (folder / CONFIG_FILE).unlink(missing_ok=True)  # an old export's config never describes the new file
+    fd, tmp = tempfile.mkstemp(prefix=f".{ONNX_FILE}.", dir=folder)
+    os.close(fd)
+    try:
+        torch.onnx.export(module, (example,), tmp, input_names=[INPUT], output_names=list(OUTPUTS),
+                          dynamic_shapes={"crops": {0: torch.export.Dim("batch")}}, opset_version=opset,
+                          dynamo=True, external_data=False, verbose=False)
+        graph = onnx.load(tmp)
+        for key, value in metadata(predictor).items():
+            graph.metadata_props.add(key=key, value=value)
+        graph.doc_string = "au-detect: aligned uint8 RGB crops (N,S,S,3) -> AU probabilities and decisions"
+        onnx.save(graph, tmp)
+        sync(tmp)
+        os.replace(tmp, folder / ONNX_FILE)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    # thresholds unrounded: the graph decides at the exact float32 values, and so must their copies
+    config = {"net": predictor.spec, "alignment": asdict(predictor.alignment), "mean": predictor.mean,
+              "std": predictor.std, "thresholds": predictor.thresholds.tolist(), "onnx": feeding(predictor, opset)}
+    write_text(folder / CONFIG_FILE, json.dumps(config, indent=1))
+    return folder
+
+
+def metadata(predictor: AUPredictor) -> dict[str, str]:
+    """What a caller of the bare ONNX file needs, as its ``metadata_props`` (strings)."""
+    return {"aus": json.dumps([au_column_name(a) for a in predictor.aus]),
+            "thresholds": json.dumps(predictor.thresholds.tolist()),
+            "crop_size": str(predictor.alignment.crop_size),
+            "mean": json.dumps(predictor.mean), "std": json.dumps(predictor.std),
+            "alignment": json.dumps(asdict(predictor.alignment))}
+
+
+def feeding(predictor: AUPredictor, opset: int) -> dict:
+    """The ``onnx`` section of ``predictor.json``: how to feed the file and read its answer."""
+    size = predictor.alignment.crop_size
+    return {"file": ONNX_FILE, "opset": opset,
+            "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", size, size, 3],
+                      "what": "RGB faces aligned as 'alignment' says (MTCNN landmarks onto the template), "
+                              "channels last; normalisation is inside the graph"},
+            "outputs": {"probabilities": {"dtype": "float32", "shape": ["batch", len(predictor.aus)]},
+                        "decisions": {"dtype": "bool", "shape": ["batch", len(predictor.aus)],
+                                      "what": "probabilities >= the fitted thresholds"}},
+            "aus": [au_column_name(a) for a in predictor.aus]}
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime session on the CPU (or CUDA when onnxruntime-gpu offers it)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError("the onnxruntime backend needs onnxruntime: pip install -e '.[onnx]'") from e
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), providers=providers)
+
+
+class OnnxAUPredictor(AUPredictor):
+    """:class:`AUPredictor` whose network runs in onnxruntime (from an ``au-detect export`` folder).
+
+    Args:
+        session: the onnxruntime session of ``au_net.onnx``.
+        config: the folder's ``predictor.json``.
+        device: where MTCNN runs (torch; default cuda when available).
+        batch_size: crops per ``session.run``.
+    """
+
+    def __init__(self, session, config: dict, device: str | torch.device | None = None, batch_size: int = 64,
+                 **detection):
+        # No torch network: the parent's constructor is not called (it would build one).
+        self.session = session
+        self.net = None
+        self.spec = dict(config["net"])
+        self._aus = tuple(int(a) for a in self.spec["aus"])
+        self._thresholds = np.asarray(config["thresholds"], np.float32)
+        self.mean, self.std = [float(m) for m in config["mean"]], [float(s) for s in config["std"]]
+        self.alignment = saved_alignment(config["alignment"], detection)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size, self.precision = batch_size, "32-true"
+        self.detector = FaceDetector(self.alignment, self.device)
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, device: str | None = None, **detection) -> "OnnxAUPredictor":
+        folder = Path(folder)
+        config_path, model_path = folder / CONFIG_FILE, folder / ONNX_FILE
+        if not model_path.is_file() or not config_path.is_file():
+            raise FileNotFoundError(f"model {folder}: the onnxruntime backend needs a folder of 'au-detect export' "
+                                    f"({ONNX_FILE} and {CONFIG_FILE})")
+        config = json.loads(config_path.read_text())
+        session = onnx_session(model_path)
+        size = config["alignment"]["crop_size"]
+        expected = ["batch", size, size, 3]
+        shape = [d if isinstance(d, int) else "batch" for d in session.get_inputs()[0].shape]
+        if session.get_inputs()[0].name != INPUT or shape != expected:
+            raise ValueError(f"{model_path}: input {session.get_inputs()[0].name} {shape}, expected {INPUT} "
+                             f"{expected} (predictor.json and the ONNX file are not of one export)")
+        return cls(session, config, device, **detection)
+
+    @property
+    def aus(self) -> tuple[int, ...]:
+        return self._aus
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self._thresholds
+
+    def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = len(self.aus)
+        if not len(crops):
+            return np.zeros((0, k), np.float32), np.zeros((0, k), bool)
+        probs, decisions = [], []
+        for i in range(0, len(crops), self.batch_size):
+            batch = np.ascontiguousarray(crops[i:i + self.batch_size], np.uint8)
+            p, d = self.session.run(list(OUTPUTS), {INPUT: batch})
+            probs.append(p)
+            decisions.append(d)
+        return np.concatenate(probs), np.concatenate(decisions)
+
+    def save(self, folder: str | Path) -> Path:
+        raise TypeError("an onnxruntime predictor has no torch weights to save: its export folder is the model")
+
+
+def load_predictor(model: str, device: str | None = None, backend: Backend = "torch", **detection) -> AUPredictor:
+    """The predictor of ``model`` with its network run by ``backend``: ``torch`` takes what
+    :meth:`AUPredictor.load` takes; ``onnxruntime`` a folder of ``au-detect export``."""
+    if backend == "onnxruntime":
+        return OnnxAUPredictor.from_dir(model, device, **detection)
+    if backend != "torch":
+        raise ValueError(f"backend {backend!r}: expected 'torch' or 'onnxruntime'")
+    return AUPredictor.load(model, device, **detection)
+
+
+def parity(predictor: AUPredictor, onnx_predictor: OnnxAUPredictor, crops: Sequence[np.ndarray] | np.ndarray
+           ) -> dict[str, float]:
+    """Largest probability difference and the share of equal decisions, torch vs onnxruntime, on
+    the same uint8 crops."""
+    crops = np.asarray(crops, np.uint8)
+    p_torch, d_torch = predictor.classify(crops)
+    p_onnx, d_onnx = onnx_predictor.classify(crops)
+    return {"max_abs_prob": float(np.abs(p_torch - p_onnx).max(initial=0.0)),
+            "decisions_equal": float((d_torch == d_onnx).mean()) if d_torch.size else 1.0}

@@ -1,0 +1,314 @@
+"""AUPredictor: every face of a frame found, aligned as in training, and classified in batches.
+
+A predictor is the trained :class:`AUNet` (weights, AU list, fitted thresholds) plus what the
+pixels went through before it: the alignment settings (crop size and landmark template must
+match training) and the normalisation. It loads from a Lightning checkpoint (the data module's
+settings are saved in it), from its own folder (``predictor.json`` + ``weights.pt``, the form
+inside the MLflow model) or from an MLflow model URI.
+
+Frames are detected together (MTCNN on downscaled copies, batched by shape), then every face of
+every frame goes through the network in one batch: one forward pass per ``batch_size`` faces,
+not one per face.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from datamodules.alignment.align import AlignmentSettings, FaceDetector, crop_face, detection_copy
+from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from datamodules.io.manifest import au_column_name
+from datamodules.io.sources import BATCH_PIXELS, NO_FACE, OK, Frame, batches
+from lightning_modules.au_detector import AUNet
+from lightning_modules.checkpoints import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE = "predictor.json", "weights.pt"
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+# Lightning's precision names; the mixed ones run the network under torch.autocast.
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+Precision = Literal[tuple(PRECISIONS)]  # the option's type: a wrong name is refused by the CLI
+
+
+@dataclass
+class Face:
+    """One detected face and the network's answer for it (image pixel coordinates)."""
+
+    box: np.ndarray  # (4,) x0, y0, x1, y1
+    landmarks: np.ndarray  # (5, 2) eyes, nose tip, mouth corners
+    confidence: float
+    probs: np.ndarray  # (K,)
+    decisions: np.ndarray  # (K,) bool, at the fitted thresholds
+
+
+class AUPredictor:
+    """Detect, align and classify the faces of RGB frames.
+
+    Args:
+        net: the trained network (its ``thresholds`` buffer decides).
+        alignment: the training alignment; detection knobs may be changed, the crop may not.
+        mean, std: the normalisation of training.
+        spec: how ``net`` is built (backbone, branches, AUs): saved next to its weights.
+        device: torch device (default: cuda when available).
+        batch_size: faces per forward pass.
+        precision: ``32-true``, or ``bf16-mixed``/``16-mixed`` for the network under autocast
+            (several times faster on GPUs and on CPUs with AMX; probabilities move by about 1e-3,
+            so a decision right at its threshold may flip). Detection stays in float32.
+    """
+
+    def __init__(self, net: AUNet, alignment: AlignmentSettings, spec: dict, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, device: str | torch.device | None = None, batch_size: int = 64,
+                 precision: str = "32-true"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.to(self.device).eval()
+        self._inference_net = inference_copy(self.net)
+        self.precision = precision
+        self.alignment = AlignmentSettings.coerce(alignment)
+        self.spec = dict(spec)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.normalize = Normalize(self.mean, self.std)
+        self.batch_size = batch_size
+        if self.alignment.method == "center":
+            raise ValueError("this model was trained on center crops of whole images (no face detection); "
+                             "prediction detects faces, so it needs a model trained on detected faces")
+        self.detector = FaceDetector(self.alignment, self.device)
+
+    @property
+    def aus(self) -> tuple[int, ...]:
+        return self.net.aus
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.net.thresholds.detach().cpu().numpy()
+
+    # -- loading and saving ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str, device: str | None = None, **detection) -> "AUPredictor":
+        """From a checkpoint file, a predictor folder, or an MLflow model URI (``runs:/<id>/model``,
+        ``models:/<name>/<version>``, ``models:/<name>@<alias>``). ``detection`` overrides
+        detection settings (e.g. ``min_face_size``). The exported ONNX network: :func:`lightning_modules.serving.onnx_model.load_predictor`."""
+        if model.startswith(MLFLOW_SCHEMES):
+            return cls.from_mlflow(model, device, **detection)
+        path = Path(model)
+        if path.is_dir():
+            return cls.from_dir(path, device, **detection)
+        if path.is_file():
+            return cls.from_checkpoint(path, device, **detection)
+        raise FileNotFoundError(f"model {model!r}: not a checkpoint file, a predictor folder or an MLflow model URI "
+                                f"({', '.join(s + '...' for s in MLFLOW_SCHEMES)})")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None, **detection) -> "AUPredictor":
+        """From a Lightning checkpoint of :class:`AUDetector` (branch weights come from it, so the
+        pretraining checkpoints it started from need not exist any more)."""
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+            raise ValueError(f"{path}: not a Lightning checkpoint of the AU detector (no hyper_parameters/state_dict)")
+        data = ckpt.get("datamodule_hyper_parameters") or {}
+        if "alignment" not in data:
+            log.warning("%s holds no data settings: default alignment and ImageNet normalisation assumed", path)
+        return cls.from_state(ckpt["state_dict"], ckpt["hyper_parameters"],
+                              saved_alignment(data.get("alignment", AlignmentSettings()), detection),
+                              data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+
+    @classmethod
+    def from_state(cls, state_dict: dict, hparams: dict, alignment: AlignmentSettings | dict,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   device: str | None = "cpu") -> "AUPredictor":
+        """From an :class:`AUDetector`'s state dict and hyperparameters (a checkpoint's, or a live
+        module's) and the data settings it was trained with; the weights are copied to the CPU."""
+        spec = {"aus": [int(a) for a in hparams["aus"]], "backbone": hparams["backbone"],
+                "branches": list(hparams["branches"]), "aux_heads": bool(hparams.get("aux_heads", False))}
+        net = build_net(spec)
+        net.load_state_dict({k[len("net."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("net.")})
+        return cls(net, AlignmentSettings.coerce(alignment), spec, mean, std, device)
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, device: str | None = None, **detection) -> "AUPredictor":
+        folder = Path(folder)
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        net = build_net(config["net"])
+        net.load_state_dict(load_checkpoint(folder / WEIGHTS_FILE, "predictor weights"))
+        return cls(net, saved_alignment(config["alignment"], detection), config["net"], config["mean"], config["std"],
+                   device)
+
+    @classmethod
+    def from_mlflow(cls, uri: str, device: str | None = None, **detection) -> "AUPredictor":
+        """From the pyfunc model ``au-detect fit`` logs (:mod:`lightning_modules.serving.pyfunc`): only its
+        predictor folder is read (tensors and JSON, no code of the model runs), from a temporary
+        copy that is removed once the weights are in memory."""
+        import mlflow
+        from mlflow.models import Model
+
+        with tempfile.TemporaryDirectory(prefix="au-detect-model-") as tmp:
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+                stored = Model.load(local).flavors["python_function"]["artifacts"]["predictor"]["path"]
+            except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what was asked and where
+                raise FileNotFoundError(f"model {uri!r}: could not load it from MLflow at {mlflow.get_tracking_uri()} "
+                                        f"({type(e).__name__}: {e}); is MLFLOW_TRACKING_URI or --mlflow right?") from e
+            folder = (local / stored).resolve()
+            if not folder.is_relative_to(local.resolve()):  # the MLmodel file is data: no path out of the copy
+                raise FileNotFoundError(f"model {uri!r}: its predictor path {stored!r} leaves the model's folder")
+            # from_dir copies the memory-mapped weights into the network: the copy can go after it
+            return cls.from_dir(folder, device, **detection)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``predictor.json`` and ``weights.pt`` (tensors only) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"net": self.spec, "alignment": asdict(self.alignment), "mean": self.mean, "std": self.std,
+                  "thresholds": self.thresholds.round(6).tolist()}
+        torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        return folder
+
+    # -- prediction -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Aligned uint8 crops (N,S,S,3) -> probabilities (N,K) and decisions (N,K), in batches."""
+        k = len(self.aus)
+        if not len(crops):
+            return np.zeros((0, k), np.float32), np.zeros((0, k), bool)
+        probs, decisions = [], []
+        dtype = PRECISIONS[self.precision]
+        autocast = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        for i in range(0, len(crops), self.batch_size):
+            # a memory-mapped cache is read-only: copied only then (torch wants writable memory)
+            batch = np.require(crops[i:i + self.batch_size], np.uint8, ["C", "W"])
+            x = torch.from_numpy(batch).to(self.device)
+            with autocast:
+                p, d = self._inference_net.predict(self.normalize(x.permute(0, 3, 1, 2)))
+            probs.append(p.float().cpu().numpy())
+            decisions.append(d.cpu().numpy())
+        return np.concatenate(probs), np.concatenate(decisions)
+
+    def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None) -> list[list[Face]]:
+        """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
+        detection copies when made ahead, see :meth:`FaceDetector.detect`)."""
+        detections = self.detector.detect(frames, copies)
+        crops, owners = [], []
+        for f, (frame, det) in enumerate(zip(frames, detections)):
+            order = np.argsort(-(det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])) \
+                if len(det) else []
+            for j in order:
+                crops.append(crop_face(frame, det.boxes[j], det.landmarks[j], self.alignment))
+                owners.append((f, int(j)))
+        size = self.alignment.crop_size
+        probs, decisions = self.classify(np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
+        out: list[list[Face]] = [[] for _ in frames]
+        for (f, j), p, d in zip(owners, probs, decisions):
+            det = detections[f]
+            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d))
+        return out
+
+
+    def predict_frames(self, frames: Iterable[Frame], batch_frames: int = 32,
+                       batch_pixels: int = BATCH_PIXELS) -> Iterator[tuple[Frame, list[Face] | None]]:
+        """Each frame with its faces (None for an input that yielded no pixels), in order; frames
+        are detected in batches of ``batch_frames``, fewer when they hold ``batch_pixels``.
+
+        A frame's pixels are released when the next frame is asked for (the next batch decodes
+        meanwhile, and memory must not hold both): copy them to keep them.
+        """
+        for batch in batches(frames, batch_frames, batch_pixels):
+            found = self.predict([f.pixels for f in batch if f.pixels is not None],
+                                 [f.copy for f in batch if f.pixels is not None])
+            faces = iter(found)
+            for f in batch:
+                yield f, (next(faces) if f.pixels is not None else None)
+                f.pixels = f.copy = None
+
+    def detection_copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """The downscaled copy MTCNN runs on (made ahead, in decoding threads, by :func:`frames`)."""
+        return detection_copy(image, self.alignment.detect_max_side)
+
+
+def inference_copy(net: AUNet) -> AUNet:
+    """A copy of ``net`` for inference only: each branch's batch norms folded into the convolutions
+    before them (same outputs to ~1e-6, one pass over each activation fewer), channels-last weights
+    (crops arrive as NHWC, so no layout change in each conv). ``net`` itself stays as trained, for
+    saving; the copy decides at ``net``'s own thresholds tensor (shared, not copied)."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    fused = copy.deepcopy(net).eval()
+    for name, branch in fused.branches.items():
+        try:
+            fused.branches[name] = fuse(branch)
+        except Exception as e:  # noqa: BLE001 - a backbone torch.fx cannot trace runs unfolded, as trained
+            log.debug("branch %s not folded (%s: %s)", name, type(e).__name__, e)
+    fused = fused.to(memory_format=torch.channels_last)
+    fused.thresholds = net.thresholds
+    return fused
+
+
+def build_net(spec: dict) -> AUNet:
+    """The network of a spec, with random weights (about to be overwritten by saved ones)."""
+    return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False))
+
+
+def saved_alignment(saved, detection: dict) -> AlignmentSettings:
+    settings = AlignmentSettings.coerce(saved if isinstance(saved, (AlignmentSettings, dict)) else dict(saved))
+    fixed = {"crop_size", "face_scale", "method", "version"} & {k for k, v in detection.items() if v is not None}
+    if fixed:
+        raise ValueError(f"alignment {sorted(fixed)} must stay as the model was trained; only detection settings "
+                         "(detect_max_side, min_face_size, thresholds, batch_size) may change")
+    changes = {k: (tuple(v) if k == "thresholds" else v) for k, v in detection.items() if v is not None}
+    return AlignmentSettings(**{**asdict(settings), **changes}) if changes else settings
+
+
+# -- rows: what a prediction reports, in au-detect predict's CSV and the MLflow model's answer --
+
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # MTCNN's order, image left/right
+BASE_COLUMNS = ["source", "frame", "time_s", "face", "status", "message", "x0", "y0", "x1", "y1",
+                *[f"{p}_{c}" for p in LANDMARKS for c in "xy"], "confidence"]
+
+
+def columns(aus: Sequence[int]) -> list[str]:
+    """The CSV header: fixed columns, then each AU's probability, then each AU's decision."""
+    names = [au_column_name(a) for a in aus]
+    return BASE_COLUMNS + [f"{n}_prob" for n in names] + names
+
+
+def face_record(source: str, frame: int | None, time_s: float | None, index: int, face: Face,
+                aus: Sequence[int]) -> dict:
+    record = {"source": source, "frame": frame, "time_s": time_s, "face": index, "status": OK, "message": "",
+              "x0": face.box[0], "y0": face.box[1], "x1": face.box[2], "y1": face.box[3],
+              "confidence": round(face.confidence, 5)}
+    for name, (x, y) in zip(LANDMARKS, face.landmarks):
+        record[f"{name}_x"], record[f"{name}_y"] = x, y
+    for k in ("x0", "y0", "x1", "y1", *[f"{p}_{c}" for p in LANDMARKS for c in "xy"]):
+        record[k] = round(float(record[k]), 1)
+    for a, p, d in zip(aus, face.probs, face.decisions):
+        name = au_column_name(a)
+        record[f"{name}_prob"] = round(float(p), 5)
+        record[name] = int(d)
+    return record
+
+
+def status_record(source: str, status: str, message: str, frame: int | None = None,
+                  time_s: float | None = None) -> dict:
+    return {"source": source, "frame": frame, "time_s": time_s, "face": None, "status": status, "message": message}
+
+
+def frame_records(frame: Frame, faces: list[Face] | None, aus: Sequence[int]) -> list[dict]:
+    """The rows of one frame: one per face, or one saying why there is none."""
+    source = frame.source.label
+    if frame.error is not None:
+        return [status_record(source, frame.error.status, str(frame.error), frame.frame, frame.time_s)]
+    if not faces:
+        return [status_record(source, NO_FACE, "no face detected", frame.frame, frame.time_s)]
+    return [face_record(source, frame.frame, frame.time_s, i, f, aus) for i, f in enumerate(faces)]
