@@ -1,5 +1,6 @@
-"""The shape of the code: no import cycle between the project's modules (imports inside functions
-included, where a cycle hides), and no module reaching into another's private names."""
+"""The shape of the code: its floors (each package and subpackage imports only from the floors
+below it), no import cycle between the project's modules (imports inside functions included,
+where a cycle hides), and no module reaching into another's private names."""
 
 from __future__ import annotations
 
@@ -28,6 +29,67 @@ def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
                 found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known}
     return found - {name}
+
+
+# The floors of the house, from the bottom up. A module imports from its own unit (a package's top
+# level, or one subpackage) or from a lower floor, never from beside or above: files and manifests
+# know nothing of alignment, the DataModules nothing of models, training nothing of serving,
+# tracking nothing of the training callbacks, and only the command line knows every command.
+FLOORS = (
+    ("datamodules.io",),  # manifests, images, prediction sources, atomic files
+    ("datamodules.alignment", "datamodules.download", "datamodules.synthau"),
+    ("datamodules",),  # the two DataModules, the sampler, augmentation
+    ("lightning_modules",),  # the networks, losses, metrics: the training science
+    ("lightning_modules.serving",),  # predictor, pyfunc model, ONNX
+    ("callbacks.tracking",),  # MLflow: spool, lineage, system metrics
+    ("callbacks",),  # the training callbacks
+    ("experiments",),  # the commands: fit, predict, sweep, compare...
+    ("experiments.ablation",),
+    ("experiments.cli",),  # the entry point
+)
+FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
+# The DataModules' floor holds only these; everything else has a subpackage of its kind.
+DATAMODULES_TOP = {"au_datamodule", "pretrain_datamodule", "sampling", "augmentation"}
+
+
+def _unit(module: str) -> str:
+    """The unit a module belongs to: ``experiments.cli`` itself, a subpackage, or a package's top."""
+    parts = module.split(".")
+    return module if module in FLOOR else ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def _floor_breaches(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes sideways or up the floors."""
+    found = []
+    for name, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            a, b = _unit(name), _unit(other)
+            if a != b and FLOOR[b] >= FLOOR[a]:
+                found.append(f"{name} (floor {FLOOR[a]}) imports {other} (floor {FLOOR[b]})")
+    return found
+
+
+def test_floor_check_finds_a_breach():
+    assert _floor_breaches({"datamodules.io.manifest": {"datamodules.alignment.align"}}) == [
+        "datamodules.io.manifest (floor 0) imports datamodules.alignment.align (floor 1)"]
+    assert _floor_breaches({"datamodules.synthau.scene": {"datamodules.download.downloader"}})  # beside
+    assert _floor_breaches({"lightning_modules.au_detector": {"lightning_modules.serving.predictor"}})
+    assert not _floor_breaches({"lightning_modules.serving.predictor": {"lightning_modules.au_detector"},
+                                "experiments.ablation.run": {"experiments.tracking"}})
+
+
+def test_every_module_has_a_floor():
+    assert [name for name in _modules() if _unit(name) not in FLOOR] == []
+
+
+def test_imports_go_down_the_floors():
+    modules = _modules()
+    graph = {name: _imports(name, tree, set(modules)) for name, tree in modules.items()}
+    assert _floor_breaches(graph) == []
+
+
+def test_datamodules_top_holds_only_datamodules_sampler_and_augmentation():
+    assert {p.stem for p in (ROOT / "datamodules").glob("*.py")} - {"__init__"} == DATAMODULES_TOP
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
