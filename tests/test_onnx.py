@@ -163,3 +163,60 @@ def test_mlflow_run_holds_the_onnx_model_and_the_pyfunc_runs_it(synthau, truth, 
     assert np.abs(a[probs].to_numpy() - b[probs].to_numpy()).max() <= 1e-4
     decisions = [c[:-len("_prob")] for c in probs]
     np.testing.assert_array_equal(a[decisions].to_numpy(), b[decisions].to_numpy())
+
+
+def test_logged_model_carries_only_the_served_code_and_loads_without_the_project(predictor_folder, synthau, truth,
+                                                                                tmp_path):
+    """The model's code folder holds what serving imports and nothing of training, download or
+    SynthAU; a Python that cannot import the project otherwise (no editable install, another cwd)
+    loads it from that folder alone and answers with both backends as the installed code does."""
+    import sys
+    import subprocess
+    import sysconfig
+
+    import mlflow
+    import pandas as pd
+
+    from lightning_modules.serving.model_code import ROOT as PROJECT, served_files
+    from lightning_modules.serving.pyfunc import MODEL_CODE, log_model
+
+    from .training_helpers import local_tracking
+
+    local_tracking(tmp_path)
+    with mlflow.start_run() as run:
+        log_model(AUPredictor.load(str(predictor_folder), "cpu"), onnx=True)
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "m")))
+    shipped = sorted(str(p.relative_to(model_dir / "code")) for p in (model_dir / "code").rglob("*.py"))
+    assert shipped == [str(p.relative_to(PROJECT)) for p in served_files(MODEL_CODE)]
+    for needed in ("lightning_modules/serving/pyfunc_model.py", "lightning_modules/serving/onnx_model.py",
+                   "lightning_modules/au_detector.py", "datamodules/alignment/mtcnn_cascade.py",
+                   "datamodules/io/images.py", "datamodules/augmentation.py"):
+        assert needed in shipped
+    for left_out in ("datamodules/au_datamodule.py", "datamodules/alignment/crop_cache.py",
+                     "datamodules/download", "datamodules/synthau", "lightning_modules/pretrain.py", "sampling.py"):
+        assert not any(left_out in name for name in shipped), left_out
+    assert not any("__pycache__" in str(p) for p in (model_dir / "code").rglob("*"))
+
+    ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
+    request = tmp_path / "request.parquet"
+    pd.DataFrame({"image": [(synthau / ref).read_bytes()]}).to_parquet(request)
+    script = (
+        "import sys, mlflow.pyfunc, pandas as pd\n"
+        "for backend in ('torch', 'onnxruntime'):\n"
+        f"    m = mlflow.pyfunc.load_model({str(model_dir)!r}, model_config={{'backend': backend}})\n"
+        f"    out = m.predict(pd.read_parquet({str(request)!r}))\n"
+        f"    out.to_csv({str(tmp_path)!r} + f'/{{backend}}.csv', index=False)\n"
+        "import datamodules, lightning_modules\n"
+        "print(datamodules.__file__, lightning_modules.__file__)\n")
+    # -S: no site-packages .pth files, so no editable install; the libraries come from PYTHONPATH
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": sysconfig.get_paths()["purelib"], "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert str(model_dir / "code") in done.stdout  # the project came from the model's own code folder
+    installed = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.read_parquet(request))
+    for backend in ("torch", "onnxruntime"):
+        isolated = pd.read_csv(tmp_path / f"{backend}.csv")
+        assert list(isolated["status"]) == list(installed["status"]) == ["ok", "ok"]
+        probs = [c for c in installed.columns if c.endswith("_prob")]
+        assert np.abs(isolated[probs].to_numpy() - installed[probs].to_numpy()).max() <= 1e-4

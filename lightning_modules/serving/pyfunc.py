@@ -1,8 +1,8 @@
 """The detector as an MLflow pyfunc model: image bytes in, one row per face out.
 
 ``au-detect fit`` logs the best model as ``runs:/<run id>/model``. It holds the predictor
-folder (weights, AU list, fitted thresholds, alignment and normalisation settings), this
-project's code, pinned requirements and a signature: input a column ``image`` of encoded image
+folder (weights, AU list, fitted thresholds, alignment and normalisation settings), the
+project's modules that serving imports (:mod:`lightning_modules.serving.model_code`), pinned requirements and a signature: input a column ``image`` of encoded image
 bytes (JPEG, PNG, ...), output the columns of ``au-detect predict``'s CSV, with ``source`` the
 input row. Detection and alignment happen inside, so a client sends plain photos:
 
@@ -48,9 +48,9 @@ from mlflow.types import ColSpec, Schema
 from datamodules.io.images import DEFAULT_MAX_PIXELS, EMPTY, UNREADABLE, InputError, probe
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, Source, frames
+from lightning_modules.serving.model_code import copy_served_code
 from lightning_modules.serving.predictor import LANDMARKS, AUPredictor, columns, frame_records
 
-PACKAGES = ("datamodules", "lightning_modules")  # what loading the model imports
 CANDIDATE_ALIAS = "candidate"  # the alias every newly registered version gets (models:/<name>@candidate)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "torchmetrics", "jsonargparse",
@@ -179,16 +179,16 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
     (:mod:`lightning_modules.serving.onnx_model`): the file goes into the pyfunc model's predictor folder
     (``model_config={"backend": "onnxruntime"}`` runs it) and is logged as an MLflow ONNX model,
     ``<name>_onnx``."""
-    root = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
         folder = predictor.save(Path(tmp) / "predictor")
+        code = copy_served_code(MODEL_CODE, Path(tmp) / "code")  # only what serving imports
         if onnx:
             from lightning_modules.serving.onnx_model import ONNX_FILE, export_onnx
 
             export_onnx(predictor, folder)
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={"predictor": str(folder)},
-            code_paths=[str(root / p) for p in PACKAGES], signature=signature(predictor.aus),
+            code_paths=[str(p) for p in code], signature=signature(predictor.aus),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
             model_config={**asdict(limits), "backend": "torch"}, registered_model_name=registered_model_name)
         if registered_model_name and info.registered_model_version is not None:
