@@ -43,7 +43,6 @@ from callbacks.au_report import as_csv, as_markdown, au_report, prior_f1
 from callbacks.tracking.dataset_lineage import datamodule_datasets, dataset_inputs
 from callbacks.tracking.mlflow_run import RUN_ID_KEY, mlflow_logger
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
-from callbacks.soft_threshold import SoftThresholdCallback
 from callbacks.tracking.spool import log_predictor
 from datamodules.au_datamodule import AUDataModule
 from datamodules.io.manifest import au_column_name
@@ -159,21 +158,21 @@ class MLflowArtifacts(L.Callback):
         return self.record
 
     def _render(self, trainer: L.Trainer, pl_module: AUDetector, value: float) -> dict:
-        """This validation's files, as contents; thresholds and scores from the soft-threshold callback."""
-        soft = next((c for c in trainer.callbacks if isinstance(c, SoftThresholdCallback)), None)
+        """This validation's files, as contents: the thresholds and, when they were fitted this
+        validation, the per-AU report and PR curves of its :class:`~lightning_modules.evaluation.ThresholdFit`."""
+        fit = pl_module.threshold_fit
         thresholds = pl_module.thresholds.detach().cpu().numpy()
         epoch = trainer.current_epoch
         payload = {"epoch": epoch, "step": trainer.global_step, self.monitor: value,
-                   "criterion": soft.criterion if soft is not None else None,
+                   "criterion": fit.criterion if fit is not None else None,
                    "thresholds": {au_column_name(a): float(t) for a, t in zip(pl_module.aus, thresholds)}}
         files: dict[str, str | bytes] = {"thresholds.json": json.dumps(payload, indent=1)}
-        if soft is not None and soft.last_scores is not None:
-            rows = au_report(pl_module.aus, soft.last_scores_default, soft.last_scores, thresholds)
+        if fit is not None:
+            rows = au_report(pl_module.aus, fit.at_default, fit.fitted, thresholds)
             files["au_report.csv"] = as_csv(rows)
             files["au_report.md"] = f"Validation, epoch {epoch}\n\n" + as_markdown(rows)
-            probs, labels, mask, _ = soft.last_predictions
-            files["plots/pr_curves.png"] = _png(pr_curves_figure(pl_module.aus, np.asarray(probs), np.asarray(labels),
-                                                                 np.asarray(mask), thresholds))
+            files["plots/pr_curves.png"] = _png(pr_curves_figure(pl_module.aus, fit.probs, fit.labels, fit.mask,
+                                                                 thresholds))
         return {"epoch": epoch, "step": trainer.global_step, "score": value, "files": files}
 
     # -- hooks --------------------------------------------------------------------------------

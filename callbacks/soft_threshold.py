@@ -34,7 +34,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from lightning_modules.evaluation import dedupe_by_index, gather_rows
+from lightning_modules.evaluation import ThresholdFit, ValidationBatch, dedupe_by_index, gather_rows
 from lightning_modules.metrics import as_numpy, au_confusion, au_scores, ranked_counts, scores_from_counts
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ __all__ = ["CRITERIA", "fit_thresholds", "fit_threshold_1d", "heldout_scores", "
 
 CRITERIA = ("f1", "score", "break_even")
 DEFAULT_THRESHOLD = 0.5
-_KEYS = ("probs", "labels", "mask", "index")
+_KEYS = tuple(ValidationBatch.__annotations__)  # probs, labels, mask, index
 
 
 def _check_criterion(criterion: str) -> str:
@@ -160,35 +160,27 @@ def heldout_scores(probs: Any, labels: Any, mask: Any, index: Any, criterion: st
     return scores_from_counts(*total)
 
 
-def _au_name(au: Any) -> str:
-    return f"AU{int(au)}"
-
-
 class SoftThresholdCallback(pl.Callback):
     """Fit per-AU thresholds on the (gathered, de-duplicated) validation predictions.
 
     Contract with the LightningModule: ``thresholds`` is a (K,) float buffer (updated in place),
-    ``aus`` names the K outputs, and ``validation_step`` returns a dict with ``probs`` (B, K),
-    ``labels`` (B, K), ``mask`` (B, K) bool and ``index`` (B,) (position in the validation set).
+    ``aus`` names the K outputs, and ``validation_step`` returns a
+    :class:`~lightning_modules.evaluation.ValidationBatch` (probs, labels, mask, index).
 
-    Logs ``val/f1_fitted``, ``val/accuracy_fitted``, ``val/score_fitted`` (thresholds fitted
-    on the whole set, scored on it), their held-out versions ``val/*_heldout``
-    (:func:`heldout_scores`: what the best epoch is chosen by) and, with
-    ``log_per_au``, ``val/f1_fitted/AU<n>`` (AUs with labelled entries) and
-    ``val/threshold/AU<n>``. Keeps for other callbacks: ``thresholds`` (np array),
-    ``last_scores`` (:func:`au_scores` at the fitted thresholds), ``last_scores_default``
-    (at 0.5) and ``last_predictions`` = (probs, labels, mask, index) numpy arrays.
+    Each validation makes one :class:`~lightning_modules.evaluation.ThresholdFit` (predictions,
+    thresholds, scores at 0.5, fitted and held out), set on the module as ``threshold_fit`` for
+    whoever reports it, and logs its figures: ``val/f1_fitted``, ``val/accuracy_fitted``,
+    ``val/score_fitted`` (thresholds fitted on the whole set, scored on it), their held-out
+    versions ``val/*_heldout`` (:func:`heldout_scores`: what the best epoch is chosen by) and,
+    with ``log_per_au``, ``val/f1_fitted/AU<n>`` (AUs with labelled entries) and
+    ``val/threshold/AU<n>``.
     """
 
     def __init__(self, criterion: str = "f1", log_per_au: bool = True) -> None:
         super().__init__()
         self.criterion = _check_criterion(criterion)
         self.log_per_au = log_per_au
-        self.thresholds: np.ndarray | None = None
-        self.last_scores: dict | None = None
-        self.last_scores_default: dict | None = None
-        self.last_scores_heldout: dict | None = None
-        self.last_predictions: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.thresholds: np.ndarray | None = None  # the last fit's, kept in checkpoints
         self._outputs: list[dict[str, torch.Tensor]] = []
 
     # -- collection --------------------------------------------------------------------------
@@ -200,11 +192,10 @@ class SoftThresholdCallback(pl.Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx != 0 or trainer.sanity_checking:
             return
-        if not isinstance(outputs, dict) or any(k not in outputs for k in _KEYS):
-            raise KeyError(f"SoftThresholdCallback needs validation_step to return a dict with {_KEYS}; "
-                           f"got {type(outputs).__name__}"
-                           + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else ""))
-        self._outputs.append({k: torch.as_tensor(outputs[k]).detach().cpu() for k in _KEYS})
+        if not isinstance(outputs, ValidationBatch):
+            raise TypeError(f"SoftThresholdCallback fits on what {type(pl_module).__name__}.validation_step returns: "
+                            f"a lightning_modules.evaluation.ValidationBatch{_KEYS}, not {type(outputs).__name__}")
+        self._outputs.append({k: torch.as_tensor(v).detach().cpu() for k, v in zip(_KEYS, outputs)})
 
     def _local(self, num_aus: int) -> dict[str, torch.Tensor]:
         """This rank's predictions concatenated, in the dtypes used for gathering."""
@@ -235,26 +226,16 @@ class SoftThresholdCallback(pl.Callback):
         with torch.no_grad():
             buffer.copy_(torch.as_tensor(thresholds, dtype=buffer.dtype, device=buffer.device))
         self.thresholds = thresholds
-        self.last_predictions = (probs, labels, mask, index)
-        self.last_scores_default = au_scores(probs, labels, mask, DEFAULT_THRESHOLD)
-        self.last_scores = au_scores(probs, labels, mask, thresholds)
-        self.last_scores_heldout = heldout_scores(probs, labels, mask, index, self.criterion)
-        self._log(pl_module, self.last_scores, thresholds)
-
-    def _log(self, pl_module: pl.LightningModule, scores: dict, thresholds: np.ndarray) -> None:
+        aus = tuple(int(a) for a in (getattr(pl_module, "aus", None) or range(k)))
+        fit = ThresholdFit(
+            epoch=int(getattr(trainer, "current_epoch", 0)), criterion=self.criterion, aus=aus, probs=probs,
+            labels=labels, mask=mask, index=index, thresholds=thresholds,
+            at_default=au_scores(probs, labels, mask, DEFAULT_THRESHOLD), fitted=au_scores(probs, labels, mask, thresholds),
+            heldout=heldout_scores(probs, labels, mask, index, self.criterion))
+        pl_module.threshold_fit = fit
         # values are already global (gathered) and identical on every rank: no sync
-        heldout = self.last_scores_heldout
-        metrics = {"val/f1_fitted": scores["mean_f1"], "val/accuracy_fitted": scores["mean_accuracy"],
-                   "val/score_fitted": scores["score"], "val/f1_heldout": heldout["mean_f1"],
-                   "val/accuracy_heldout": heldout["mean_accuracy"], "val/score_heldout": heldout["score"]}
-        if self.log_per_au:
-            aus = getattr(pl_module, "aus", None) or range(len(thresholds))
-            for i, au in enumerate(aus):
-                if np.isfinite(scores["f1"][i]):
-                    metrics[f"val/f1_fitted/{_au_name(au)}"] = float(scores["f1"][i])
-                metrics[f"val/threshold/{_au_name(au)}"] = float(thresholds[i])
-        for name, value in metrics.items():
-            pl_module.log(name, float(value), sync_dist=False)
+        for name, value in fit.metrics(self.log_per_au).items():
+            pl_module.log(name, value, sync_dist=False)
 
     # -- resuming ----------------------------------------------------------------------------
 

@@ -50,9 +50,17 @@ class MLflowSaveConfig(SaveConfigCallback):
         if logger is None:
             return
         text = self.parser.dump(self.config, skip_none=False)
+        # Values linked from the data when the classes were made (the AU priors, the number of
+        # classes) are not options: the model's hyperparameters say what it was built with.
+        config = yaml.safe_load(text)
+        model = config.get("model")
+        linked = {k: v for k, v in pl_module.hparams.items() if isinstance(model, dict) and k not in model and _plain(v)}
+        if linked:
+            model.update(linked)
+            text = yaml.safe_dump(config, sort_keys=False)
         client, run_id = logger.experiment, logger.run_id
         client.log_text(run_id, text, "config.yaml")
-        log_params_once(client, run_id, flatten_config(yaml.safe_load(text), skip=NOT_PARAMS))
+        log_params_once(client, run_id, flatten_config(config, skip=NOT_PARAMS))
         client.set_tag(run_id, "au_detect.command", getattr(stage, "value", stage))  # "fit", not TrainerFn.FITTING
 
 
@@ -221,6 +229,8 @@ class AUDetectCLI(TrackedCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.aus", "model.aus")
+        # What ``target_rate: prior`` aims at: each AU's positive share in the training manifest.
+        parser.link_arguments("data.au_priors", "model.au_priors", apply_on="instantiate")
         parser.link_arguments("trainer.use_distributed_sampler", "data.shard_sampler", compute_fn=lambda used: not used)
         parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -237,10 +247,6 @@ class AUDetectCLI(TrackedCLI):
         config = self._subconfig()
         if config.mlflow_artifacts.registered_model_name is None and Path(config.mlflow).is_file():
             config.mlflow_artifacts.registered_model_name = TrackingSettings.read(config.mlflow).registered_model_name
-        # ``target_rate: prior``: the training priors are the data's to compute; they go into the
-        # config, so the run's config.yaml and params record the values trained with.
-        if config.model.target_rate == "prior" and config.model.au_priors is None:
-            config.model.au_priors = AUDataModule(**config.data.as_dict()).au_priors
 
 
 class PretrainCLI(TrackedCLI):
@@ -263,6 +269,13 @@ class PretrainCLI(TrackedCLI):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.num_classes", self.classes_key, apply_on="instantiate")
         parser.add_lightning_class_args(BackboneExport, "export")
+
+
+def _plain(value) -> bool:
+    """A value YAML writes as it is (numbers, text, lists of them)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from datamodules.io.manifest import EMOTIONET_AUS, au_column_name
 from lightning_modules.backbones import create_backbone
+from lightning_modules.evaluation import ThresholdFit, ValidationBatch
 from lightning_modules.losses import MaskedBCEWithLogits, build_loss, prior_target_rate
 from lightning_modules.metrics import AUMetrics
 
@@ -171,6 +172,8 @@ class AUDetector(L.LightningModule):
         self.val_metrics = AUMetrics(k, dedupe_by_index=True)
         self.test_metrics = AUMetrics(k, dedupe_by_index=True)
         self.test_metrics_default = AUMetrics(k, dedupe_by_index=True)
+        # The last validation's thresholds with their predictions and scores (SoftThresholdCallback)
+        self.threshold_fit: ThresholdFit | None = None
 
     def _target_rate(self, target_rate, au_priors):
         """``target_rate`` as values: a number, one per AU, or the priors for ``prior``."""
@@ -236,13 +239,13 @@ class AUDetector(L.LightningModule):
         logits = self.net(self._images(batch))
         return self.eval_criterion(logits, batch["labels"], batch["mask"]), logits
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch: dict, batch_idx: int) -> ValidationBatch:
         loss, logits = self.evaluation_step(batch)
         probs = torch.sigmoid(logits)
         self.val_metrics.update(probs, batch["labels"], batch["mask"], index=batch["index"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
         # SoftThresholdCallback gathers these to fit the thresholds.
-        return {"probs": probs, "labels": batch["labels"], "mask": batch["mask"], "index": batch["index"]}
+        return ValidationBatch(probs, batch["labels"], batch["mask"], batch["index"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val", self.val_metrics.compute())

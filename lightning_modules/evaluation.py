@@ -5,17 +5,69 @@ shares to equal length by repeating samples. Metrics that need the whole set (fi
 verification pairs, de-duplicated AU counts) therefore gather every rank's rows
 (:func:`gather_rows`) and keep one row per sample index (:func:`dedupe_by_index`), so that they
 equal a single process's result on the same predictions.
+
+Two records carry a validation's results between the parts that make and report them:
+:class:`ValidationBatch` is what the AU detector's ``validation_step`` returns, and
+:class:`ThresholdFit` is one validation's fitted thresholds with the predictions and scores behind
+them, made once by the soft-threshold callback and kept on the module for whoever reports it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-__all__ = ["dedupe_by_index", "gather_rows"]
+__all__ = ["ThresholdFit", "ValidationBatch", "dedupe_by_index", "gather_rows"]
+
+
+class ValidationBatch(NamedTuple):
+    """One validation batch's predictions, as ``validation_step`` returns them."""
+
+    probs: torch.Tensor  # (B, K) probabilities
+    labels: torch.Tensor  # (B, K), positive when > 0.5
+    mask: torch.Tensor  # (B, K) bool, True = labelled
+    index: torch.Tensor  # (B,) each sample's position in the validation set
+
+
+@dataclass(frozen=True, eq=False)
+class ThresholdFit:
+    """One validation's per-AU thresholds and what they score.
+
+    The predictions are those of every rank, each sample once, ordered by index. Scores are
+    :func:`~lightning_modules.metrics.au_scores` dicts: at 0.5 (``at_default``), at the fitted
+    thresholds on the samples they were fitted on (``fitted``, optimistic) and with each half of
+    the samples decided at thresholds fitted on the other half (``heldout``).
+    """
+
+    epoch: int
+    criterion: str
+    aus: tuple[int, ...]
+    probs: np.ndarray  # (N, K)
+    labels: np.ndarray  # (N, K)
+    mask: np.ndarray  # (N, K) bool
+    index: np.ndarray  # (N,)
+    thresholds: np.ndarray  # (K,)
+    at_default: dict
+    fitted: dict
+    heldout: dict
+
+    def metrics(self, per_au: bool = True) -> dict[str, float]:
+        """The validation figures it gives: ``val/{f1,accuracy,score}_{fitted,heldout}`` and, with
+        ``per_au``, ``val/f1_fitted/AU<n>`` (AUs with labelled entries) and ``val/threshold/AU<n>``."""
+        out = {}
+        for kind, scores in (("fitted", self.fitted), ("heldout", self.heldout)):
+            out |= {f"val/f1_{kind}": float(scores["mean_f1"]), f"val/accuracy_{kind}": float(scores["mean_accuracy"]),
+                    f"val/score_{kind}": float(scores["score"])}
+        if per_au:
+            for i, au in enumerate(self.aus):
+                if np.isfinite(self.fitted["f1"][i]):
+                    out[f"val/f1_fitted/AU{au}"] = float(self.fitted["f1"][i])
+                out[f"val/threshold/AU{au}"] = float(self.thresholds[i])
+        return out
 
 
 def dedupe_by_index(index: Any, *arrays: Any) -> tuple:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from callbacks.soft_threshold import SoftThresholdCallback, fit_thresholds, heldout_scores
-from lightning_modules.evaluation import dedupe_by_index
+from lightning_modules.evaluation import ValidationBatch, dedupe_by_index
 from lightning_modules.metrics import au_scores
 
 
@@ -210,7 +210,7 @@ def test_callback_gathers_and_dedupes_two_ranks(drop_rank1_padding):
     cb.on_validation_epoch_start(trainer, module)
     r0 = local(ranks[0])
     for start in range(0, len(ranks[0]), 8):
-        batch = {key: v[start:start + 8] for key, v in r0.items()}
+        batch = ValidationBatch(**{key: v[start:start + 8] for key, v in r0.items()})
         cb.on_validation_batch_end(trainer, module, batch, None, start // 8)
         cb.on_validation_batch_end(trainer, module, {"junk": 1}, None, start // 8, dataloader_idx=1)  # ignored
     cb.on_validation_epoch_end(trainer, module)
@@ -218,10 +218,27 @@ def test_callback_gathers_and_dedupes_two_ranks(drop_rank1_padding):
     expected = fit_thresholds(p32, labels, mask, "f1")
     np.testing.assert_array_equal(cb.thresholds, expected)
     np.testing.assert_array_equal(module.thresholds.numpy(), expected.astype(np.float32))
-    np.testing.assert_array_equal(cb.last_predictions[3], np.arange(n))
+    fit = module.threshold_fit  # the one record of this validation
+    np.testing.assert_array_equal(fit.index, np.arange(n))
+    np.testing.assert_array_equal(fit.thresholds, expected)
+    assert fit.criterion == "f1" and fit.aus == (1, 2, 3)
     assert module.logged["val/f1_fitted"] == pytest.approx(au_scores(p32, labels, mask, expected)["mean_f1"])
     assert module.logged["val/threshold/AU2"] == pytest.approx(expected[1])
-    assert cb.last_scores_default["mean_f1"] == pytest.approx(au_scores(p32, labels, mask, 0.5)["mean_f1"])
+    assert fit.at_default["mean_f1"] == pytest.approx(au_scores(p32, labels, mask, 0.5)["mean_f1"])
+    heldout = heldout_scores(p32, labels, mask, np.arange(n), "f1")
+    assert module.logged["val/score_heldout"] == fit.heldout["score"] == pytest.approx(heldout["score"])
+    assert module.logged == fit.metrics()
+
+
+def test_callback_says_what_validation_step_must_return():
+    module = FakeRank0Module(3, {})
+    trainer = SimpleNamespace(world_size=1, sanity_checking=False)
+    cb = SoftThresholdCallback()
+    outputs = {"probs": torch.zeros(2, 3), "labels": torch.zeros(2, 3)}
+    with pytest.raises(TypeError, match=r"FakeRank0Module.validation_step returns: a "
+                                        r"lightning_modules.evaluation.ValidationBatch\('probs', 'labels', 'mask', "
+                                        r"'index'\), not dict"):
+        cb.on_validation_batch_end(trainer, module, outputs, None, 0)
 
 
 def test_callback_state_roundtrip():
@@ -271,7 +288,7 @@ class TinyAU(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         probs = torch.sigmoid(self(batch["x"]))
-        return {"probs": probs, "labels": batch["labels"], "mask": batch["mask"], "index": batch["index"]}
+        return ValidationBatch(probs, batch["labels"], batch["mask"], batch["index"])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -294,7 +311,7 @@ def test_callback_in_trainer():
     labels, mask = val.labels.numpy(), val.mask.numpy()
     expected = fit_thresholds(probs, labels, mask, "f1")
     np.testing.assert_array_equal(model.thresholds.numpy(), expected.astype(np.float32))
-    assert len(cb.last_predictions[0]) == len(val)  # the whole val set, sanity-check batches not kept
+    assert len(model.threshold_fit.probs) == len(val)  # the whole val set, sanity-check batches not kept
     scores = au_scores(probs, labels, mask, expected)
     metrics = trainer.callback_metrics
     assert float(metrics["val/f1_fitted"]) == pytest.approx(scores["mean_f1"], abs=1e-6)

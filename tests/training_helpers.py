@@ -91,6 +91,8 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     assert {"plots/label_frequencies.png", "plots/pr_curves.png", "plots/sample_grid.png"} <= plots
     config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
     assert config["model"]["backbone"] == "resnet18" and config["data"]["alignment"]["crop_size"] == crop
+    # the training priors, linked from the data, are recorded with the options
+    assert len(config["model"]["au_priors"]) == 23 and params["model.au_priors"].startswith("[")
     thresholds = json.loads(Path(client.download_artifacts(run_id, "thresholds.json", tmp)).read_text())
     assert len(thresholds["thresholds"]) == 23 and "AU12" in thresholds["thresholds"]
     (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
