@@ -9,6 +9,7 @@ signatures.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import sys
 import warnings
@@ -131,7 +132,8 @@ def _arg_doc(fn: Callable, name: str) -> str:
 
 def usage() -> str:
     """What ``au-detect`` alone prints: every command with what it does."""
-    lines = ["usage: au-detect <command> [options]      (au-detect <command> --help: its options)", "",
+    lines = ["usage: au-detect <command> [options]      (au-detect <command> --help: its options;"
+             " au-detect --version)", "",
              "Facial Action Unit detection in the wild: MTCNN alignment, a dual-transfer ResNet, multilabel",
              "balanced training, tracked in MLflow.", ""]
     width = max(map(len, COMMANDS))
@@ -140,6 +142,14 @@ def usage() -> str:
         lines += [f"  {name:<{width}}  {c.help}" for name, c in COMMANDS.items() if c.group == group]
         lines.append("")
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed project's version (``pyproject.toml``; see CHANGELOG.md)."""
+    try:
+        return importlib.metadata.version("au-detect")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed: pip install -e .)"
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -153,6 +163,9 @@ def main(args: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args or args[0] in ("-h", "--help"):
         print(usage())
+        return
+    if args[0] in ("-V", "--version"):
+        print(f"au-detect {version()}")
         return
     command = COMMANDS.get(args[0])
     if command is None:
