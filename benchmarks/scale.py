@@ -428,6 +428,9 @@ def export_revision(rev: str, into: Path) -> Path:
                               "lightning_modules", "callbacks"], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(into)
+    if not (into / "datamodules" / "io" / "manifest.py").is_file():  # the stages import the subpackage layout
+        raise SystemExit(f"--baseline {rev}: that revision has the flat layout from before the subpackages "
+                         f"(datamodules/manifest.py); a baseline must be at or after commit 1bc8598")
     return into
 
 

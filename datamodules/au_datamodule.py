@@ -267,7 +267,7 @@ class AUDataModule(L.LightningDataModule):
         where none is labelled): the prior selective learning aims at with ``target_rate: prior``.
 
         Read from the manifest's labels (so before any image is downloaded or aligned; SynthAU is
-        generated first if it is the data). The CLI hands it to ``model.au_priors``.
+        generated first if it is the data). The CLI links it to ``model.au_priors``.
         """
         if self._au_priors is None:
             if self.synthetic:

@@ -111,7 +111,7 @@ class AUDetector(L.LightningModule):
         target_rate: selective learning's target positive share: one value, one per AU, or
             ``prior``: each AU's positive share in the training data (``au_priors``).
         au_priors: each AU's labelled positive share in the training data, what ``prior`` means;
-            the CLI sets it from the DataModule (``AUDataModule.au_priors``) when it is not given.
+            ``au-detect fit`` links it from the DataModule (``AUDataModule.au_priors``).
         max_drop, max_weight: selective learning's caps on dropping and up-weighting.
         pos_weight: per-AU positive weights for ``weighted_bce``.
         dropout: before the heads.
