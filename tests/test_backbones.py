@@ -89,6 +89,7 @@ def test_unreadable_sources(tmp_path):
         create_backbone("vit_base_patch16_224")
 
 
+@pytest.mark.slow
 def test_timm_weights_offline_is_a_clear_error():
     code = ("from lightning_modules.backbones import create_backbone\n"
             "create_backbone('resnet18', 'timm')\n")

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 
 
+@pytest.mark.slow
 def test_synth_then_align(tmp_path, capsys):
     main(["synth", "--root", str(tmp_path / "s"), "--num_images", "30", "--seed", "2", "--workers", "1"])
     out = capsys.readouterr().out
@@ -75,7 +76,7 @@ def test_download_command(synthau, image_server, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("task,metric", [("pretrain-face", "val/verification_accuracy"),
-                                         ("pretrain-expression", "val/f1_macro")])
+                                         pytest.param("pretrain-expression", "val/f1_macro", marks=pytest.mark.slow)])
 def test_pretraining_commands_write_a_loadable_backbone(synthau, aligned_train, tmp_path, capsys, task, metric):
     """au-detect pretrain-*: the demo config, a few steps, MLflow run with the backbone; the AU
     model's branch loads every tensor of it."""
@@ -157,6 +158,7 @@ def test_pipeline_config_overrides_are_options_of_its_commands(monkeypatch):
         assert parsed.data.alignment.crop_size == fit.data.alignment.crop_size  # one cache for both
 
 
+@pytest.mark.slow
 def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
     """The ablation config parses, and every config it hands fit and pretraining (a dict: the
     config file with the row's changes) is accepted by them."""
@@ -184,7 +186,7 @@ def test_ablation_config_overrides_are_options_of_its_commands(monkeypatch):
         assert parsed.export.path == "b.pt"
 
 
-def test_models_are_registered_under_mlflow_yaml_name_unless_the_config_names_one(tmp_path):
+def test_models_are_registered_under_mlflow_yaml_name_unless_the_config_names_one(synthau, tmp_path):
     from callbacks.mlflow_artifacts import MLflowArtifacts
     from experiments.lightning_cli import AUDetectCLI
 
@@ -192,7 +194,9 @@ def test_models_are_registered_under_mlflow_yaml_name_unless_the_config_names_on
     settings.write_text(f"tracking_uri: sqlite:///{tmp_path}/m.db\nregistered_model_name: team-au\n")
     names = []
     for extra in ([], ["--mlflow_artifacts.registered_model_name", "mine"]):
-        cli = AUDetectCLI(args=["--config", str(DEMO), "--mlflow", str(settings), "--trainer.logger=false",
+        # the session's SynthAU as it was made: the priors linked into the model read its labels
+        cli = AUDetectCLI(args=["--config", str(DEMO), "--data.data_root", str(synthau), "--data.synth.num_images",
+                                "120", "--data.synth.seed", "3", "--mlflow", str(settings), "--trainer.logger=false",
                                 "--model.face_weights=null", "--model.emotion_weights=null", *extra],
                           run=False)
         names += [c.registered_model_name for c in cli.trainer.callbacks if isinstance(c, MLflowArtifacts)]

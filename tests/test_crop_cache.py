@@ -115,6 +115,7 @@ def _assert_same_cache(got: Path, want: Path) -> None:
     assert (diff > 2).mean() < 1e-3, (diff > 2).mean()
 
 
+@pytest.mark.slow
 def test_interrupted_alignment_resumes_where_it_stopped(synthau, tmp_path, monkeypatch):
     """Killed in the middle: no cache looks finished, the journal holds what was done, and the
     next call aligns only the rest; the result equals an uninterrupted run's."""
@@ -343,6 +344,7 @@ def test_flipped_byte_is_found_when_its_chunk_is_read(synthau, val_cache):
     np.testing.assert_array_equal(AlignedSplit.open(folder).crops, crops)
 
 
+@pytest.mark.slow
 def test_spawned_loader_worker_checks_its_own_mapping(val_cache):
     """A pickled split (spawned worker) maps crops.npy again and still verifies what it reads; the
     error comes back to the main process as a CacheError naming the folder and the chunk."""

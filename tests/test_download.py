@@ -467,6 +467,7 @@ PERMANENT = ["/404", "/410", "/403", "/html", "/garbage", "/huge", "/endless", "
 TRANSIENT = {"/slow": 1, "/503": 2, "/truncated": 2, "/cut-jpeg": 1}  # requests per run (retries=1)
 
 
+@pytest.mark.slow
 def test_second_run_fetches_only_missing_images_and_transient_failures(server, tmp_path):
     train, val = _write_manifests(tmp_path, server.base)
     out = tmp_path / "out"

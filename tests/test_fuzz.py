@@ -94,6 +94,7 @@ def test_predict_gives_every_mutated_file_its_rows(fuzz_folder, tmp_path):
     print(f"\n{len(items)} files: {summary}")
 
 
+@pytest.mark.slow
 def test_mlflow_model_gives_every_mutated_row_its_rows(fuzz_folder, tmp_path):
     from lightning_modules.serving.pyfunc import log_model
 

@@ -124,6 +124,7 @@ def test_wrong_folders_and_options_are_named(predictor_folder, exported, tmp_pat
     assert "tflite" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_the_onnx_model_and_the_pyfunc_runs_it(synthau, truth, predictor_folder, tmp_path):
     """``log_onnx``: the pyfunc model answers alike with ``backend: onnxruntime``, and the ONNX
     model is an MLflow ONNX model of its own on the run."""
@@ -165,6 +166,7 @@ def test_mlflow_run_holds_the_onnx_model_and_the_pyfunc_runs_it(synthau, truth, 
     np.testing.assert_array_equal(a[decisions].to_numpy(), b[decisions].to_numpy())
 
 
+@pytest.mark.slow
 def test_logged_model_carries_only_the_served_code_and_loads_without_the_project(predictor_folder, synthau, truth,
                                                                                 tmp_path):
     """The model's code folder holds what serving imports and nothing of training, download or

@@ -70,6 +70,7 @@ def scene(synthau, truth, tmp_path_factory):
     return image
 
 
+@pytest.mark.slow
 def test_each_registered_fit_is_the_candidate(fits):
     first, second = fits["candidates"]
     assert (str(first.version), first.run_id) == ("1", fits["runs"][0])  # after the first fit
@@ -77,6 +78,7 @@ def test_each_registered_fit_is_the_candidate(fits):
     assert "candidate" in aliases(fits["client"], "2") and "candidate" not in aliases(fits["client"], "1")
 
 
+@pytest.mark.slow
 def test_promote_moves_the_alias_between_versions(fits, capsys):
     runs, settings, client = fits["runs"], fits["yaml"], fits["client"]
     main(["promote", "--model", f"runs:/{runs[0]}/model", "--alias", "champion", "--mlflow", settings])
@@ -95,6 +97,7 @@ def test_promote_moves_the_alias_between_versions(fits, capsys):
     assert promote(f"models:/{MODEL}/latest", "newest", mlflow=settings)["version"] == "2"
 
 
+@pytest.mark.slow
 def test_a_run_model_not_yet_registered_is_registered_by_name(fits, capsys):
     client, plain = fits["client"], fits["plain"]
     experiment = client.get_experiment_by_name("registry-test").experiment_id
@@ -131,11 +134,13 @@ def test_a_run_model_not_yet_registered_is_registered_by_name(fits, capsys):
     ("photos/best.ckpt", "champion", r"model 'photos/best.ckpt': expected runs:/<run id>/model, models:/<name>/"),
     (f"models:/{MODEL}/1", "v2", r"alias 'v2': letters, digits"),
 ])
+@pytest.mark.slow
 def test_clear_errors(fits, model, alias, message):
     with pytest.raises(RegistryError, match=message):
         promote(model, alias, mlflow=fits["yaml"])
 
 
+@pytest.mark.slow
 def test_a_run_without_a_model(fits):
     client = fits["client"]
     run = client.create_run(client.get_experiment_by_name("registry-test").experiment_id, run_name="no model")
@@ -143,6 +148,7 @@ def test_a_run_without_a_model(fits):
         promote(f"runs:/{run.info.run_id}/model", "champion", mlflow=fits["yaml"])
 
 
+@pytest.mark.slow
 def test_predict_with_the_champion_alias_is_the_version_it_names(fits, scene, tmp_path):
     """champion on version 1 while version 2 is the newest: the alias, not the latest, is loaded."""
     runs, settings = fits["runs"], fits["yaml"]

@@ -33,6 +33,7 @@ def test_table_flags_only_what_grows_worse_than_n_log_n(capsys):
     assert last == f"| exponent | 1.00 | **2.00** (> {FLAG_EXPONENT}) |"
 
 
+@pytest.mark.slow
 def test_generated_manifest_parses_to_what_was_written(tmp_path):
     path = tmp_path / "m.tsv"
     written = write_scale_manifest(path, 600, seed=1)
@@ -61,6 +62,7 @@ def test_sampler_and_threshold_measurements_run():
     assert min(thresholds[k] for k in ("fit_s", "au_scores_s", "heldout_s")) > 0
 
 
+@pytest.mark.slow
 def test_crop_cache_opens_and_loader_memory_is_read(tmp_path):
     folder = write_crop_cache(tmp_path / "cache", 300, size=32)
     split = AlignedSplit.open(folder)

@@ -78,7 +78,9 @@ def brute_force(probs, labels, mask, criterion):
 
 
 # (seed, n, K, decimals): rounding to 2 decimals gives many tied probabilities
-CASES = [(0, 60, 1, 2), (1, 120, 4, 2), (2, 250, 2, 2), (3, 25, 6, None), (4, 70, 2, None), (5, 40, 3, 1)]
+# the two largest cases take seconds each against the brute force: the whole suite runs them
+CASES = [(0, 60, 1, 2), pytest.param(1, 120, 4, 2, marks=pytest.mark.slow),
+         pytest.param(2, 250, 2, 2, marks=pytest.mark.slow), (3, 25, 6, None), (4, 70, 2, None), (5, 40, 3, 1)]
 
 
 @pytest.mark.parametrize("criterion", ["f1", "score", "break_even"])
@@ -334,7 +336,7 @@ def _sklearn_f1_threshold(p: np.ndarray, y: np.ndarray) -> float:
     return _pick(f1s, candidates)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_heldout_scores_decide_each_half_at_thresholds_fitted_on_the_other(seed):
     from callbacks.soft_threshold import heldout_scores, validation_half
 

@@ -88,6 +88,7 @@ def _history(client: MlflowClient, run_id: str, metric: str = "val/score_heldout
     return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 def test_sweep_trials_are_fits_under_one_parent_with_the_best_as_a_fit_config(synthau, sweep_cache, tmp_path):
     """Three trials, the second pruned after its first epoch: three child runs of one parent, the
     trials' values their best epochs' scores, and the parent holding the best trial as a config

@@ -33,6 +33,7 @@ def test_manifests_are_emotionet_form(synthau):
     assert (synthau / "au_gallery.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path, synthau):
     settings = SynthAUSettings(num_images=120, seed=3)
     generate_synthau(tmp_path / "one", settings, workers=1)
@@ -43,11 +44,13 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path, synthau):
             assert a == b, name
 
 
+@pytest.mark.slow
 def test_other_seed_other_data(tmp_path, synthau):
     generate_synthau(tmp_path / "s4", SynthAUSettings(num_images=20, seed=4), workers=1)
     assert (tmp_path / "s4" / "train.tsv").read_text() != (synthau / "train.tsv").read_text()
 
 
+@pytest.mark.slow
 def test_label_statistics_like_emotionet():
     """Label draws alone (no rendering) for 20k faces: rare and common AUs, 5-15 % unlabelled."""
     rng = np.random.default_rng(0)

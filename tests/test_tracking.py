@@ -117,6 +117,7 @@ def test_dataset_inputs_go_through_the_spool(tmp_path):
         ("synthau/train.tsv", "0123456789ab", "training"), ("synthau/val.tsv", "ba9876543210", "validation")]
 
 
+@pytest.mark.slow
 def test_system_metrics_of_a_resumed_run_go_on_from_its_last_step(tmp_path):
     from mlflow import MlflowClient
 

@@ -340,7 +340,7 @@ def test_training_never_waits_on_a_tracking_server_that_hangs_comes_back_then_di
        what was kept, the model included.
 
     The steps during both outages (the first 25 of each: the machine's load drifts) are as fast as
-    before (medians, within 10 %); the run then holds one train/loss point per step and one val/f1
+    before (medians, within 20 %: a fit that waited would be ten times slower); the run then holds one train/loss point per step and one val/f1
     per epoch, no point twice, and every artifact.
     """
     # Steps enough for every phase, some of which last seconds, even if the machine's load falls
@@ -407,7 +407,10 @@ def test_training_never_waits_on_a_tracking_server_that_hangs_comes_back_then_di
     rates = {"before": 1 / statistics.median(before), "during": 1 / statistics.median(during)}
     print(f"\nsteps/s (medians): {rates['before']:.3f} before, {rates['during']:.3f} during the outages "
           f"({len(before)} and {len(during)} steps; hung {back - hung:.1f} s, dead {ended - died:.1f} s)")
-    assert rates["during"] >= 0.9 * rates["before"], rates
+    # A fit that waited on the server would spend MLflow's retry budget (2 s) on a blocked call, a
+    # step rate under a tenth of before's; the medians of an undisturbed fit land at 0.9-1.2 of
+    # before's with the machine's drift, so 0.8 tells the two apart without failing on noise.
+    assert rates["during"] >= 0.8 * rates["before"], rates
 
     # what the fit said: what it kept where
     assert "MLflow tracking is behind" in out, out[-3000:]

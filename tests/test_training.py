@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from experiments.cli import main
 
 from .training_helpers import check_run, small_fit_args, write_mlflow_yaml
 
 
+@pytest.mark.slow
 def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri)

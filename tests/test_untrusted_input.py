@@ -54,6 +54,7 @@ def _crafted(path: Path, marker: Path, content: dict | None = None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_crafted_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys):
     """predict --model, --ckpt_path of fit/validate/test and of pretraining, branch weights, a
     predictor folder and an MLflow model whose weights file was swapped: the payload never runs,
