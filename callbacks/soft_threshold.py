@@ -228,7 +228,7 @@ class SoftThresholdCallback(pl.Callback):
         self.thresholds = thresholds
         aus = tuple(int(a) for a in (getattr(pl_module, "aus", None) or range(k)))
         fit = ThresholdFit(
-            epoch=int(getattr(trainer, "current_epoch", 0)), criterion=self.criterion, aus=aus, probs=probs,
+            criterion=self.criterion, aus=aus, probs=probs,
             labels=labels, mask=mask, index=index, thresholds=thresholds,
             at_default=au_scores(probs, labels, mask, DEFAULT_THRESHOLD), fitted=au_scores(probs, labels, mask, thresholds),
             heldout=heldout_scores(probs, labels, mask, index, self.criterion))

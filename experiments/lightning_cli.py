@@ -53,10 +53,10 @@ class MLflowSaveConfig(SaveConfigCallback):
         # Values linked from the data when the classes were made (the AU priors, the number of
         # classes) are not options: the model's hyperparameters say what it was built with.
         config = yaml.safe_load(text)
-        model = config.get("model")
-        linked = {k: v for k, v in pl_module.hparams.items() if isinstance(model, dict) and k not in model and _plain(v)}
+        model = config.get("model") or {}
+        linked = {k: v for k, v in pl_module.hparams.items() if k not in model and _plain(v)}
         if linked:
-            model.update(linked)
+            config["model"] = {**model, **linked}
             text = yaml.safe_dump(config, sort_keys=False)
         client, run_id = logger.experiment, logger.run_id
         client.log_text(run_id, text, "config.yaml")

@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from datamodules.io.manifest import au_column_name
+
 __all__ = ["ThresholdFit", "ValidationBatch", "dedupe_by_index", "gather_rows"]
 
 
@@ -43,7 +45,6 @@ class ThresholdFit:
     the samples decided at thresholds fitted on the other half (``heldout``).
     """
 
-    epoch: int
     criterion: str
     aus: tuple[int, ...]
     probs: np.ndarray  # (N, K)
@@ -65,8 +66,8 @@ class ThresholdFit:
         if per_au:
             for i, au in enumerate(self.aus):
                 if np.isfinite(self.fitted["f1"][i]):
-                    out[f"val/f1_fitted/AU{au}"] = float(self.fitted["f1"][i])
-                out[f"val/threshold/AU{au}"] = float(self.thresholds[i])
+                    out[f"val/f1_fitted/{au_column_name(au)}"] = float(self.fitted["f1"][i])
+                out[f"val/threshold/{au_column_name(au)}"] = float(self.thresholds[i])
         return out
 
 
