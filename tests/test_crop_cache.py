@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_cache_is_reused_and_keyed(synthau, tmp_path, aligned_train):
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
-        assert cache_key(m, SMALL_ALIGNMENT) != k  # a changed image invalidates
+        assert cache_key(m, SMALL_ALIGNMENT) == k  # a touched image holds the same bytes
     finally:
         os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
 
@@ -399,3 +400,126 @@ def test_cache_without_checksums_is_kept(synthau, val_cache, caplog):
     rebuilt = AlignedSplit.open(folder)
     assert "crop_checksums" in rebuilt.report
     np.testing.assert_array_equal(rebuilt.crops, crops)
+
+
+# An mtime with a fraction of a second, which tar (and cp without -p) do not keep.
+OLD_MTIME_NS = 1_600_000_000_700_000_000
+
+
+def _project(synthau, folder: Path) -> Path:
+    """A project folder: the val split's manifest and images (relative references), aligned into
+    its cache folder."""
+    (folder / "data" / "images").mkdir(parents=True)
+    shutil.copy(synthau / "val.tsv", folder / "data")
+    shutil.copytree(synthau / "images" / "val", folder / "data" / "images" / "val")
+    for image in (folder / "data" / "images" / "val").iterdir():
+        os.utime(image, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    return align_manifest(read_manifest(folder / "data" / "val.tsv"), folder / "cache", SMALL_ALIGNMENT)
+
+
+def _hashed(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "images (their size or mtime" in r.getMessage()]
+
+
+@pytest.mark.parametrize("how", ["cp", "tar"])
+def test_a_copied_project_reuses_its_caches(synthau, tmp_path, caplog, how):
+    """A project folder copied (cp -r: new mtimes) or archived and extracted elsewhere (tar: whole
+    seconds), the original removed: aligning from the copy reuses the copied cache, aligning nothing."""
+    cache = _project(synthau, tmp_path / "project")
+    report, crops = (cache / "report.json").read_bytes(), np.array(AlignedSplit.open(cache).crops)
+    if how == "cp":
+        subprocess.run(["cp", "-r", str(tmp_path / "project"), str(tmp_path / "copy")], check=True)
+    else:
+        subprocess.run(["tar", "-cf", str(tmp_path / "project.tar"), "-C", str(tmp_path), "project"], check=True)
+        (tmp_path / "elsewhere").mkdir()
+        subprocess.run(["tar", "-xf", str(tmp_path / "project.tar"), "-C", str(tmp_path / "elsewhere")], check=True)
+        os.rename(tmp_path / "elsewhere" / "project", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "project")
+    copy = tmp_path / "copy"
+    image = copy / "data" / "images" / "val" / "000006.jpg"
+    if how == "cp":
+        assert image.stat().st_mtime_ns // 10**9 != OLD_MTIME_NS // 10**9
+    else:
+        assert image.stat().st_mtime_ns == OLD_MTIME_NS // 10**9 * 10**9  # tar kept whole seconds
+
+    m = read_manifest(copy / "data" / "val.tsv")
+    with caplog.at_level("INFO", logger="datamodules.alignment.crop_cache"):
+        again = align_manifest(m, copy / "cache", SMALL_ALIGNMENT)
+    assert again == copy / "cache" / cache.name
+    assert [p.name for p in (copy / "cache").iterdir()] == [cache.name]  # no partial folder: nothing aligned
+    assert (again / "report.json").read_bytes() == report  # not rewritten, so not aligned again
+    split = AlignedSplit.open(again)
+    assert split.verify() is True
+    np.testing.assert_array_equal(split.crops, crops)
+    # cp -r: the sizes and seconds differ from what the cache noted, so the images were hashed
+    # once and their new stat noted; tar kept the seconds, so nothing was read.
+    assert _hashed(caplog) == ([f"{m.path}: hashed 12 of 12 images (their size or mtime is not what a cache "
+                                "noted)"] if how == "cp" else [])
+    noted = crop_cache.ImageRecord.read(again / crop_cache.IMAGES)
+    assert noted.mtime == [int(os.stat(m.resolve(i)).st_mtime) for i in range(len(m))]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="datamodules.alignment.crop_cache"):
+        assert align_manifest(m, copy / "cache", SMALL_ALIGNMENT) == again
+    assert _hashed(caplog) == []  # the next start takes the fast path
+
+
+def test_a_changed_image_is_aligned_again(synthau, tmp_path, caplog):
+    """Different bytes of the same size: the cache is not reused; a new one holds the new image.
+    A changed size, an added or removed row, other settings: other keys."""
+    cache = _project(synthau, tmp_path / "project")
+    report = (cache / "report.json").read_bytes()
+    m = read_manifest(tmp_path / "project" / "data" / "val.tsv")
+    image = Path(m.resolve(3))
+    original = image.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # a gray band in the decoded image
+    image.write_bytes(bytes(data))
+    with caplog.at_level("INFO", logger="datamodules.alignment.crop_cache"):
+        fresh = align_manifest(m, tmp_path / "project" / "cache", SMALL_ALIGNMENT)
+    assert fresh != cache and (cache / "report.json").is_file()  # the old cache stays as it was
+    assert _hashed(caplog) == [f"{m.path}: hashed 1 of 12 images (their size or mtime is not what a cache noted)"]
+    old, new = AlignedSplit.open(cache), AlignedSplit.open(fresh)
+    assert new.report["resumed"] == 0 and new.report["images"] == 12
+    np.testing.assert_array_equal(new.crops[:3], old.crops[:3])
+    assert not np.array_equal(new.crops[3], old.crops[3])
+
+    key = cache_key(m, SMALL_ALIGNMENT)
+    image.write_bytes(bytes(data[:-1]))
+    assert cache_key(m, SMALL_ALIGNMENT) != key  # another size
+    image.write_bytes(bytes(data))
+    lines = m.path.read_text().splitlines(keepends=True)
+    m.path.write_text("".join(lines[:-1]))
+    assert cache_key(read_manifest(m.path), SMALL_ALIGNMENT) != key  # a row removed
+    m.path.write_text("".join(lines + lines[-1:]))
+    assert cache_key(read_manifest(m.path), SMALL_ALIGNMENT) != key  # a row added
+    m.path.write_text("".join(lines))
+    assert cache_key(m, SMALL_ALIGNMENT) == key
+    assert cache_key(m, AlignmentSettings(crop_size=64, face_scale=0.8)) != key
+    # The first bytes back (with a new mtime): the first cache, found by content, is reused.
+    image.write_bytes(original)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="datamodules.alignment.crop_cache"):
+        assert align_manifest(m, tmp_path / "project" / "cache", SMALL_ALIGNMENT) == cache
+    assert _hashed(caplog) == [f"{m.path}: hashed 1 of 12 images (their size or mtime is not what a cache noted)"]
+    assert (cache / "report.json").read_bytes() == report
+
+
+def test_key_takes_noted_digests_when_the_stat_matches(synthau, tmp_path):
+    """The fast path: an image whose size and mtime match what the cache noted is not read, its
+    noted digest stands for it; one whose mtime moved is read again."""
+    cache = _project(synthau, tmp_path / "project")
+    m = read_manifest(tmp_path / "project" / "data" / "val.tsv")
+    noted = crop_cache.ImageRecord.read(cache / crop_cache.IMAGES)
+    key = cache_key(m, SMALL_ALIGNMENT)
+    assert noted.key == key == json.loads((cache / "report.json").read_text())["key"]
+    assert cache.name == f"val-{key[:16]}"
+    assert noted.size == [Path(m.resolve(i)).stat().st_size for i in range(len(m))]
+    assert set(noted.mtime) == {OLD_MTIME_NS // 10**9}
+    assert cache_key(m, SMALL_ALIGNMENT, recorded=noted) == key
+    wrong = crop_cache.ImageRecord(noted.layout, noted.key, noted.size, noted.mtime, ["0" * 32] + noted.blake2b[1:])
+    assert cache_key(m, SMALL_ALIGNMENT, recorded=wrong) != key  # trusted, so not read
+    os.utime(m.resolve(0), ns=(OLD_MTIME_NS + 10**9, OLD_MTIME_NS + 10**9))
+    assert cache_key(m, SMALL_ALIGNMENT, recorded=wrong) == key  # read again
+    # A record of another layout (other settings) is not used.
+    other = crop_cache.ImageRecord("other", noted.key, noted.size, noted.mtime, ["0" * 32] * len(m))
+    assert cache_key(m, SMALL_ALIGNMENT, recorded=other) == key

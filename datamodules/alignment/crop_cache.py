@@ -2,7 +2,8 @@
 
 The crops of a split go into one uint8 array on disk that every loader worker memory-maps, so
 the pixels are shared between processes instead of copied. The cache is keyed by the manifest,
-the image files and the settings, and written to a hidden ``.<name>.partial`` folder that is
+the images' paths (relative to its root) and bytes, and the settings (a copied project keeps its
+caches; see :func:`cache_key`), and written to a hidden ``.<name>.partial`` folder that is
 renamed into place only when complete, so a killed run never leaves a cache that looks finished.
 The partial folder keeps a journal of the images done (after their crops reach the disk), one per
 aligning process when the ranks of a distributed job share the images out: a killed alignment
@@ -14,6 +15,7 @@ cache is aligned again.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
 import json
@@ -26,6 +28,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +39,7 @@ import numpy as np
 
 from datamodules.io import files
 from datamodules.alignment.align import AlignmentSettings, FaceDetector, center_crop, crop_face, detection_copy
-from datamodules.io.manifest import Manifest
+from datamodules.io.manifest import Manifest, is_url
 from datamodules.alignment.ranks import Ranks
 from datamodules.io.sources import Frame, Source, batches, frames
 
@@ -51,20 +54,157 @@ log = logging.getLogger(__name__)
 FACE, NO_FACE, CENTER = "face", "no_face", "center"
 
 
-def cache_key(manifest: Manifest, settings: AlignmentSettings, root: str | Path | None = None) -> str:
-    """Hash of what the crops depend on: the manifest file, each image's size and mtime, the settings."""
-    h = hashlib.sha256()
-    h.update(json.dumps(settings.cache_fields(), sort_keys=True).encode())
-    h.update(json.dumps(list(manifest.aus)).encode())
-    h.update(Path(manifest.path).read_bytes())
+def cache_key(manifest: Manifest, settings: AlignmentSettings, root: str | Path | None = None,
+              recorded: ImageRecord | None = None) -> str:
+    """Hash of what the crops depend on: the manifest file, each image's path relative to the root
+    and its bytes, the settings.
+
+    Nothing in it depends on where the project lies or on when its files were copied, so a copied
+    or moved project finds its caches. Hashing every image's bytes is the slow way; ``recorded``
+    (what a cache noted of its images) lets an image whose size and whole-second mtime match
+    stand on the digest noted then.
+    """
+    return _identify(manifest, settings, root, [recorded] if recorded is not None else [])[0].key
+
+
+# What a cache notes of its images, so that the next start hashes only those whose stat changed.
+IMAGES = "images.json"
+# Threads hashing images: hashlib releases the GIL, and a network filesystem answers reads in parallel.
+HASH_THREADS = 8
+
+
+@dataclass
+class ImageRecord:
+    """Per manifest row: the image's size, whole-second mtime and blake2b of its bytes.
+
+    A missing file is noted as size -1 and digest ``missing``, a URL as ``url`` (its address, in
+    the manifest, is its identity). Whole seconds, because ``tar`` and some filesystems keep no
+    more. ``layout`` hashes everything of the key but the bytes, to tell which records fit a manifest.
+    """
+
+    layout: str
+    key: str
+    size: list[int]
+    mtime: list[int]
+    blake2b: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": 1, **asdict(self)}, separators=(",", ":"))
+
+    @classmethod
+    def read(cls, path: Path) -> "ImageRecord | None":
+        """The record in ``path``; None if there is none or it is unreadable (the images are hashed then)."""
+        try:
+            d = json.loads(path.read_text())
+            if d["version"] != 1:
+                return None
+            record = cls(d["layout"], d["key"], d["size"], d["mtime"], d["blake2b"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        n = len(record.size)
+        return record if len(record.mtime) == n and len(record.blake2b) == n else None
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identify(manifest: Manifest, settings: AlignmentSettings, root: str | Path | None,
+              recorded: Sequence[ImageRecord] = (), cache_dir: Path | None = None,
+              name: str = "") -> tuple[ImageRecord, int]:
+    """The key and image record of a manifest now, and how many images had to be hashed.
+
+    An image is hashed unless a record of the same layout (given, or noted by a cache of ``name``
+    in ``cache_dir``) noted its current size and mtime.
+    """
+    base = os.path.abspath(manifest.root_for(root).expanduser())
+    head = hashlib.sha256()
+    head.update(json.dumps(settings.cache_fields(), sort_keys=True).encode())
+    head.update(json.dumps(list(manifest.aus)).encode())
+    head.update(Path(manifest.path).read_bytes())
+    names, paths = [], []
     for i in range(len(manifest)):
         p = manifest.resolve(i, root)
+        paths.append(p)
+        # Relative to the root: a copied or moved project keeps its names; an image outside the
+        # root keeps its absolute path, which a copy of the project does not move either.
+        rel = os.path.relpath(p, base) if not is_url(p) else p
+        names.append(p if rel == ".." or rel.startswith(".." + os.sep) else rel)
+    layout = head.copy()
+    layout.update(json.dumps(names).encode())
+    layout = layout.hexdigest()
+    n = len(manifest)
+    fits = [r for r in recorded if r.layout == layout and len(r.size) == n]
+    if cache_dir is not None:
+        fits += [r for r in _records(cache_dir, name, layout) if len(r.size) == n]
+    size, mtime, digest = [-1] * n, [-1] * n, [""] * n
+    todo: dict[str, list[int]] = {}  # path -> its rows: an image listed twice is read once
+    for i, p in enumerate(paths):
+        if is_url(p):
+            digest[i] = "url"
+            continue
         try:
             st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()
+            digest[i] = "missing"
+            continue
+        size[i], mtime[i] = st.st_size, int(st.st_mtime)
+        for r in fits:
+            if r.size[i] == size[i] and r.mtime[i] == mtime[i]:
+                digest[i] = r.blake2b[i]
+                break
+        else:
+            todo.setdefault(p, []).append(i)
+    if todo:
+        with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
+            hashed = dict(zip(todo, pool.map(_safe_digest, todo)))
+        for p, rows in todo.items():
+            for i in rows:
+                digest[i] = hashed[p]
+                if hashed[p] == "missing":  # gone between the stat and the read
+                    size[i] = mtime[i] = -1
+    key = head
+    for ref, d in zip(names, digest):
+        key.update(f"{ref}\0{d}\n".encode())
+    return ImageRecord(layout, key.hexdigest(), size, mtime, digest), len(todo)
+
+
+def _safe_digest(path: str) -> str:
+    try:
+        return _file_digest(path)
+    except OSError:
+        return "missing"
+
+
+def _records(cache_dir: Path, name: str, layout: str) -> list[ImageRecord]:
+    """The image records of ``layout`` that caches of ``name`` in ``cache_dir`` noted, finished or partial."""
+    found = []
+    escaped = glob.escape(name)
+    for folder in itertools.chain(cache_dir.glob(f"{escaped}-*"), cache_dir.glob(f".{escaped}-*.partial")):
+        try:  # the layout is near the start: the records of other settings are not parsed
+            with open(folder / IMAGES, "rb") as f:
+                if f'"layout":"{layout}"'.encode() not in f.read(256):
+                    continue
+        except OSError:
+            continue
+        record = ImageRecord.read(folder / IMAGES)
+        if record is not None and record.layout == layout:
+            found.append(record)
+    return found
+
+
+def _note_images(folder: Path, record: ImageRecord) -> None:
+    """Note the images' stat in ``folder`` so that the next start hashes nothing; whole or not at
+    all. A cache that cannot be written (a shared read-only one) is used as it is."""
+    try:
+        files.write_text(folder / IMAGES, record.to_json(), only_if_changed=True)
+    except OSError as e:
+        log.info("could not note the images' sizes and mtimes in %s (%s): the next start hashes them again",
+                 folder, e)
 
 
 # Crops hashed per checksum. Bytes rather than samples, so that the first read of a sample costs
@@ -370,6 +510,9 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
     (torchrun and Lightning stop the others); the rerun, with any number of ranks, aligns only
     what no journal holds.
 
+    The cache found is the one of the images' bytes: a project copied or moved with its cache
+    folder reuses it (images whose size or mtime the cache did not note are read once to compare).
+
     A finished cache that fails the cheap checks of :meth:`AlignedSplit.open`, or that a reader
     marked when a chunk failed its checksum, is deleted (with a warning naming it and what was
     wrong) and aligned again.
@@ -381,9 +524,16 @@ def align_manifest(manifest: Manifest, cache_dir: str | Path, settings: Alignmen
     try:
         if ranks.rank == 0:  # decides for every rank: which folder, which images are left
             try:
-                key = cache_key(manifest, settings, root)
+                record, hashed = _identify(manifest, settings, root, cache_dir=cache_dir, name=name)
+                if hashed:
+                    log.info("%s: hashed %d of %d images (their size or mtime is not what a cache noted)",
+                             manifest.path, hashed, len(manifest))
+                key = record.key
                 final = cache_dir / f"{name}-{key[:16]}"
                 work, lock, todo = _start(manifest, final, settings)
+                # The folder that is or becomes the cache notes the images' stat now: a cache copied
+                # without its mtimes is hashed once, then found by its stat again.
+                _note_images(work if work is not None else final, record)
                 plan = (final, work, todo)
             except Exception as e:
                 ranks.broadcast(f"{type(e).__name__}: {e}")  # the others raise too instead of waiting

@@ -112,7 +112,7 @@ class Manifest:
         ``root`` overrides the manifest's root, which defaults to the manifest's folder, so a
         manifest and its images can be moved together.
         """
-        return _resolve(self.images[i], self._root(root))
+        return _resolve(self.images[i], self.root_for(root))
 
     def subset(self, keep: np.ndarray | Sequence[int] | Sequence[bool]) -> Manifest:
         """The rows selected by a boolean mask or an index array, everything kept aligned."""
@@ -139,7 +139,9 @@ class Manifest:
         """Per AU, positives / labelled entries (nan where no entry is labelled)."""
         return positive_rate(self.labels, self.mask)
 
-    def _root(self, root: Path | str | None) -> Path:
+    def root_for(self, root: Path | str | None) -> Path:
+        """The folder relative image paths start from: ``root`` when given, else the manifest's
+        image root, else its own folder."""
         if root is not None:
             return Path(root)
         return self.root if self.root is not None else self.path.parent
