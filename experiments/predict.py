@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
-import cv2
-import numpy as np
 
 from datamodules.io.images import DEFAULT_MAX_PIXELS
-from datamodules.io.manifest import au_column_name
-from datamodules.io.sources import BATCH_PIXELS, Frame, Source, expand, frames
+from datamodules.io.sources import BATCH_PIXELS, expand, frames
+from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
-from lightning_modules.serving.predictor import AUPredictor, Face, Precision, columns, frame_records
+from lightning_modules.serving.predictor import AUPredictor, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
 
@@ -58,65 +53,6 @@ class PredictionSummary:
                 f"({self.frames_per_second:.1f} frames/s); rows by status: {counts}; written to {self.out}")
 
 
-def annotate(frame: np.ndarray, faces: list[Face], aus: Sequence[int]) -> np.ndarray:
-    """BGR copy of a frame with each face's box, landmarks and active AUs drawn."""
-    image = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
-    scale = max(1.0, max(image.shape[:2]) / 640)
-    for face in faces:
-        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
-        cv2.rectangle(image, (x0, y0), (x1, y1), (0, 220, 0), max(1, int(2 * scale)))
-        for x, y in face.landmarks:
-            cv2.circle(image, (int(x), int(y)), max(1, int(2 * scale)), (0, 200, 255), -1)
-        active = [au_column_name(a) for a, d in zip(aus, face.decisions) if d]
-        for k in range(0, len(active), 4):  # four AUs a line
-            cv2.putText(image, " ".join(active[k:k + 4]), (x0, y1 + int((14 + 14 * k // 4) * scale)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, (0, 220, 0), max(1, int(scale)), cv2.LINE_AA)
-    return image
-
-
-class _Annotator:
-    """Annotated copies under a folder: one JPEG per image, one MP4 per video, at the source's
-    path relative to the folder all sources share (``a/x.jpg`` and ``b/x.jpg`` stay apart)."""
-
-    def __init__(self, folder: str, inputs: Sequence[str], sources: Sequence[Source], every: int):
-        self.folder, self.every = Path(folder), every
-        places = [os.path.dirname(os.path.abspath(s.path)) for s in sources
-                  if s.error is None and s.data is None and os.path.isfile(s.path)]
-        places += [os.path.abspath(i) for i in inputs if os.path.isdir(i)]  # a folder given keeps its tree
-        self.root = Path(os.path.commonpath(places)) if places else None
-        self.targets: dict[str, Path] = {}
-        self.writers: dict[str, cv2.VideoWriter] = {}
-
-    def _target(self, source: str, suffix: str) -> Path:
-        if source not in self.targets:
-            path = Path(os.path.abspath(source))
-            rel = path.relative_to(self.root) if self.root is not None else Path(path.name)
-            target = (self.folder / rel).with_suffix(suffix)
-            if target in self.targets.values():  # x.png beside x.jpg: keep the source's own suffix too
-                target = (self.folder / rel).with_name(rel.name + suffix)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.targets[source] = target
-        return self.targets[source]
-
-    def add(self, frame: Frame, faces: list[Face], aus) -> None:
-        image = annotate(frame.pixels, faces, aus)
-        source = frame.source.path
-        if frame.frame is None:
-            cv2.imwrite(str(self._target(source, ".jpg")), image)
-            return
-        writer = self.writers.get(source)
-        if writer is None:
-            h, w = image.shape[:2]
-            writer = cv2.VideoWriter(str(self._target(source, ".mp4")), cv2.VideoWriter_fourcc(*"mp4v"),
-                                     _fps(source) / self.every, (w, h))
-            self.writers[source] = writer
-        writer.write(image)
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.release()
-
-
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
         progress: bool = True, batch_pixels: int = BATCH_PIXELS) -> PredictionSummary:
@@ -125,7 +61,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     aus = predictor.aus
     summary = PredictionSummary(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    annotator = _Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
+    annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
     start = time.perf_counter()
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns(aus), restval="")
@@ -158,14 +94,6 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     return summary
 
 
-def _fps(path: str) -> float:
-    cap = cv2.VideoCapture(path)
-    try:
-        return cap.get(cv2.CAP_PROP_FPS) or 25.0
-    finally:
-        cap.release()
-
-
 def predict(model: str, input: list[str], out: str = "predictions.csv", every: int = 1, batch_frames: int = 32,
             batch_size: int = 64, annotate: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
             workers: int = 2, device: str | None = None, precision: Precision = "32-true",
@@ -184,7 +112,8 @@ def predict(model: str, input: list[str], out: str = "predictions.csv", every: i
         every: in videos, predict on every N-th frame.
         batch_frames: frames detected together (fewer when they hold ``batch_pixels``).
         batch_size: faces per forward pass of the network.
-        annotate: a folder for annotated copies (images as JPEG, videos as MP4).
+        annotate: a folder for annotated copies, each face's AUs with their probabilities beside it
+            (images as JPEG; videos as H.264 MP4, else VP9 WebM, as this OpenCV build can encode).
         max_pixels: images declaring more pixels are refused undecoded (decompression bombs).
         workers: image decoding threads.
         device: torch device (default: cuda when available).

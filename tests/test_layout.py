@@ -43,7 +43,7 @@ FLOORS = (
     ("lightning_modules.serving",),  # predictor, pyfunc model, ONNX
     ("callbacks.tracking",),  # MLflow: spool, lineage, system metrics
     ("callbacks",),  # the training callbacks
-    ("experiments",),  # the commands: fit, predict, sweep, compare...
+    ("experiments",),  # the commands: fit, predict and its annotated copies, sweep, compare...
     ("experiments.ablation",),
     ("experiments.cli",),  # the entry point
 )

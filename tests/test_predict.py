@@ -145,7 +145,9 @@ def test_video_frames_times_and_bounded_memory(synthau, truth, trained, tmp_path
         peaks[name] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert summary.frames == {"short": 10, "long": 40}[name]
-    annotated = cv2.VideoCapture(str(tmp_path / "annotated" / "short.mp4"))
+    from experiments.annotation import video_codec
+
+    annotated = cv2.VideoCapture(str(tmp_path / "annotated" / f"short{video_codec().suffix}"))
     assert int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == 10 and annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(2.5)
     annotated.release()
     rows = read_rows(tmp_path / "long.csv")
