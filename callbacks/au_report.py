@@ -1,5 +1,6 @@
-"""The per-AU report of a validation: support, threshold, F1 and accuracy at 0.5 and at the fitted
-threshold, as rows, CSV and Markdown; and the prior predictor's F1, the figure a model must beat."""
+"""The per-AU report of a validation: support, threshold (fitted, or the fallback and why), F1 and
+accuracy at 0.5 and at the threshold, as rows, CSV and Markdown; and the prior predictor's F1, the
+figure a model must beat."""
 
 from __future__ import annotations
 
@@ -22,20 +23,26 @@ def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
     return float(np.nanmean(2 * p / (1 + p)))
 
 
-def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray) -> list[dict]:
-    """One row per AU: what the model does at 0.5 and at its fitted threshold."""
+def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray,
+              fallbacks: dict[str, str] | None = None) -> list[dict]:
+    """One row per AU: what the model does at 0.5 and at its threshold; ``threshold_from`` says
+    ``fitted`` or, for an AU in ``fallbacks`` (AU name -> reason), why it was not fitted."""
+    fallbacks = fallbacks or {}
     rows = []
     for i, au in enumerate(aus):
+        name = au_column_name(au)
         rows.append({
-            "AU": au_column_name(au), "support": int(scores_fitted["support"][i]),
+            "AU": name, "support": int(scores_fitted["support"][i]),
             "positives": int(scores_fitted["positives"][i]), "threshold": round(float(thresholds[i]), 4),
             "f1@0.5": _r(scores_default["f1"][i]), "f1@fitted": _r(scores_fitted["f1"][i]),
             "accuracy@0.5": _r(scores_default["accuracy"][i]), "accuracy@fitted": _r(scores_fitted["accuracy"][i]),
+            "threshold_from": f"fallback ({fallbacks[name]})" if name in fallbacks else "fitted",
         })
     rows.append({"AU": "mean", "support": sum(r["support"] for r in rows), "positives": sum(r["positives"] for r in rows),
                  "threshold": None, "f1@0.5": _r(scores_default["mean_f1"]), "f1@fitted": _r(scores_fitted["mean_f1"]),
                  "accuracy@0.5": _r(scores_default["mean_accuracy"]),
-                 "accuracy@fitted": _r(scores_fitted["mean_accuracy"])})
+                 "accuracy@fitted": _r(scores_fitted["mean_accuracy"]),
+                 "threshold_from": f"{len(fallbacks)} fell back" if fallbacks else None})
     return rows
 
 

@@ -5,8 +5,10 @@ On the run of the trainer's ``MLFlowLogger``, from global rank 0 only:
   the label frequencies (raw vs as drawn by balanced sampling) and a grid of the
   first training batch, as PNG;
 - whenever the monitored validation score improves: ``thresholds.json`` (the fitted per-AU
-  thresholds and the epoch), ``au_report.csv``/``.md`` (per-AU support, thresholds, F1 and
-  accuracy at 0.5 and at the fitted thresholds) and the PR curves per AU;
+  thresholds, which fell back and why, and the epoch), ``au_report.csv``/``.md`` (per-AU support,
+  thresholds, F1 and accuracy at 0.5 and at the fitted thresholds), the PR curves per AU and the
+  model card (``MODEL_CARD.md``, :mod:`lightning_modules.serving.model_card`; also the run's
+  description, which the MLflow UI shows on the run's page);
 - at fit end: the best checkpoint (its weights, without the optimizer state), the best model as
   an MLflow pyfunc model that takes images and does detection and alignment itself
   (``runs:/<run id>/model``, see :mod:`lightning_modules.serving.pyfunc`; ``au-detect predict --model
@@ -48,6 +50,7 @@ from datamodules.au_datamodule import AUDataModule
 from datamodules.io.manifest import au_column_name
 from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.serving.model_card import CARD_FILE, FACTS_FILE, render_model_card
 from lightning_modules.serving.predictor import AUPredictor
 
 log = logging.getLogger(__name__)
@@ -166,14 +169,59 @@ class MLflowArtifacts(L.Callback):
         payload = {"epoch": epoch, "step": trainer.global_step, self.monitor: value,
                    "criterion": fit.criterion if fit is not None else None,
                    "thresholds": {au_column_name(a): float(t) for a, t in zip(pl_module.aus, thresholds)}}
+        if fit is not None:  # which thresholds were not fitted, and why: the model card lists them
+            payload |= {"min_positives": fit.min_positives, "fallback": fit.fallback,
+                        "positives": {au_column_name(a): int(n) for a, n in zip(fit.aus, fit.positives)},
+                        "fell_back": fit.fallback_reasons()}
         files: dict[str, str | bytes] = {"thresholds.json": json.dumps(payload, indent=1)}
         if fit is not None:
-            rows = au_report(pl_module.aus, fit.at_default, fit.fitted, thresholds)
+            rows = au_report(pl_module.aus, fit.at_default, fit.fitted, thresholds, fit.fallback_reasons())
             files["au_report.csv"] = as_csv(rows)
             files["au_report.md"] = f"Validation, epoch {epoch}\n\n" + as_markdown(rows)
             files["plots/pr_curves.png"] = _png(pr_curves_figure(pl_module.aus, fit.probs, fit.labels, fit.mask,
                                                                  thresholds))
+            facts = self._card_facts(trainer, pl_module, fit, thresholds)
+            files[FACTS_FILE] = json.dumps(facts, indent=1)
+            files[CARD_FILE] = render_model_card(facts)
         return {"epoch": epoch, "step": trainer.global_step, "score": value, "files": files}
+
+    def _card_facts(self, trainer: L.Trainer, pl_module: AUDetector, fit, thresholds: np.ndarray) -> dict:
+        """The model card's facts (:mod:`lightning_modules.serving.model_card`) of this validation."""
+        data = trainer.datamodule
+        logger = mlflow_logger(trainer)
+        run_id = logger.run_id if logger is not None else None
+        aligned = isinstance(data, AUDataModule) and data.alignment.method == "mtcnn"
+        metrics = trainer.callback_metrics
+        splits, train_rate = {}, [None] * len(pl_module.aus)
+        if isinstance(data, AUDataModule):
+            for name, split in data.splits.items():
+                splits[name] = {"manifest": data.manifest_paths.get(name), "rows": len(split)}
+            if "train" in data.splits:
+                train_rate = [None if np.isnan(r) else round(float(r), 4) for r in data.label_frequencies("train")]
+        reasons = fit.fallback_reasons()
+        aus = []
+        for i, au in enumerate(pl_module.aus):
+            name = au_column_name(au)
+            f1 = float(fit.fitted["f1"][i])
+            aus.append({"AU": name, "train_rate": train_rate[i], "val_positives": int(fit.positives[i]),
+                        "threshold": round(float(thresholds[i]), 4), "fell_back": reasons.get(name),
+                        "val_f1": None if np.isnan(f1) else round(f1, 4)})
+        headline = ("val/f1_heldout", "val/score_heldout", "val/f1_fitted", "val/f1")
+        return {
+            "run_id": run_id,
+            "model_uri": f"runs:/{run_id}/model" if run_id and self.log_model and aligned else None,
+            "registered_model_name": self.registered_model_name,
+            "network": {"backbone": pl_module.hparams.get("backbone"), "branches": list(pl_module.hparams.get("branches", [])),
+                        "weights": dict(getattr(pl_module.net, "load_reports", {}))},
+            "data": {"synthetic": bool(getattr(data, "synthetic", False)), "splits": splits},
+            "thresholds": {"criterion": fit.criterion, "min_positives": fit.min_positives, "fallback": fit.fallback},
+            "aus": aus, "best_epoch": trainer.current_epoch,
+            "validation": {k: round(float(metrics[k]), 4) for k in headline if k in metrics}, "test": None,
+        }
+
+    def _publish_card(self, client, run_id: str, card: str) -> None:
+        """The card as the run's description: the MLflow UI renders it on the run's page."""
+        client.set_tag(run_id, "mlflow.note.content", card)
 
     # -- hooks --------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -255,14 +303,63 @@ class MLflowArtifacts(L.Callback):
             net = ckpt["state_dict"] if ckpt is not None else pl_module.state_dict()
             predictor = AUPredictor.from_state(net, pl_module.hparams, data.alignment, data.normalize.mean,
                                                data.normalize.std)
+            predictor.card = (record or {}).get("files", {}).get(CARD_FILE)
             # through the spool when the run has one: logged when the server takes it, after what came before
             log_predictor(client, run_id, predictor, registered_model_name=self.registered_model_name,
                           onnx=self.log_onnx)
             model_uri = f"runs:/{run_id}/model"
+        card = (record or {}).get("files", {}).get(CARD_FILE)
+        if card:
+            self._publish_card(client, run_id, card)
         # Last: with best.json there, the run's artifacts are complete.
         summary = {"best_epoch": record["epoch"] if record else self.best_epoch,
                    self.monitor: record["score"] if record else self.best, "best_checkpoint": best, "model": model_uri}
         self._text(trainer, json.dumps(summary, indent=1), "best.json")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The model card of the tested checkpoint, now with the test's figures, wherever it is kept."""
+        client, run_id = self._client(trainer)
+        path = trainer.ckpt_path
+        if client is None or not path or not Path(path).is_file():
+            return
+        record = self._record_of(path, load_checkpoint(path))
+        text = (record or {}).get("files", {}).get(FACTS_FILE)
+        if not text:
+            return
+        facts = json.loads(text)
+        metrics = trainer.callback_metrics
+        facts["test"] = {k: round(float(metrics[k]), 4) for k in ("test/f1", "test/accuracy", "test/score",
+                                                                   "test/f1_default") if k in metrics}
+        for au in facts["aus"]:
+            value = metrics.get(f"test/f1/{au['AU']}")
+            if value is not None:
+                au["test_f1"] = round(float(value), 4)
+        card = render_model_card(facts)
+        self._text(trainer, json.dumps(facts, indent=1), FACTS_FILE)
+        self._text(trainer, card, CARD_FILE)
+        self._publish_card(client, run_id, card)
+        update_logged_model_card(client, run_id, card, facts.get("registered_model_name"))
+
+
+def update_logged_model_card(client, run_id: str, card: str, registered_model_name: str | None = None) -> None:
+    """Put ``card`` in the run's logged model ``model`` (its top folder and its predictor folder, which
+    ``--describe`` reads) and make it the description of the registered versions made from that model."""
+    from lightning_modules.serving.pyfunc import logged_models
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = sorted(logged_models(client, experiment_id, run_id, "model"), key=lambda m: m.creation_timestamp)
+    if not models:
+        return
+    model = models[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, CARD_FILE).write_text(card, encoding="utf-8")
+        Path(tmp, "artifacts", "predictor").mkdir(parents=True)
+        Path(tmp, "artifacts", "predictor", CARD_FILE).write_text(card, encoding="utf-8")
+        client.log_model_artifacts(model.model_id, tmp)
+    if registered_model_name:
+        for version in client.search_model_versions(f"name = '{registered_model_name}'"):
+            if version.run_id == run_id:
+                client.update_model_version(registered_model_name, version.version, description=card)
 
 
 # What only resuming the training needs: the optimizer's moments are twice the weights again (AdamW).

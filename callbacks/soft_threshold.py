@@ -17,6 +17,14 @@ reproduces the counted decisions exactly):
 Remaining ties go to the threshold closest to 0.5, then to the higher threshold. An AU with no
 labelled entry or no labelled positive keeps 0.5.
 
+A threshold fitted on a handful of positives is noise: the best cut among three positives sits
+wherever those three happened to score, often far below 0.5, and on new faces the AU then fires
+everywhere. An AU with fewer than ``min_positives`` labelled positives is not trusted
+(:func:`fallback_thresholds`): ``fallback="default"`` gives it 0.5, the decision the loss was
+trained for; ``fallback="shrink"`` moves its fitted value toward 0.5 in proportion to the missing
+support (``0.5 + (t - 0.5) * n / min_positives``). The default, 10 positives and 0.5, was chosen
+on the demo model's held-out validation score and test F1 (docs/results/thresholds.md).
+
 Thresholds fitted and scored on the same samples flatter the model (``val/score_fitted``), and
 more so for rare AUs and small validation sets. :func:`heldout_scores` is the honest version
 the best epoch is chosen by (``val/score_heldout``): each half of the validation set is
@@ -39,11 +47,13 @@ from lightning_modules.metrics import as_numpy, au_confusion, au_scores, ranked_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CRITERIA", "fit_thresholds", "fit_threshold_1d", "heldout_scores", "validation_half",
-           "SoftThresholdCallback"]
+__all__ = ["CRITERIA", "FALLBACKS", "fallback_thresholds", "fit_thresholds", "fit_threshold_1d", "heldout_scores",
+           "labelled_positives", "validation_half", "SoftThresholdCallback"]
 
 CRITERIA = ("f1", "score", "break_even")
+FALLBACKS = ("default", "shrink")
 DEFAULT_THRESHOLD = 0.5
+MIN_POSITIVES = 10
 _KEYS = tuple(ValidationBatch.__annotations__)  # probs, labels, mask, index
 
 
@@ -51,6 +61,46 @@ def _check_criterion(criterion: str) -> str:
     if criterion not in CRITERIA:
         raise ValueError(f"unknown threshold criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     return criterion
+
+
+def _check_fallback(fallback: str, min_positives: int) -> str:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown threshold fallback {fallback!r}; valid: {', '.join(FALLBACKS)}")
+    if isinstance(min_positives, bool) or not isinstance(min_positives, (int, np.integer)) or min_positives < 0:
+        raise ValueError(f"min_positives must be a whole number >= 0, got {min_positives!r}")
+    return fallback
+
+
+def labelled_positives(labels: Any, mask: Any = None) -> np.ndarray:
+    """(K,) the number of labelled positive entries of each AU.
+
+    >>> labelled_positives(np.array([[1, 0], [1, 1], [0, 1]]), np.array([[1, 1], [0, 1], [1, 1]], bool))
+    array([1, 2])
+    """
+    y = as_numpy(labels)
+    y = y.reshape(-1, 1) if y.ndim == 1 else y
+    m = ((y == 0) | (y == 1)) if mask is None else as_numpy(mask).astype(bool).reshape(y.shape)
+    return ((y > 0.5) & m).sum(axis=0).astype(np.int64)
+
+
+def fallback_thresholds(fitted: np.ndarray, positives: np.ndarray, min_positives: int = MIN_POSITIVES,
+                        fallback: str = "default") -> np.ndarray:
+    """Fitted thresholds with those of AUs under ``min_positives`` positives replaced (module docstring).
+
+    >>> fallback_thresholds(np.array([0.1, 0.2, 0.3]), np.array([2, 10, 40]), 10)
+    array([0.5, 0.2, 0.3])
+    >>> fallback_thresholds(np.array([0.1, 0.2, 0.3]), np.array([2, 10, 40]), 10, "shrink")
+    array([0.42, 0.2 , 0.3 ])
+    """
+    _check_fallback(fallback, min_positives)
+    t = np.asarray(fitted, dtype=np.float64).copy()
+    n = np.asarray(positives)
+    low = n < min_positives
+    if fallback == "default":
+        t[low] = DEFAULT_THRESHOLD
+    else:
+        t[low] = DEFAULT_THRESHOLD + (t[low] - DEFAULT_THRESHOLD) * n[low] / min_positives
+    return t
 
 
 def fit_threshold_1d(probs: np.ndarray, positive: np.ndarray, criterion: str = "f1") -> float:
@@ -94,7 +144,8 @@ def fit_threshold_1d(probs: np.ndarray, positive: np.ndarray, criterion: str = "
     return float(t[idx].max())
 
 
-def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "f1") -> np.ndarray:
+def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "f1", min_positives: int = 0,
+                   fallback: str = "default") -> np.ndarray:
     """One threshold per AU on (N, K) predictions; see the module docstring for the criteria.
 
     Args:
@@ -102,11 +153,14 @@ def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "
         labels: (N, K), positive when > 0.5.
         mask: (N, K) bool, True = labelled; ``None``: labelled where the label is 0 or 1.
         criterion: ``"f1"``, ``"score"`` or ``"break_even"``.
+        min_positives: AUs with fewer labelled positives get ``fallback`` (0: every AU fitted).
+        fallback: ``"default"`` (0.5) or ``"shrink"`` (toward 0.5 by support).
 
     Returns:
         (K,) float64 thresholds; 0.5 for an AU with no labelled entry or no labelled positive.
     """
     _check_criterion(criterion)
+    _check_fallback(fallback, min_positives)
     p = as_numpy(probs)
     y = as_numpy(labels)
     if p.ndim == 1:
@@ -115,8 +169,11 @@ def fit_thresholds(probs: Any, labels: Any, mask: Any = None, criterion: str = "
     if p.shape != y.shape:
         raise ValueError(f"probs {p.shape} and labels {y.shape} must have the same (N, K) shape")
     p, m, pos = _by_au(p), _by_au(m), _by_au(y > 0.5)
-    return np.array([fit_threshold_1d(p[k][m[k]], pos[k][m[k]], criterion) for k in range(len(p))],
-                    dtype=np.float64)
+    fitted = np.array([fit_threshold_1d(p[k][m[k]], pos[k][m[k]], criterion) for k in range(len(p))],
+                      dtype=np.float64)
+    if min_positives == 0:
+        return fitted
+    return fallback_thresholds(fitted, (pos & m).sum(axis=1), min_positives, fallback)
 
 
 def _by_au(a: np.ndarray, rows: int = 16384) -> np.ndarray:
@@ -141,12 +198,14 @@ def validation_half(index: Any) -> np.ndarray:
     return (((i * np.uint64(2654435761)) & np.uint64(0xFFFFFFFF)) >> np.uint64(31)).astype(np.int64)
 
 
-def heldout_scores(probs: Any, labels: Any, mask: Any, index: Any, criterion: str = "f1") -> dict[str, Any]:
+def heldout_scores(probs: Any, labels: Any, mask: Any, index: Any, criterion: str = "f1", min_positives: int = 0,
+                   fallback: str = "default") -> dict[str, Any]:
     """:func:`au_scores` of decisions at thresholds fitted on the other half of the samples.
 
-    The samples are split by :func:`validation_half`; thresholds are fitted (``criterion``) on one
-    half and decide the other, both ways round, and the per-AU confusion counts of the two halves
-    are summed before scoring: no decision is made by a threshold that saw its sample.
+    The samples are split by :func:`validation_half`; thresholds are fitted (``criterion``, and
+    the fallback of AUs under ``min_positives`` positives in the fitting half) on one half and
+    decide the other, both ways round, and the per-AU confusion counts of the two halves are
+    summed before scoring: no decision is made by a threshold that saw its sample.
     """
     p, y = as_numpy(probs), as_numpy(labels)
     m = as_numpy(mask).astype(bool)
@@ -154,7 +213,7 @@ def heldout_scores(probs: Any, labels: Any, mask: Any, index: Any, criterion: st
     total = None
     for h in (0, 1):
         fit, decide = half != h, half == h
-        thresholds = fit_thresholds(p[fit], y[fit], m[fit], criterion)
+        thresholds = fit_thresholds(p[fit], y[fit], m[fit], criterion, min_positives, fallback)
         counts = au_confusion(p[decide], y[decide], m[decide], thresholds)
         total = counts if total is None else tuple(a + b for a, b in zip(total, counts))
     return scores_from_counts(*total)
@@ -173,12 +232,23 @@ class SoftThresholdCallback(pl.Callback):
     ``val/score_fitted`` (thresholds fitted on the whole set, scored on it), their held-out
     versions ``val/*_heldout`` (:func:`heldout_scores`: what the best epoch is chosen by) and,
     with ``log_per_au``, ``val/f1_fitted/AU<n>`` (AUs with labelled entries) and
-    ``val/threshold/AU<n>``.
+    ``val/threshold/AU<n>``; ``val/threshold_fallbacks`` counts the AUs that fell back.
+
+    Args:
+        criterion: what a fitted threshold maximises: ``f1``, ``score`` or ``break_even``.
+        min_positives: AUs with fewer labelled validation positives are not fitted: they get
+            ``fallback`` (0: fit every AU, however few its positives).
+        fallback: ``default`` (0.5) or ``shrink`` (the fitted value moved toward 0.5 by the
+            missing share of ``min_positives``).
+        log_per_au: log each AU's fitted F1 and threshold.
     """
 
-    def __init__(self, criterion: str = "f1", log_per_au: bool = True) -> None:
+    def __init__(self, criterion: str = "f1", min_positives: int = MIN_POSITIVES, fallback: str = "default",
+                 log_per_au: bool = True) -> None:
         super().__init__()
         self.criterion = _check_criterion(criterion)
+        self.fallback = _check_fallback(fallback, min_positives)
+        self.min_positives = int(min_positives)
         self.log_per_au = log_per_au
         self.thresholds: np.ndarray | None = None  # the last fit's, kept in checkpoints
         self._outputs: list[dict[str, torch.Tensor]] = []
@@ -222,7 +292,8 @@ class SoftThresholdCallback(pl.Callback):
         if len(index) == 0:
             log.warning("SoftThresholdCallback: no validation predictions; thresholds left unchanged")
             return
-        thresholds = fit_thresholds(probs, labels, mask, self.criterion)
+        rule = {"min_positives": self.min_positives, "fallback": self.fallback}
+        thresholds = fit_thresholds(probs, labels, mask, self.criterion, **rule)
         with torch.no_grad():
             buffer.copy_(torch.as_tensor(thresholds, dtype=buffer.dtype, device=buffer.device))
         self.thresholds = thresholds
@@ -231,7 +302,8 @@ class SoftThresholdCallback(pl.Callback):
             criterion=self.criterion, aus=aus, probs=probs,
             labels=labels, mask=mask, index=index, thresholds=thresholds,
             at_default=au_scores(probs, labels, mask, DEFAULT_THRESHOLD), fitted=au_scores(probs, labels, mask, thresholds),
-            heldout=heldout_scores(probs, labels, mask, index, self.criterion))
+            heldout=heldout_scores(probs, labels, mask, index, self.criterion, **rule),
+            positives=labelled_positives(labels, mask), **rule)
         pl_module.threshold_fit = fit
         # values are already global (gathered) and identical on every rank: no sync
         for name, value in fit.metrics(self.log_per_au).items():

@@ -67,7 +67,9 @@ def parse_report(text: str) -> dict[str, dict[str, float | None]]:
         raise ValueError(f"{REPORT} has no column {', '.join(missing)} (columns: {reader.fieldnames})")
     rows = {}
     for row in reader:
-        rows[row["AU"]] = {k: (float(v) if v not in ("", None) else None) for k, v in row.items() if k != "AU"}
+        # numbers only: text columns (threshold_from: fitted, or why it fell back) are for people
+        rows[row["AU"]] = {k: (float(v) if v not in ("", None) else None) for k, v in row.items()
+                           if k not in ("AU", "threshold_from")}
     if not rows:
         raise ValueError(f"{REPORT} has no rows")
     return rows

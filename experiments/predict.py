@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.io.images import DEFAULT_MAX_PIXELS
+from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, expand, frames
 from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
@@ -94,11 +95,12 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     return summary
 
 
-def predict(model: str, input: list[str], out: str = "predictions.csv", every: int = 1, batch_frames: int = 32,
-            batch_size: int = 64, annotate: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-            workers: int = 2, device: str | None = None, precision: Precision = "32-true",
-            min_face_size: int | None = None, detect_max_side: int | None = None,
-            batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch") -> None:
+def predict(model: str, input: list[str] | None = None, out: str = "predictions.csv", every: int = 1,
+            batch_frames: int = 32, batch_size: int = 64, annotate: str | None = None,
+            max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, device: str | None = None,
+            precision: Precision = "32-true", min_face_size: int | None = None, detect_max_side: int | None = None,
+            batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch",
+            describe: bool = False) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -126,11 +128,21 @@ def predict(model: str, input: list[str], out: str = "predictions.csv", every: i
         mlflow: MLflow settings file, for MLflow model URIs (MLFLOW_TRACKING_URI wins if set).
         backend: what runs the AU network: ``torch``, or ``onnxruntime`` (the exported ONNX file;
             detection and alignment stay the same code).
+        describe: print the model's card (data, AUs, thresholds and which fell back, figures,
+            known limits) and stop; ``--input`` is not needed.
     """
+    if not describe and not input:
+        raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
+                         "(or --describe to read the model's card)")
     if backend == "onnxruntime" and precision != "32-true":
         raise ValueError(f"--precision {precision}: the onnxruntime backend runs the exported float32 graph")
     use_for_model_uri(model, mlflow)
     predictor = load_predictor(model, device, backend, min_face_size=min_face_size, detect_max_side=detect_max_side)
+    if describe:
+        print(getattr(predictor, "card", None) or f"{model}: no model card (a model logged by au-detect before "
+              "0.3.0, or a checkpoint of a fit that was not tracked); its AUs: "
+              + ", ".join(au_column_name(a) for a in predictor.aus))
+        return
     predictor.batch_size, predictor.precision = batch_size, precision
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")

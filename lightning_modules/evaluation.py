@@ -42,7 +42,9 @@ class ThresholdFit:
     The predictions are those of every rank, each sample once, ordered by index. Scores are
     :func:`~lightning_modules.metrics.au_scores` dicts: at 0.5 (``at_default``), at the fitted
     thresholds on the samples they were fitted on (``fitted``, optimistic) and with each half of
-    the samples decided at thresholds fitted on the other half (``heldout``).
+    the samples decided at thresholds fitted on the other half (``heldout``). AUs with fewer
+    than ``min_positives`` labelled positives were not fitted but given the ``fallback`` rule's
+    threshold (:attr:`fell_back`).
     """
 
     criterion: str
@@ -55,6 +57,20 @@ class ThresholdFit:
     at_default: dict
     fitted: dict
     heldout: dict
+    positives: np.ndarray  # (K,) labelled positives of each AU
+    min_positives: int = 0
+    fallback: str = "default"
+
+    @property
+    def fell_back(self) -> np.ndarray:
+        """(K,) bool: the AUs whose threshold is the fallback's, not fitted."""
+        return np.asarray(self.positives) < self.min_positives
+
+    def fallback_reasons(self) -> dict[str, str]:
+        """Why each AU that fell back did, by AU name, e.g. ``{"AU56": "3 positives < 10"}``."""
+        rule = "0.5" if self.fallback == "default" else "shrunk toward 0.5"
+        return {au_column_name(au): f"{int(n)} validation positives < {self.min_positives}: {rule}"
+                for au, n, low in zip(self.aus, self.positives, self.fell_back) if low}
 
     def metrics(self, per_au: bool = True) -> dict[str, float]:
         """The validation figures it gives: ``val/{f1,accuracy,score}_{fitted,heldout}`` and, with
@@ -63,6 +79,7 @@ class ThresholdFit:
         for kind, scores in (("fitted", self.fitted), ("heldout", self.heldout)):
             out |= {f"val/f1_{kind}": float(scores["mean_f1"]), f"val/accuracy_{kind}": float(scores["mean_accuracy"]),
                     f"val/score_{kind}": float(scores["score"])}
+        out["val/threshold_fallbacks"] = float(self.fell_back.sum())
         if per_au:
             for i, au in enumerate(self.aus):
                 if np.isfinite(self.fitted["f1"][i]):

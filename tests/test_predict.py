@@ -51,7 +51,7 @@ def trained(synthau, tmp_path_factory):
     ckpt = tmp / "spread.ckpt"
     torch.save(state, ckpt)
     return {"ckpt": str(ckpt), "thresholds": thresholds.numpy(), "run_id": run_id, "uri": uri, "tmp": tmp,
-            "mlflow_yaml": str(mlflow_yaml), "cache": tmp / "cache"}
+            "mlflow_yaml": str(mlflow_yaml), "cache": tmp / "cache", "best": best}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -382,3 +382,42 @@ def test_a_box_model_classifies_box_crops_and_a_center_model_is_refused(synthau,
     (faces,) = predictor.predict([frame])
     assert faces and len(seen[0]) == len(faces)
     np.testing.assert_array_equal(seen[0][0], box_crop(frame, faces[0].box, settings))
+
+
+def test_model_card_travels_with_the_model_and_gains_the_test(synthau, trained, capsys):
+    """Every logged model carries MODEL_CARD.md: in the model, the checkpoint, the run's description
+    and the registered version; `predict --describe` prints it; `au-detect test` adds its figures."""
+    from mlflow import MlflowClient
+
+    from experiments.predict import predict
+
+    client = MlflowClient(trained["uri"])
+    run = client.get_run(trained["run_id"])
+    card = run.data.tags["mlflow.note.content"]  # the run's description in the UI
+    assert card.startswith("# AU detector: resnet18") and "SynthAU only: not for real faces" in card
+    # 120 scenes: the rarest AUs have only a few validation positives, and fell back to 0.5
+    (trained["tmp"] / "card").mkdir(exist_ok=True)
+    facts = json.loads(Path(client.download_artifacts(trained["run_id"], "model_card.json",
+                                                      str(trained["tmp"] / "card"))).read_text())
+    fell = [a for a in facts["aus"] if a["fell_back"]]
+    assert fell and all(a["val_positives"] < 10 and a["threshold"] == 0.5 for a in fell)
+    assert all(f"fallback: {a['fell_back']}" in card for a in fell)
+    assert len([line for line in card.splitlines() if line.startswith("| AU")]) == 23 + 1  # header + 23 AUs
+    (version,) = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert version.description == card
+    predict(model=f"runs:/{trained['run_id']}/model", describe=True, mlflow=trained["mlflow_yaml"])
+    assert capsys.readouterr().out.strip() == card.strip()
+    predict(model=trained["best"], describe=True)  # the checkpoint keeps the same card
+    assert capsys.readouterr().out.strip() == card.strip()
+
+    # the test continues the run: the card now has the test's figures, wherever it is kept
+    test = AUDetectCLI(args=["test", *small_fit_args(synthau, trained["cache"], Path(trained["mlflow_yaml"]),
+                                                     trained["tmp"] / "runs"), "--ckpt_path", trained["best"]])
+    f1 = float(test.trainer.callback_metrics["test/f1"])
+    capsys.readouterr()  # the test's own table
+    tested = client.get_run(trained["run_id"]).data.tags["mlflow.note.content"]
+    assert f"test: test/f1 {f1:.3f}" in tested and "Not tested yet" not in tested and "test F1 |" in tested
+    predict(model=f"runs:/{trained['run_id']}/model", describe=True, mlflow=trained["mlflow_yaml"])
+    assert capsys.readouterr().out.strip() == tested.strip()
+    (version,) = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert version.description == tested

@@ -14,7 +14,9 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from callbacks.soft_threshold import SoftThresholdCallback, fit_thresholds, heldout_scores
+from callbacks.au_report import au_report
+from callbacks.soft_threshold import (MIN_POSITIVES, SoftThresholdCallback, fallback_thresholds, fit_thresholds,
+                                      heldout_scores, labelled_positives, validation_half)
 from lightning_modules.evaluation import ValidationBatch, dedupe_by_index
 from lightning_modules.metrics import au_scores
 
@@ -217,7 +219,7 @@ def test_callback_gathers_and_dedupes_two_ranks(drop_rank1_padding):
         cb.on_validation_batch_end(trainer, module, {"junk": 1}, None, start // 8, dataloader_idx=1)  # ignored
     cb.on_validation_epoch_end(trainer, module)
     p32 = probs.astype(np.float32)
-    expected = fit_thresholds(p32, labels, mask, "f1")
+    expected = fit_thresholds(p32, labels, mask, "f1", MIN_POSITIVES)  # the callback's default rule
     np.testing.assert_array_equal(cb.thresholds, expected)
     np.testing.assert_array_equal(module.thresholds.numpy(), expected.astype(np.float32))
     fit = module.threshold_fit  # the one record of this validation
@@ -227,7 +229,7 @@ def test_callback_gathers_and_dedupes_two_ranks(drop_rank1_padding):
     assert module.logged["val/f1_fitted"] == pytest.approx(au_scores(p32, labels, mask, expected)["mean_f1"])
     assert module.logged["val/threshold/AU2"] == pytest.approx(expected[1])
     assert fit.at_default["mean_f1"] == pytest.approx(au_scores(p32, labels, mask, 0.5)["mean_f1"])
-    heldout = heldout_scores(p32, labels, mask, np.arange(n), "f1")
+    heldout = heldout_scores(p32, labels, mask, np.arange(n), "f1", MIN_POSITIVES)
     assert module.logged["val/score_heldout"] == fit.heldout["score"] == pytest.approx(heldout["score"])
     assert module.logged == fit.metrics()
 
@@ -311,14 +313,14 @@ def test_callback_in_trainer():
     with torch.no_grad():
         probs = torch.cat([torch.sigmoid(model(b["x"])) for b in val_loader]).numpy()
     labels, mask = val.labels.numpy(), val.mask.numpy()
-    expected = fit_thresholds(probs, labels, mask, "f1")
+    expected = fit_thresholds(probs, labels, mask, "f1", MIN_POSITIVES)
     np.testing.assert_array_equal(model.thresholds.numpy(), expected.astype(np.float32))
     assert len(model.threshold_fit.probs) == len(val)  # the whole val set, sanity-check batches not kept
     scores = au_scores(probs, labels, mask, expected)
     metrics = trainer.callback_metrics
     assert float(metrics["val/f1_fitted"]) == pytest.approx(scores["mean_f1"], abs=1e-6)
     assert float(metrics["val/score_fitted"]) == pytest.approx(scores["score"], abs=1e-6)
-    heldout = heldout_scores(probs, labels, mask, np.arange(len(val)), "f1")
+    heldout = heldout_scores(probs, labels, mask, np.arange(len(val)), "f1", MIN_POSITIVES)
     assert float(metrics["val/score_heldout"]) == pytest.approx(heldout["score"], abs=1e-6)
     assert float(metrics["val/f1_heldout"]) == pytest.approx(heldout["mean_f1"], abs=1e-6)
     assert float(metrics["val/threshold/AU12"]) == pytest.approx(expected[2], abs=1e-7)
@@ -363,3 +365,78 @@ def test_heldout_scores_decide_each_half_at_thresholds_fitted_on_the_other(seed)
     order = np.random.default_rng(seed).permutation(len(index))
     again = heldout_scores(probs[order], labels[order], mask[order], index[order], "f1")
     assert again["score"] == got["score"]
+
+
+# -- AUs with too few positives to fit ------------------------------------------------------------
+def rare_case(seed: int = 0, n: int = 200):
+    """AU1 frequent (~40 % positive), AU2 with 3 positives scoring low: a fit on them cuts far below 0.5."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, 2))
+    labels[:, 0] = rng.random(n) < 0.4
+    labels[rng.choice(n, 3, replace=False), 1] = 1
+    probs = np.clip(0.25 + 0.5 * labels[:, :1] + rng.normal(0, 0.15, (n, 1)), 0, 1)
+    probs = np.hstack([probs, np.clip(rng.normal(0.08, 0.05, (n, 1)) + 0.06 * labels[:, 1:], 0, 1)])
+    return probs, labels, np.ones_like(labels, bool)
+
+
+def test_fallback_thresholds_by_hand():
+    fitted, positives = np.array([0.1, 0.2, 0.9, 0.3]), np.array([0, 4, 5, 12])
+    np.testing.assert_array_equal(fallback_thresholds(fitted, positives, 5), [0.5, 0.5, 0.9, 0.3])
+    # shrink: 0.5 + (t - 0.5) * n / 5 for n < 5 -> 0.5, 0.5 - 0.3 * 4/5 = 0.26; the rest as fitted
+    np.testing.assert_allclose(fallback_thresholds(fitted, positives, 5, "shrink"), [0.5, 0.26, 0.9, 0.3])
+    np.testing.assert_array_equal(fallback_thresholds(fitted, positives, 0), fitted)
+    with pytest.raises(ValueError, match="unknown threshold fallback 'median'"):
+        fallback_thresholds(fitted, positives, 5, "median")
+    with pytest.raises(ValueError, match="min_positives must be a whole number"):
+        fit_thresholds(np.zeros((2, 1)), np.zeros((2, 1)), min_positives=-1)
+
+
+def test_rare_au_falls_back_and_frequent_au_keeps_its_fit():
+    probs, labels, mask = rare_case()
+    free = fit_thresholds(probs, labels, mask, "f1")
+    assert free[1] < 0.3  # three positives: the fit follows them down
+    ruled = fit_thresholds(probs, labels, mask, "f1", min_positives=10)
+    assert ruled[0] == free[0] and ruled[1] == 0.5
+    np.testing.assert_array_equal(labelled_positives(labels, mask), [labels[:, 0].sum(), 3])
+    # a masked-out positive does not count
+    mask2 = mask.copy()
+    mask2[np.flatnonzero(labels[:, 1])[0], 1] = False
+    assert labelled_positives(labels, mask2)[1] == 2
+
+
+def test_heldout_score_applies_the_rule_to_each_half():
+    probs, labels, mask = rare_case(1)
+    index = np.arange(len(probs))
+    got = heldout_scores(probs, labels, mask, index, "f1", 10)
+    half = validation_half(index)
+    tp = fp = fn = 0
+    for h in (0, 1):  # by hand: the rare AU never has 10 positives in a half, so it is decided at 0.5
+        fit, decide = half != h, half == h
+        t = fit_thresholds(probs[fit], labels[fit], mask[fit], "f1")[1]
+        assert t != 0.5 or labels[fit, 1].sum() == 0
+        d, y = probs[decide, 1] >= 0.5, labels[decide, 1] > 0.5
+        tp, fp, fn = tp + int((d & y).sum()), fp + int((d & ~y).sum()), fn + int((~d & y).sum())
+    expected_f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan
+    assert got["f1"][1] == pytest.approx(expected_f1, nan_ok=True)
+
+
+def test_callback_reports_which_aus_fell_back():
+    probs, labels, mask = rare_case(2)
+    n, k = labels.shape
+    module = FakeRank0Module(k, None)
+    trainer = SimpleNamespace(world_size=1, sanity_checking=False)
+    cb = SoftThresholdCallback("f1", min_positives=MIN_POSITIVES)
+    cb.on_validation_epoch_start(trainer, module)
+    batch = ValidationBatch(torch.from_numpy(probs).float(), torch.from_numpy(labels).float(),
+                            torch.from_numpy(mask), torch.arange(n))
+    cb.on_validation_batch_end(trainer, module, batch, None, 0)
+    cb.on_validation_epoch_end(trainer, module)
+    fit = module.threshold_fit
+    assert fit.fell_back.tolist() == [False, True] and fit.min_positives == MIN_POSITIVES
+    assert fit.fallback_reasons() == {"AU2": f"3 validation positives < {MIN_POSITIVES}: 0.5"}
+    assert module.logged["val/threshold_fallbacks"] == 1.0 and module.logged["val/threshold/AU2"] == 0.5
+    rows = au_report(fit.aus, fit.at_default, fit.fitted, fit.thresholds, fit.fallback_reasons())
+    assert [r["threshold_from"] for r in rows] == ["fitted", "fallback (3 validation positives < 10: 0.5)",
+                                                   "1 fell back"]
+    with pytest.raises(ValueError, match="unknown threshold fallback"):
+        SoftThresholdCallback(fallback="nearest")

@@ -86,7 +86,9 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     assert 0 <= metrics["val/f1_fitted"] <= 1
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "thresholds.json", "au_report.csv", "au_report.md", "best.json", "plots",
-            "checkpoints", "data"} <= files, files
+            "checkpoints", "data", "MODEL_CARD.md", "model_card.json"} <= files, files
+    # the model card is the run's description too (shown on its page in the MLflow UI)
+    assert run.data.tags["mlflow.note.content"].startswith("# AU detector: resnet18")
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/label_frequencies.png", "plots/pr_curves.png", "plots/sample_grid.png"} <= plots
     config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
@@ -95,6 +97,9 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     assert len(config["model"]["au_priors"]) == 23 and params["model.au_priors"].startswith("[")
     thresholds = json.loads(Path(client.download_artifacts(run_id, "thresholds.json", tmp)).read_text())
     assert len(thresholds["thresholds"]) == 23 and "AU12" in thresholds["thresholds"]
+    # which AUs had too few validation positives to fit, and why: what the card lists
+    assert thresholds["min_positives"] == 10 and set(thresholds["fell_back"]) <= set(thresholds["thresholds"])
+    assert all(thresholds["thresholds"][au] == 0.5 for au in thresholds["fell_back"])
     (ckpt,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     state = load_checkpoint(client.download_artifacts(run_id, ckpt, tmp))
     assert state["mlflow_run_id"] == run_id
@@ -121,6 +126,7 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     assert answer["status"].tolist() == ["no_face"] and "AU12_prob" in answer.columns
     predictor = model.unwrap_python_model().predictor
     assert predictor.alignment.crop_size == crop
+    assert predictor.card == run.data.tags["mlflow.note.content"]  # the model carries its card
     net = predictor.net
     np.testing.assert_allclose(net.thresholds.numpy(), list(thresholds["thresholds"].values()), atol=1e-6)
     np.testing.assert_allclose(net.thresholds.numpy(), state["state_dict"]["net.thresholds"].numpy(), atol=1e-6)

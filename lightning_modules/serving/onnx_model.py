@@ -32,6 +32,7 @@ from torch import nn
 from datamodules.alignment.align import FaceDetector
 from datamodules.io.files import sync, write_text
 from datamodules.io.manifest import au_column_name
+from lightning_modules.serving.model_card import CARD_FILE
 from lightning_modules.serving.predictor import CONFIG_FILE, AUPredictor, inference_copy, saved_alignment
 
 ONNX_FILE = "au_net.onnx"
@@ -95,6 +96,8 @@ def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) 
     config = {"net": predictor.spec, "alignment": asdict(predictor.alignment), "mean": predictor.mean,
               "std": predictor.std, "thresholds": predictor.thresholds.tolist(), "onnx": feeding(predictor, opset)}
     write_text(folder / CONFIG_FILE, json.dumps(config, indent=1))
+    if getattr(predictor, "card", None):  # the export goes where the card is needed most: away from MLflow
+        write_text(folder / CARD_FILE, predictor.card)
     return folder
 
 
@@ -170,7 +173,10 @@ class OnnxAUPredictor(AUPredictor):
         if session.get_inputs()[0].name != INPUT or shape != expected:
             raise ValueError(f"{model_path}: input {session.get_inputs()[0].name} {shape}, expected {INPUT} "
                              f"{expected} (predictor.json and the ONNX file are not of one export)")
-        return cls(session, config, device, **detection)
+        predictor = cls(session, config, device, **detection)
+        card = folder / CARD_FILE
+        predictor.card = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
+        return predictor
 
     @property
     def aus(self) -> tuple[int, ...]:

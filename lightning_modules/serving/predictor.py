@@ -29,6 +29,7 @@ from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, NO_FACE, OK, Frame, batches
 from lightning_modules.au_detector import AUNet
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.serving.model_card import CARD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class AUPredictor:
             raise ValueError("this model was trained on center crops of whole images (no face detection); "
                              "prediction detects faces, so it needs a model trained on detected faces")
         self.detector = FaceDetector(self.alignment, self.device)
+        self.card: str | None = None  # MODEL_CARD.md (lightning_modules.serving.model_card), when it has one
 
     @property
     def aus(self) -> tuple[int, ...]:
@@ -118,9 +120,11 @@ class AUPredictor:
         data = ckpt.get("datamodule_hyper_parameters") or {}
         if "alignment" not in data:
             log.warning("%s holds no data settings: default alignment and ImageNet normalisation assumed", path)
-        return cls.from_state(ckpt["state_dict"], ckpt["hyper_parameters"],
-                              saved_alignment(data.get("alignment", AlignmentSettings()), detection),
-                              data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+        predictor = cls.from_state(ckpt["state_dict"], ckpt["hyper_parameters"],
+                                   saved_alignment(data.get("alignment", AlignmentSettings()), detection),
+                                   data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+        predictor.card = checkpoint_card(ckpt)
+        return predictor
 
     @classmethod
     def from_state(cls, state_dict: dict, hparams: dict, alignment: AlignmentSettings | dict,
@@ -140,8 +144,11 @@ class AUPredictor:
         config = json.loads((folder / CONFIG_FILE).read_text())
         net = build_net(config["net"])
         net.load_state_dict(load_checkpoint(folder / WEIGHTS_FILE, "predictor weights"))
-        return cls(net, saved_alignment(config["alignment"], detection), config["net"], config["mean"], config["std"],
-                   device)
+        predictor = cls(net, saved_alignment(config["alignment"], detection), config["net"], config["mean"],
+                        config["std"], device)
+        card = folder / CARD_FILE
+        predictor.card = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
+        return predictor
 
     @classmethod
     def from_mlflow(cls, uri: str, device: str | None = None, **detection) -> "AUPredictor":
@@ -172,6 +179,8 @@ class AUPredictor:
                   "thresholds": self.thresholds.round(6).tolist()}
         torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        if self.card:
+            (folder / CARD_FILE).write_text(self.card, encoding="utf-8")
         return folder
 
     # -- prediction -------------------------------------------------------------------------------
@@ -256,8 +265,25 @@ def inference_copy(net: AUNet) -> AUNet:
 
 
 def build_net(spec: dict) -> AUNet:
-    """The network of a spec, with random weights (about to be overwritten by saved ones)."""
-    return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False))
+    """The network of a spec, with random weights (about to be overwritten by saved ones): the
+    backbones' "random initialisation" lines would mislead about a trained model, so they are held back."""
+    backbones = logging.getLogger("lightning_modules.backbones")
+    level = backbones.level
+    backbones.setLevel(max(level, logging.WARNING))
+    try:
+        return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False))
+    finally:
+        backbones.setLevel(level)
+
+
+def checkpoint_card(ckpt: dict) -> str | None:
+    """The model card a fit's checkpoint keeps with its best validation's files (its callbacks'
+    state, :mod:`callbacks.mlflow_artifacts`), or None (a checkpoint of an untracked fit)."""
+    for state in (ckpt.get("callbacks") or {}).values():
+        files = ((state or {}).get("record") or {}).get("files") if isinstance(state, dict) else None
+        if isinstance(files, dict) and isinstance(files.get(CARD_FILE), str):
+            return files[CARD_FILE]
+    return None
 
 
 def saved_alignment(saved, detection: dict) -> AlignmentSettings:

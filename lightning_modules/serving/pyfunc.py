@@ -49,6 +49,7 @@ from datamodules.io.images import DEFAULT_MAX_PIXELS, EMPTY, UNREADABLE, InputEr
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, Source, frames
 from lightning_modules.serving.model_code import copy_served_code
+from lightning_modules.serving.model_card import CARD_FILE
 from lightning_modules.serving.predictor import LANDMARKS, AUPredictor, columns, frame_records
 
 CANDIDATE_ALIAS = "candidate"  # the alias every newly registered version gets (models:/<name>@candidate)
@@ -191,10 +192,18 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
             code_paths=[str(p) for p in code], signature=signature(predictor.aus),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
             model_config={**asdict(limits), "backend": "torch"}, registered_model_name=registered_model_name)
+        card = getattr(predictor, "card", None)
+        if card:  # on top of the model's folder too, where people browsing it look first
+            card_dir = Path(tmp) / "card"
+            card_dir.mkdir()
+            (card_dir / CARD_FILE).write_text(card, encoding="utf-8")
+            mlflow.MlflowClient().log_model_artifacts(info.model_id, str(card_dir))
         if registered_model_name and info.registered_model_version is not None:
             # the newest fit's model is the candidate; `au-detect promote` moves other aliases (champion)
-            mlflow.MlflowClient().set_registered_model_alias(registered_model_name, CANDIDATE_ALIAS,
-                                                             str(info.registered_model_version))
+            client = mlflow.MlflowClient()
+            client.set_registered_model_alias(registered_model_name, CANDIDATE_ALIAS, str(info.registered_model_version))
+            if card:  # the registry's page of the version shows it
+                client.update_model_version(registered_model_name, str(info.registered_model_version), description=card)
         if onnx:
             import onnx as onnx_lib
 
