@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -222,3 +223,25 @@ def test_logged_model_carries_only_the_served_code_and_loads_without_the_project
         assert list(isolated["status"]) == list(installed["status"]) == ["ok", "ok"]
         probs = [c for c in installed.columns if c.endswith("_prob")]
         assert np.abs(isolated[probs].to_numpy() - installed[probs].to_numpy()).max() <= 1e-4
+
+
+def test_export_keeps_the_exporters_chatter_back(predictor_folder, tmp_path, caplog):
+    """torch's exporter logs each optimiser rewrite at INFO (about 25 lines): held back."""
+    from lightning_modules.serving.onnx_model import export_onnx
+
+    caplog.set_level(logging.INFO)
+    export_onnx(AUPredictor.from_dir(predictor_folder, device="cpu"), tmp_path / "export")
+    chatter = [r.getMessage() for r in caplog.records
+               if r.name.startswith(("onnxscript", "onnx_ir", "torch.onnx")) and r.levelno < logging.WARNING]
+    assert chatter == []
+    assert (tmp_path / "export" / "au_net.onnx").is_file()
+
+
+def test_loading_a_trained_model_says_nothing_of_random_weights(predictor_folder, caplog):
+    """Its network is built with random weights and then given the saved ones: no "random initialisation" line."""
+    caplog.set_level(logging.INFO)
+    AUPredictor.from_dir(predictor_folder, device="cpu")
+    assert not [r for r in caplog.records if "random initialisation" in r.getMessage()]
+    caplog.clear()
+    AUNet(SPEC["aus"], SPEC["backbone"], SPEC["branches"])  # a new network does say it
+    assert any("random initialisation" in r.getMessage() for r in caplog.records)

@@ -17,13 +17,15 @@ code. ``au-detect predict --backend onnxruntime --model DIR`` uses it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +61,27 @@ class CropClassifier(nn.Module):
         return probs, probs >= self.thresholds
 
 
+# The exporter's optimiser passes log each rewrite at INFO (about 25 lines a model): detail for
+# whoever debugs the export, not for someone training or exporting a model.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """The exporter's INFO lines held back while it runs (warnings still pass; a logger set to
+    DEBUG on purpose keeps everything)."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.level != logging.DEBUG:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) -> Path:
     """Write ``au_net.onnx`` and ``predictor.json`` into ``folder`` (see the module's docstring).
 
@@ -80,9 +103,10 @@ def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) 
     fd, tmp = tempfile.mkstemp(prefix=f".{ONNX_FILE}.", dir=folder)
     os.close(fd)
     try:
-        torch.onnx.export(module, (example,), tmp, input_names=[INPUT], output_names=list(OUTPUTS),
-                          dynamic_shapes={"crops": {0: torch.export.Dim("batch")}}, opset_version=opset,
-                          dynamo=True, external_data=False, verbose=False)
+        with quiet_exporter():
+            torch.onnx.export(module, (example,), tmp, input_names=[INPUT], output_names=list(OUTPUTS),
+                              dynamic_shapes={"crops": {0: torch.export.Dim("batch")}}, opset_version=opset,
+                              dynamo=True, external_data=False, verbose=False)
         graph = onnx.load(tmp)
         for key, value in metadata(predictor).items():
             graph.metadata_props.add(key=key, value=value)
