@@ -3,8 +3,10 @@
     python docs/ui_screenshots.py --tracking_uri sqlite:///mlflow.db --run <fit run id> \
         --sweep <sweep parent run id> --out docs
 
-starts ``mlflow server`` on the store (loopback, a free port) and writes ``mlflow_run.png`` (the
-fit's name, its dataset inputs, tags), ``mlflow_run_system_metrics.png`` (its CPU and memory
+starts ``mlflow server`` on the store (loopback, a free port) and writes ``mlflow_runs.png`` (the
+fit's experiment as its runs list opens from the address the main job prints: the pipeline's stages
+under their parent, the compared figures as columns), ``mlflow_run.png`` (the fit's page: its
+model card as the description, dataset inputs, tags), ``mlflow_run_system_metrics.png`` (its CPU and memory
 curves), ``mlflow_sweep.png`` (the sweep's parent run, its trials as child runs) and, when the parent holds them,
 ``mlflow_sweep_<plot>.png`` (Optuna's plots as the artifact viewer shows them). Needs a Chromium
 (``apt install chromium``); the page is given time to render its scripts before the capture.
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from mlflow import MlflowClient
 
+    from experiments.tracking import TrackingSettings
+
     client = MlflowClient(args.tracking_uri)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.run:
             exp = client.get_run(args.run).info.experiment_id
-            screenshot(f"{base}/{exp}/runs/{args.run}", out / "mlflow_run.png", (1600, 1500))
+            ui = TrackingSettings(tracking_uri=args.tracking_uri).ui_url(exp, port=port)
+            screenshot(ui, out / "mlflow_runs.png", (1800, 900))
+            screenshot(f"{base}/{exp}/runs/{args.run}?workflowType=machine_learning", out / "mlflow_run.png",
+                       (1600, 1500))
             screenshot(f"{base}/{exp}/runs/{args.run}/system-metrics", out / "mlflow_run_system_metrics.png")
         if args.sweep:
             exp = client.get_run(args.sweep).info.experiment_id

@@ -9,110 +9,153 @@ signatures.
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import importlib.metadata
+import inspect
 import logging
 import sys
 import warnings
+from argparse import ArgumentError
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+# Only jsonargparse here: torch, Lightning and MLflow are imported by the command that runs, so that
+# ``au-detect``, ``--help`` and ``--version`` answer at once.
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
-
-from callbacks.tracking.spool import TrackingServerUnreachable
-from datamodules.io.manifest import ManifestError
-from experiments import data
-from experiments.ablation.run import main as ablation
-from experiments.pipeline import main as pipeline
-from experiments.lightning_cli import AUDetectCLI, PretrainCLI
-from experiments.compare import compare
-from experiments.export import export
-from experiments.predict import predict
-from experiments.sweep import sweep
-from experiments.registry import promote
-from experiments.tracking import sync_tracking
-from lightning_modules.backbones import WeightsError
-from lightning_modules.checkpoints import CheckpointError
 
 
 @dataclass(frozen=True)
 class Command:
     group: str
     help: str
-    run: Callable[[list[str]], object]
+    target: str  # "module:attribute", imported only when the command runs
+    kind: str = "main"  # "main": called with the args; "function": parsed from its signature; "cli": a LightningCLI
+
+    def load(self) -> Callable:
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def run(self, name: str, args: list[str]) -> object:
+        if self.kind == "function":
+            return _run_function(name, args)
+        if self.kind == "cli":
+            if name in ("fit", "validate", "test"):
+                return self.load()(args=[name, *args], parser_kwargs={"prog": "au-detect"})
+            return self.load()(name, args=args, parser_kwargs={"prog": f"au-detect {name}"})
+        return self.load()(args)
 
 
-def _function_command(name: str) -> Callable[[list[str]], object]:
+def _run_function(name: str, args: list[str]) -> object:
     """A command made from a function's signature (see :func:`function_parser`)."""
-    def run(args: list[str]) -> object:
-        parser = function_parser()
-        config = parser.parse_args([name, *args])
-        init = parser.instantiate_classes(config)[name]
-        init.pop("config", None)
-        return FUNCTIONS[name](**init)
-    return run
+    fn = FUNCTIONS[name]
+    parser = _function_subparser(name, fn)
+    try:
+        config = parser.parse_args(args)
+    except ArgumentError as e:
+        _usage_exit(parser, e, args)
+    init = parser.instantiate_classes(config)
+    init.pop("config", None)
+    return fn(**init)
 
 
 COMMANDS: dict[str, Command] = {
     "fit": Command("training", "train the AU detector: balancing, soft thresholds, the run and model in MLflow",
-                   lambda args: AUDetectCLI(args=["fit", *args])),
+                   "experiments.lightning_cli:AUDetectCLI", "cli"),
     "validate": Command("training", "validate a checkpoint (thresholds fitted again, into its MLflow run)",
-                        lambda args: AUDetectCLI(args=["validate", *args])),
+                        "experiments.lightning_cli:AUDetectCLI", "cli"),
     "test": Command("training", "test a checkpoint at its fitted thresholds (into its MLflow run)",
-                    lambda args: AUDetectCLI(args=["test", *args])),
+                    "experiments.lightning_cli:AUDetectCLI", "cli"),
     "pretrain-face": Command("training", "pretrain the face branch: ArcFace on identities, verification",
-                             lambda args: PretrainCLI("pretrain-face", args=args)),
+                             "experiments.lightning_cli:PretrainCLI", "cli"),
     "pretrain-expression": Command("training", "pretrain the expression branch: basic emotions",
-                                   lambda args: PretrainCLI("pretrain-expression", args=args)),
+                                   "experiments.lightning_cli:PretrainCLI", "cli"),
     "pipeline": Command("training", "the whole method: data, both branches pretrained, the AU fit and test; "
-                        "one MLflow parent run", pipeline),
-    "ablation": Command("training", "the paper's Table 2 over seeds, every row an MLflow run", ablation),
+                        "one MLflow parent run", "experiments.pipeline:main"),
+    "ablation": Command("training", "the paper's Table 2 over seeds, every row an MLflow run",
+                        "experiments.ablation.run:main"),
     "sweep": Command("training", "an Optuna study over fit options, every trial an MLflow run; resumable, "
-                     "several processes on one study", _function_command("sweep")),
+                     "several processes on one study", "experiments.sweep:sweep", "function"),
     "sync-tracking": Command("training", "send to MLflow what a fit kept on disk while its tracking server "
-                             "was unreachable", _function_command("sync-tracking")),
+                             "was unreachable", "experiments.tracking:sync_tracking", "function"),
     "predict": Command("using a trained detector", "every face of photos, folders, lists and videos to CSV",
-                       _function_command("predict")),
+                       "experiments.predict:predict", "function"),
     "export": Command("using a trained detector", "the AU network as ONNX (onnxruntime, C++, C#, browsers), "
-                      "checked against PyTorch", _function_command("export")),
+                      "checked against PyTorch", "experiments.export:export", "function"),
     "promote": Command("using a trained detector", "point a registry alias (champion) at a model version: "
-                       "models:/<name>@<alias>", _function_command("promote")),
+                       "models:/<name>@<alias>", "experiments.registry:promote", "function"),
     "compare": Command("training", "runs side by side per AU (F1, thresholds, change vs a baseline): "
-                       "table, heat map, an MLflow run", _function_command("compare")),
+                       "table, heat map, an MLflow run", "experiments.compare:compare", "function"),
     "synth": Command("data", "render SynthAU (images, EmotioNet-form manifests, contact sheet)",
-                     _function_command("synth")),
+                     "experiments.data:synth", "function"),
     "download": Command("data", "fetch the images of URL manifests (EmotioNet), resumable, with a report",
-                        _function_command("download")),
+                        "experiments.data:download", "function"),
     "align": Command("data", "detect and align the faces of manifests into crop caches, with a report",
-                     _function_command("align")),
+                     "experiments.data:align", "function"),
     "prepare": Command("data", "what a training config prepares: generate or download, align, report",
-                       data.prepare),
+                       "experiments.data:prepare"),
 }
-FUNCTIONS = {"predict": predict, "export": export, "synth": data.synth, "download": data.download, "align": data.align,
-             "sync-tracking": sync_tracking, "promote": promote, "compare": compare, "sweep": sweep}
+
+
+class _Functions(Mapping):
+    """The function commands by name, each imported when first looked up."""
+
+    def __getitem__(self, name: str) -> Callable:
+        command = COMMANDS.get(name)
+        if command is None or command.kind != "function":
+            raise KeyError(name)
+        return command.load()
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, c in COMMANDS.items() if c.kind == "function")
+
+    def __len__(self) -> int:
+        return sum(c.kind == "function" for c in COMMANDS.values())
+
+
+FUNCTIONS: Mapping[str, Callable] = _Functions()
 # Options given as lists on the shell (--input a.jpg photos/ clip.mp4) and flags without a value.
-LISTS = {"predict": ("input", "images, folders, globs, lists of images, videos"),
+# predict's --input may be left out for --describe: predict() says when neither is given.
+LISTS = {"predict": ("input", "images, folders, globs, lists of images, videos", False),
          "download": ("manifest", "manifests whose images are URLs"),
          "compare": ("runs", "run ids, the first the baseline (or --filter)", False)}
-FLAGS = {"download": ("retry_failed",)}
+FLAGS = {"download": ("retry_failed",), "predict": ("describe",)}
 
 
 def function_parser() -> ArgumentParser:
     """One parser with a subcommand per function command, its options from the signature."""
-    parser = ArgumentParser(prog="au-detect")
+    parser = ArgumentParser(prog="au-detect", allow_abbrev=False)
     commands = parser.add_subcommands(dest="command")
     for name, fn in FUNCTIONS.items():
-        sub = ArgumentParser(prog=f"au-detect {name}", description=fn.__doc__)
-        sub.add_argument("--config", action=ActionConfigFile)
-        skip = set(FLAGS.get(name, ()))
-        if name in LISTS:
-            option, help_text, *required = LISTS[name]  # a third item False: the list may be left out
-            sub.add_argument(f"--{option}", nargs="+", required=required[0] if required else True, help=help_text)
-            skip.add(option)
-        for flag in FLAGS.get(name, ()):
-            sub.add_argument(f"--{flag}", action=ActionYesNo, default=False, help=_arg_doc(fn, flag))
-        sub.add_function_arguments(fn, as_group=False, skip=skip or None)
-        commands.add_subcommand(name, sub, help=COMMANDS[name].help)
+        commands.add_subcommand(name, _function_subparser(name, fn), help=COMMANDS[name].help)
     return parser
+
+
+def _function_subparser(name: str, fn: Callable) -> ArgumentParser:
+    """``au-detect <name>``'s parser: ``fn``'s summary, then an option per argument with its own help."""
+    # Errors come back as exceptions, to be said in one line (_usage_exit), not after the usage.
+    sub = ArgumentParser(prog=f"au-detect {name}", description=_summary(fn), allow_abbrev=False,
+                         exit_on_error=False)
+    sub.add_argument("--config", action=ActionConfigFile)
+    parameters = inspect.signature(fn).parameters
+    flags = [f for f in FLAGS.get(name, ()) if f in parameters]
+    skip = set(flags)
+    if name in LISTS:
+        option, help_text, *required = LISTS[name]  # a third item False: the list may be left out
+        # without --describe to take its place, predict still needs --input
+        required = (required[0] if required else True) or (name == "predict" and "describe" not in parameters)
+        sub.add_argument(f"--{option}", nargs="+", required=required, help=help_text)
+        skip.add(option)
+    for flag in flags:
+        sub.add_argument(f"--{flag}", action=ActionYesNo, default=False, help=_arg_doc(fn, flag))
+    sub.add_function_arguments(fn, as_group=False, skip=skip or None)
+    return sub
+
+
+def _summary(fn: Callable) -> str:
+    """A docstring without its ``Args:`` block: each argument's text is the help of its option."""
+    return inspect.cleandoc(fn.__doc__ or "").split("\nArgs:")[0].strip()
 
 
 def _arg_doc(fn: Callable, name: str) -> str:
@@ -152,11 +195,45 @@ def version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
+def _usage_exit(parser: ArgumentParser, error: ArgumentError, args: Sequence[str]) -> None:
+    """Exit 2 with what the parser refused in one line (and where to see the options)."""
+    from experiments.lightning_cli import TrackedCLI
+
+    print(TrackedCLI.usage_error(parser, error, args), file=sys.stderr)
+    raise SystemExit(2)
+
+
+# Errors of what the user gave (a file, a model URI), said in one line from the shell, not a traceback.
+USER_ERRORS = ("CheckpointError", "WeightsError", "ManifestError", "TrackingServerUnreachable")
+
+
+def _user_error(e: BaseException, command: str, args: Sequence[str]) -> tuple[int, str] | None:
+    """``(exit code, line)`` for an error of what the user gave, ``None`` for a fault of the program."""
+    if type(e).__name__ in USER_ERRORS or isinstance(e, FileNotFoundError):
+        return 1, f"au-detect: error: {e}"
+    if isinstance(e, ValueError) and "--input" in str(e):  # predict given neither --input nor --describe
+        return 2, f"au-detect {command}: error: {e}"
+    exceptions = sys.modules.get("mlflow.exceptions")  # imported by the command if it used MLflow
+    if exceptions is not None and isinstance(e, exceptions.MlflowException) and (
+            e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(e).lower()):
+        model = next((b for a, b in zip(args, args[1:]) if a == "--model"), None)
+        model = model or next((a.split("=", 1)[1] for a in args if a.startswith("--model=")), "the model")
+        import mlflow
+
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ("train one first (au-detect pipeline --config experiments/configs/pipeline_demo.yaml)"
+                if model.startswith("models:/") else
+                "the run ids are in the MLflow UI (mlflow ui), or pass --mlflow with the settings of its store")
+        return 1, f"au-detect: error: {model}: {what} in {mlflow.get_tracking_uri()}: {hint}"
+    return None
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``au-detect``; ``args`` defaults to the command line (tests pass a list).
 
-    From the command line, a file that is refused (a checkpoint that is not data, a malformed
-    manifest) ends the command with its message, not a traceback.
+    A command line the parser refuses ends with one line and exit 2. From the command line, a
+    file that is refused (a missing model, a checkpoint that is not data, a malformed manifest, a
+    model URI MLflow does not have) ends the command with its message and exit 1, not a traceback.
     """
     from_shell = args is None
     args = list(sys.argv[1:] if from_shell else args)
@@ -169,16 +246,21 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     command = COMMANDS.get(args[0])
     if command is None:
-        raise SystemExit(f"au-detect: unknown command {args[0]!r}\n\n{usage()}")
+        close = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        print(f"au-detect: error: unknown command {args[0]!r}" + (f"; did you mean {close[0]}?" if close else ""),
+              "see: au-detect --help", sep="\n", file=sys.stderr)
+        raise SystemExit(2)
     # LightningCLI warns when it is given args while sys.argv has some too: here they are the
     # command line's own (DDP relaunches the same command line on the other ranks).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        command.run(args[1:])
-    except (CheckpointError, WeightsError, ManifestError, TrackingServerUnreachable) as e:
-        if not from_shell:
+        command.run(args[0], args[1:])
+    except Exception as e:
+        said = _user_error(e, args[0], args[1:]) if from_shell else None
+        if said is None:
             raise
-        raise SystemExit(f"au-detect: error: {e}") from None
+        print(said[1], file=sys.stderr)
+        raise SystemExit(said[0]) from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ and are read as data only (:mod:`lightning_modules.checkpoints`).
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
+import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,7 +32,7 @@ from callbacks.tracking.system_metrics import SystemMetrics
 from callbacks.tracking.spool import SPOOL_DIR
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
-from experiments.tracking import TrackingSettings, log_params_once
+from experiments.tracking import TrackingSettings, log_params_once, next_commands, registered_name
 from lightning_modules.au_detector import AUDetector
 from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
@@ -37,13 +41,24 @@ log = logging.getLogger(__name__)
 
 # CLI-only keys: where and how a run is tracked, not what is trained.
 NOT_PARAMS = ("ckpt_path", "config", "mlflow", "run_name", "tags")
+# What runs are filtered and compared on: params even where they keep their default. Everything
+# else is a param only where it differs from the default; config.yaml holds every value.
+KEY_PARAMS = ("seed_everything", "trainer.max_epochs", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+              "trainer.precision", "model.backbone", "model.branches", "model.loss", "model.target_rate",
+              "model.face_weights", "model.emotion_weights", "model.optimizer.class_path",
+              "model.optimizer.init_args.lr", "data.batch_size", "data.balanced_sampling", "data.sampling_power",
+              "data.augment", "data.alignment.method", "data.alignment.crop_size", "data.seed",
+              "soft_threshold.criterion", "checkpoint.monitor")
+COMMAND_TAG = "au_detect.command"
 
 
 class MLflowSaveConfig(SaveConfigCallback):
     """Lightning's way to keep the config with the logger, for MLflow: the resolved config as the
-    run's ``config.yaml`` and every value as a param. A resumed run that changes a value (e.g.
-    ``max_epochs``) gets a ``resumed_with/<key>`` tag instead, as MLflow params are immutable.
-    Works for any tracking URI, where Lightning's file-writing default does not."""
+    run's ``config.yaml``, and as params the values that tell runs apart (:func:`run_params`). A
+    resumed run that changes a value (e.g. ``max_epochs``) gets a ``resumed_with/<key>`` tag
+    instead, as MLflow params are immutable. The tag ``au_detect.command`` names the command that
+    made the run: a ``test`` that continues a fit's run leaves it ``fit``, and its config goes to
+    ``config_test.yaml``. Works for any tracking URI, where Lightning's file-writing default does not."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         logger = mlflow_logger(trainer)
@@ -59,9 +74,21 @@ class MLflowSaveConfig(SaveConfigCallback):
             config["model"] = {**model, **linked}
             text = yaml.safe_dump(config, sort_keys=False)
         client, run_id = logger.experiment, logger.run_id
-        client.log_text(run_id, text, "config.yaml")
-        log_params_once(client, run_id, flatten_config(config, skip=NOT_PARAMS))
-        client.set_tag(run_id, "au_detect.command", getattr(stage, "value", stage))  # "fit", not TrainerFn.FITTING
+        command = getattr(stage, "value", stage)  # "fit", not TrainerFn.FITTING
+        made_by = client.get_run(run_id).data.tags.get(COMMAND_TAG, command)
+        client.log_text(run_id, text, "config.yaml" if made_by == command else f"config_{command}.yaml")
+        log_params_once(client, run_id, run_params(config, self._defaults()))
+        if made_by == command:
+            client.set_tag(run_id, COMMAND_TAG, command)
+
+    def _defaults(self) -> dict | None:
+        """The parser's defaults as the config is dumped (None when they cannot be had: every value
+        is then a param)."""
+        try:
+            return yaml.safe_load(self.parser.dump(self.parser.get_defaults(), skip_none=False, skip_validation=True))
+        except Exception as e:  # a required option without default, a default the dump refuses
+            log.warning("params: no defaults to compare with (%s); logging every value", e)
+            return None
 
 
 class TrackedCLI(LightningCLI):
@@ -82,9 +109,15 @@ class TrackedCLI(LightningCLI):
         self.tracking: TrackingSettings | None = None  # set when the CLI builds the MLflow logger itself
         self.resumed_run: str | None = None
         self.checkpoint_run: str | None = None  # the MLflow run the --ckpt_path file was written by
+        # No abbreviations (--trainer.max_epoch is a mistake, not --trainer.max_epochs), and errors as
+        # exceptions, which parse_arguments says in one line.
+        strict = {"allow_abbrev": False, "exit_on_error": False}
+        parser_kwargs = {**strict, **{name: strict for name in self.subcommands()}}
+        for key, value in (kwargs.pop("parser_kwargs", None) or {}).items():
+            parser_kwargs[key] = {**strict, **value} if key in self.subcommands() else value
         super().__init__(model_class, datamodule_class, save_config_callback=MLflowSaveConfig,
                          save_config_kwargs={"save_to_log_dir": False}, auto_configure_optimizers=False,
-                         args=args, **kwargs)
+                         args=args, parser_kwargs=parser_kwargs, **kwargs)
 
     # Checkpoints are data: ``--ckpt_path`` is read with weights_only=True by every subcommand, so
     # weights_only is not an option (the file is checked here first, for an error that names it).
@@ -95,7 +128,15 @@ class TrackedCLI(LightningCLI):
                 if name != "predict"}
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            # the subcommand's parser knows its options (for "did you mean")
+            names = list(args) if isinstance(args, (list, tuple)) else list(args or {})
+            command = next((a for a in names if a in self._subcommand_parsers), None)
+            refused = self._subcommand_parsers[command] if command else parser
+            print(self.usage_error(refused, e, args if isinstance(args, (list, tuple)) else ()), file=sys.stderr)
+            raise SystemExit(2) from None
         command = self.config.get("subcommand")
         config = self.config[command] if command else self.config
         if command == "fit" and config.get("ckpt_path") == "last" and config.trainer.get("logger") is None:
@@ -103,6 +144,58 @@ class TrackedCLI(LightningCLI):
         ckpt = config.get("ckpt_path")
         if ckpt and Path(ckpt).is_file():
             self.checkpoint_run = run_id_from_checkpoint(ckpt)
+
+    @staticmethod
+    def usage_error(parser, error: BaseException, args: Sequence[str] = ()) -> str:
+        """What ``parser`` refused, in one line, and where to see its options: ``<prog>: error: ...``.
+
+        An unknown option names the closest one; a config that is not YAML, its file, line and
+        column; a value of the wrong type, the option, what it takes and what it got.
+        """
+        message = str(error)
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+        broken = TrackedCLI.yaml_problem(args) if "Problems parsing config" in message else None
+        required = re.match(r"the following arguments are required: (.*)", message)
+        if required:
+            names = [n.strip() for n in required.group(1).split(",")]
+            line = "missing " + ", ".join(n if n.startswith("-") else f"--{n}" for n in names)
+        elif unknown:
+            given = unknown.group(1).split("=", 1)[0]
+            # the options as --help lists them (argparse keeps no public list of them)
+            options = list(dict.fromkeys(re.findall(r"(--[\w.\-]+)", parser.format_help())))
+            close = difflib.get_close_matches(given, options, n=1, cutoff=0.6)
+            line = f"unknown option {given}" + (f"; did you mean {close[0]}?" if close else "")
+        elif broken:
+            line = broken
+        elif key:
+            name, detail = key.groups()
+            expected = re.findall(r"Expected a <class '([\w.]+)'>", detail)
+            given = re.search(r"Given value: (.*)", detail)
+            if expected and given:
+                names = ["None" if t == "NoneType" else t for t in dict.fromkeys(expected)]
+                detail = f"expected {' or '.join(names)}, got {given.group(1).strip()!r}"
+            line = f"--{name}: " + "; ".join(part.strip() for part in detail.splitlines() if part.strip())
+        else:
+            line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+        prog = parser.prog.replace(" [options]", "")
+        return f"{prog}: error: {line[:500]}\nsee: {prog} --help"
+
+    @staticmethod
+    def yaml_problem(args: Sequence[str]) -> str | None:
+        """``file: line L, column C: problem`` for the first ``--config`` file of ``args`` that is not YAML."""
+        paths = [b for a, b in zip(args, args[1:]) if a in ("--config", "-c")]
+        paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+        for path in paths:
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                return f"{path}: {where}not YAML: {getattr(e, 'problem', None) or e}"
+            except OSError:
+                continue
+        return None
 
     @staticmethod
     def last_interrupted_checkpoint(config) -> str | None:
@@ -207,8 +300,21 @@ class TrackedCLI(LightningCLI):
             print(f"Done: {score}. Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
             if self.tracking is None:
                 return
-            print(f"See the run: {self.tracking.ui_command()}  (then open http://127.0.0.1:5000, experiment "
-                  f"'{self.tracking.experiment_name}', run {logger.run_id})")
+            config = self._subconfig()
+            if (config.get("tags") or {}).get("mlflow.parentRunId"):
+                return  # a stage of a pipeline, sweep or ablation: the parent says what comes next
+            artifacts = config.get("mlflow_artifacts") or {}
+            logged = bool(artifacts.get("log_model"))
+            registered = registered_name(self.tracking, logger.run_id, artifacts.get("registered_model_name"))
+            lines = next_commands(self.tracking, config.mlflow, logger.run_id, self.example_photo(), logged, registered)
+            print("Next, from the project folder:\n" + "\n".join(f"  {line}" for line in lines))
+
+    def example_photo(self) -> str | None:
+        """A photo to try the model on: the first of the test split (None when there is none)."""
+        try:
+            return self.datamodule.manifest("test").resolve(0)
+        except Exception:  # no manifest method (pretraining data), an empty split, a URL manifest
+            return None
 
 
 class AUDetectCLI(TrackedCLI):
@@ -276,6 +382,21 @@ def _plain(value) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
+
+
+def run_params(config: dict, defaults: dict | None) -> dict[str, str]:
+    """A run's params: the :data:`KEY_PARAMS` it has, and every value that differs from ``defaults``
+    (all of them without defaults), CLI-only keys left out.
+
+    >>> run_params({"model": {"backbone": "resnet50", "dropout": 0.3, "lr": 0.1}, "mlflow": "m.yaml"},
+    ...            {"model": {"backbone": "resnet50", "dropout": 0.5, "lr": 0.1}})
+    {'model.backbone': 'resnet50', 'model.dropout': '0.3'}
+    """
+    values = flatten_config(config, skip=NOT_PARAMS)
+    if defaults is None:
+        return values
+    default = flatten_config(defaults, skip=NOT_PARAMS)
+    return {k: v for k, v in values.items() if k in KEY_PARAMS or default.get(k) != v}
 
 
 def flatten_config(config: dict, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:

@@ -13,8 +13,11 @@
 A branch checkpoint that exists already is reused, so a rerun goes straight to the AU fit (delete
 the file, or pass ``--retrain_branches true``, to pretrain again). The AU config stays a plain
 LightningCLI config: ``au-detect fit --config experiments/configs/demo.yaml`` does stage 4 alone. In MLflow
-the stages are runs nested under a parent run named after the pipeline (tags ``pipeline`` and
-``pipeline.stage``), which holds the test figures and the minutes each stage took. With
+the stages are runs nested under a parent run named after the pipeline (tags ``pipeline``, and
+``au_detect.stage``: data, pretrain-face, pretrain-expression, fit), which holds the test figures
+and the minutes each stage took; the fit run is named as ``au-detect fit`` names it. When the fit
+registers its model, the version gets the alias ``champion`` after the test. The pipeline ends with
+the commands to paste: ``au-detect predict`` with the model, ``mlflow ui`` on the store. With
 ``baseline: true`` the AU fit is repeated from random branches at the same budget, and the
 parent run shows what the transfer adds.
 """
@@ -29,9 +32,11 @@ from typing import Any, Sequence
 from mlflow.tracking import MlflowClient
 
 from experiments.data import prepare
-from experiments.stages import (BRANCH_TASKS, fit_and_test, function_parser, pretrain_branch, run_function,
-                               with_overrides)
-from experiments.tracking import TrackingSettings
+from experiments.lightning_cli import COMMAND_TAG
+from experiments.stages import (BRANCH_TASKS, STAGE_TAG, fit_and_test, function_parser, pretrain_branch,
+                               run_function, with_overrides)
+from experiments.registry import promote
+from experiments.tracking import RUNS_VIEW_TAG, TrackingSettings, next_commands, registered_name, runs_view
 
 CONFIG_KEYS = {"face": "face_weights", "emotion": "emotion_weights"}
 
@@ -53,6 +58,7 @@ def pipeline(
     pretrain_overrides: dict[str, Any] | None = None,
     retrain_branches: bool = False,
     baseline: bool = False,
+    champion: str | None = "champion",
     mlflow: str = "mlflow.yaml",
 ) -> dict[str, Any]:
     """Prepare the data, pretrain both branches, fit and test the AU detector; one MLflow parent run.
@@ -66,25 +72,37 @@ def pipeline(
         pretrain_overrides: dotted keys changed in both pretraining configs.
         retrain_branches: pretrain again even where the branch checkpoint exists.
         baseline: also fit from random branches at the same budget (what the transfer adds).
+        champion: the registry alias moved to the AU fit's model version after its test, when the
+            fit registered its model (``mlflow_artifacts.registered_model_name``); null: none.
         mlflow: MLflow settings file.
     """
     start = time.perf_counter()
     tracking = TrackingSettings.read(mlflow)
     client = MlflowClient(tracking.tracking_uri)
-    parent = client.create_run(tracking.experiment_id(client), run_name=f"pipeline {name}",
-                               tags={**tracking.tags, "pipeline": name, "pipeline.stage": "pipeline"}).info.run_id
+    parent_experiment = tracking.experiment_id(client)
+    parent = client.create_run(parent_experiment, run_name=f"pipeline {name}",
+                               tags={**tracking.tags, "pipeline": name, "pipeline.stage": "pipeline",
+                                     STAGE_TAG: "pipeline", COMMAND_TAG: "pipeline"}).info.run_id
     print(f"[pipeline] '{name}': MLflow experiment '{tracking.experiment_name}' at {tracking.tracking_uri}, "
           f"parent run {parent}")
     minutes: dict[str, float] = {}
 
     def tags(stage: str) -> dict[str, str]:
-        return {"pipeline": name, "pipeline.stage": stage, "mlflow.parentRunId": parent}
+        return {"pipeline": name, "pipeline.stage": stage, STAGE_TAG: stage, "mlflow.parentRunId": parent}
 
     try:
         fit = with_overrides(fit_config, dict(fit_overrides or {}))
         t = time.perf_counter()
-        prepare(fit)
+        data_run = client.create_run(parent_experiment, run_name=f"{name} data",
+                                     tags={**tracking.tags, **tags("data"), COMMAND_TAG: "prepare"}).info.run_id
+        try:
+            prepare(fit)
+        except BaseException:
+            client.set_terminated(data_run, "FAILED")
+            raise
         minutes["data"] = (time.perf_counter() - t) / 60
+        client.log_metric(data_run, "minutes", minutes["data"])
+        client.set_terminated(data_run)
 
         for branch, config in (("face", face_config), ("emotion", expression_config)):
             path = fit["model"].get(CONFIG_KEYS[branch])
@@ -102,13 +120,18 @@ def pipeline(
             minutes[task] = (time.perf_counter() - t) / 60
 
         t = time.perf_counter()
-        result = _fit_and_test({**fit, "mlflow": mlflow, "run_name": f"{name} fit", "tags": tags("fit")}, "AU fit")
+        # named as `au-detect fit --config <fit_config>` names it (demo-resnet18-bce-s0), numbered when taken
+        model, seed = fit.get("model") or {}, fit.get("seed_everything")
+        parts = [Path(fit_config).stem, model.get("backbone"), model.get("loss"),
+                 f"s{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else None]
+        run_name = tracking.unique_run_name("-".join(str(p) for p in parts if p not in (None, "")), client)
+        result = _fit_and_test({**fit, "mlflow": mlflow, "run_name": run_name, "tags": tags("fit")}, "AU fit")
         minutes["fit"] = (time.perf_counter() - t) / 60
         results = {"fit": result}
         if baseline:
             t = time.perf_counter()
             random = {**fit, "mlflow": mlflow, "run_name": f"{name} fit from random branches",
-                      "tags": tags("baseline")}
+                      "tags": tags("baseline")}  # named apart: its config says nothing of the random branches
             random["model"] = {**fit["model"], "face_weights": None, "emotion_weights": None}
             results["baseline"] = _fit_and_test(random, "AU fit from random branches")
             minutes["baseline"] = (time.perf_counter() - t) / 60
@@ -120,6 +143,13 @@ def pipeline(
                     client.log_metric(parent, f"{label}/{key}", r["metrics"][key])
         for stage, m in minutes.items():
             client.log_metric(parent, f"minutes/{stage}", m)
+        artifacts = fit.get("mlflow_artifacts") or {}
+        registered = registered_name(tracking, result["run_id"],
+                                     artifacts.get("registered_model_name") or tracking.registered_model_name)
+        if registered and champion:
+            promote(f"runs:/{result['run_id']}/model", champion, name=registered, mlflow=mlflow)
+        # the runs list opens with this pipeline's stages shown under it
+        client.set_experiment_tag(parent_experiment, RUNS_VIEW_TAG, runs_view((parent,)))
         client.set_terminated(parent)
     except BaseException:
         client.set_terminated(parent, "KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
@@ -130,8 +160,10 @@ def pipeline(
         m = r["metrics"]
         print(f"[pipeline] {label}: test F1 {m.get('test/f1', float('nan')):.3f} at fitted thresholds, "
               f"accuracy {m.get('test/accuracy', float('nan')):.3f}; best checkpoint {r['checkpoint']}")
-    print(f"[pipeline] see the runs: {tracking.ui_command()}  (then open http://127.0.0.1:5000, experiment "
-          f"'{tracking.experiment_name}', run 'pipeline {name}' and the runs under it)")
+    lines = next_commands(tracking, mlflow, result["run_id"], result.get("photo"),
+                          bool((fit.get("mlflow_artifacts") or {}).get("log_model", True)), registered,
+                          champion=champion == "champion", run_page=False)
+    print("\n[pipeline] next, from the project folder:\n" + "\n".join(f"  {line}" for line in lines))
     return {"parent": parent, "minutes": minutes, **results}
 
 

@@ -15,6 +15,7 @@ from callbacks.tracking.mlflow_run import mlflow_logger
 from experiments.lightning_cli import AUDetectCLI, PretrainCLI
 
 BRANCH_TASKS = {"face": "pretrain-face", "emotion": "pretrain-expression"}
+STAGE_TAG = "au_detect.stage"  # which stage of a chained command a run is (data, pretrain-face, fit...)
 
 
 def function_parser(fn: Callable, prog: str, description: str | None) -> ArgumentParser:
@@ -73,11 +74,12 @@ def pretrain_branch(branch: str, config: str, overrides: dict[str, Any], path: s
 def fit_and_test(config: dict[str, Any]) -> dict[str, Any]:
     """``au-detect fit`` on a config's content, then ``au-detect test`` on its best checkpoint, which
     continues the fit's MLflow run (the checkpoint carries its id). Returns the run id, the
-    checkpoint, and the fit's and test's scalar ``val/`` and ``test/`` figures."""
+    checkpoint, the fit's and test's scalar ``val/`` and ``test/`` figures, and a test photo."""
     fit = AUDetectCLI(args={"fit": config})
     logger = mlflow_logger(fit.trainer)
     best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
     test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
     metrics = {k: float(v) for k, v in {**fit.trainer.callback_metrics, **test.trainer.callback_metrics}.items()
                if k.startswith(("test/", "val/")) and v.numel() == 1}
-    return {"run_id": logger.run_id if logger else None, "checkpoint": best, "metrics": metrics}
+    return {"run_id": logger.run_id if logger else None, "checkpoint": best, "metrics": metrics,
+            "photo": fit.example_photo()}

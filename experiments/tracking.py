@@ -4,6 +4,7 @@ sync-tracking`` (:func:`sync_tracking`) sends what fits kept while the server wa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -18,6 +19,25 @@ from callbacks.tracking.spool import (SpooledMLFlowLogger, TrackingServerUnreach
                                       spool_folders, summary_text)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The experiment tag MLflow 3's UI reads for an experiment's kind (the UI's own "experiment type"
+# choice writes it): "custom_model_development" shows runs, metrics and models, not GenAI traces.
+EXPERIMENT_KIND_TAG, ML_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
+# The runs list opens with no metric column: its columns are a view, which MLflow's UI shares as an
+# experiment tag "mlflow.sharedViewState.<key>" opened by "?viewStateShareKey=<key>". This view
+# shows the figures people compare, the newest runs first.
+RUNS_VIEW_KEY = "au-detect-runs"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW_METRICS = ("test/f1", "val/f1_heldout", "val/score_heldout", "test/f1_default", "val/threshold_fallbacks",
+                     "fit/test/f1", "minutes/total")  # the last two: a pipeline's parent run
+RUNS_VIEW_PARAMS = ("model.backbone", "model.loss", "data.balanced_sampling", "seed_everything")
+
+
+def runs_view(expanded: tuple[str, ...] = ()) -> str:
+    """The runs list's view state, as the MLflow UI reads it from :data:`RUNS_VIEW_TAG`: the columns
+    of :data:`RUNS_VIEW_METRICS` and :data:`RUNS_VIEW_PARAMS` shown, the parent runs ``expanded``."""
+    columns = [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS] + [f"params.`{p}`" for p in RUNS_VIEW_PARAMS]
+    return json.dumps({"selectedColumns": columns, "runsExpanded": {run: True for run in expanded},
+                       "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
 @dataclass
@@ -47,17 +67,37 @@ class TrackingSettings:
         return settings
 
     def experiment_id(self, client) -> str:
-        """The experiment's id on ``client``'s store, created (with the artifact location) if new."""
+        """The experiment's id on ``client``'s store, created (with the artifact location) if new, and
+        marked as a machine-learning experiment (:data:`EXPERIMENT_KIND_TAG`) unless someone chose
+        its kind already."""
+        from mlflow.exceptions import MlflowException
+
         experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        if experiment is None:
+            try:
+                return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: ML_EXPERIMENT, RUNS_VIEW_TAG: runs_view()})
+            except MlflowException:  # another process created it first
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                if experiment is None:
+                    raise
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, ML_EXPERIMENT)
+        if RUNS_VIEW_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, RUNS_VIEW_TAG, runs_view())
+        return experiment.experiment_id
 
     def ui_command(self) -> str:
-        """The command that shows this store in the MLflow UI."""
-        if self.tracking_uri == DEFAULT_TRACKING_URI:
-            return "mlflow ui"
+        """The command that shows this store in the MLflow UI, run from the project folder."""
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+    def ui_url(self, experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
+        """Where ``mlflow ui`` shows the experiment's runs (or one run), as a machine-learning project:
+        MLflow 3's UI opens every experiment as a GenAI one unless the address asks otherwise."""
+        if run_id:
+            return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        return (f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                f"&viewStateShareKey={RUNS_VIEW_KEY}")
 
     def unique_run_name(self, name: str, client=None) -> str:
         """``name``, or ``name-2``, ``name-3``... the first no run of the experiment is called yet."""
@@ -103,6 +143,7 @@ class TrackingSettings:
         client = MlflowClient(self.tracking_uri)
         with creation_lock(self.tracking_uri):  # a new SQLite store's tables, made by one process
             client.search_experiments(max_results=1)
+            self.experiment_id(client)  # made here, with its tags, rather than by Lightning's logger
         if run_name is None and run_id is None and default_run_name:
             run_name = self.unique_run_name(default_run_name, client)
         kwargs = dict(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
@@ -111,6 +152,60 @@ class TrackingSettings:
         if spool_root is None:
             return MLFlowLogger(**kwargs)
         return SpooledMLFlowLogger(spool_root=spool_root, flush_timeout=self.flush_timeout, **kwargs)
+
+
+def paste_path(path: str | Path) -> str:
+    """A path as a command typed in the project folder takes it: relative there, else absolute;
+    quoted when the shell would split it."""
+    import shlex
+
+    path = Path(path).resolve()
+    try:
+        text = str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        text = str(path)
+    return shlex.quote(text)
+
+
+def next_commands(settings: TrackingSettings, settings_path: str | Path, run_id: str, photo: str | Path | None = None,
+                  model_logged: bool = True, registered: str | None = None, champion: bool = False,
+                  run_page: bool = True) -> list[str]:
+    """What to paste after a fit: predict with its model (``runs:/<id>/model``) on ``photo``; when
+    the model is a version of the registered model ``registered``, predict with
+    ``models:/<name>@champion`` (after promoting it, unless ``champion`` says the alias points
+    at it already); and the MLflow UI on the store, with the address of the run's page
+    (``run_page``) or of the experiment's runs."""
+    from mlflow import MlflowClient
+
+    photo_text = paste_path(photo) if photo is not None and Path(photo).is_file() else "<photo.jpg>"
+    flag = "" if Path(settings_path).resolve() == Path("mlflow.yaml").resolve() else \
+        f" --mlflow {paste_path(settings_path)}"
+    model = f"runs:/{run_id}/model"
+    lines = [f"au-detect predict --model {model} --input {photo_text} --out predictions.csv{flag}"] if model_logged else []
+    if model_logged and registered:
+        if not champion:
+            lines.append(f"au-detect promote --model {model} --alias champion --name {registered}{flag}")
+        lines.append(f"au-detect predict --model models:/{registered}@champion --input {photo_text} "
+                     f"--out predictions.csv{flag}")
+    experiment_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
+    lines.append(settings.ui_command())
+    lines.append(f"  then open {settings.ui_url(experiment_id, run_id if run_page else None)}")
+    return lines
+
+
+def registered_name(settings: TrackingSettings, run_id: str, name: str | None) -> str | None:
+    """``name`` when a version of that registered model was made from the run, else None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not name:
+        return None
+    try:
+        client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return name if versions else None
 
 
 @contextmanager
@@ -187,10 +282,29 @@ def sync_tracking(spool: str, tracking_uri: str | None = None, timeout: float = 
 
 def use_for_model_uri(model: str, settings: str | Path) -> None:
     """Point MLflow at the settings file's store when ``model`` is an MLflow model URI (``runs:/``,
-    ``models:/``); MLFLOW_TRACKING_URI, when set, wins."""
+    ``models:/``); MLFLOW_TRACKING_URI, when set, wins. A local store (SQLite file, file-store folder)
+    that does not exist is an error here: MLflow would create an empty one and then not find the model."""
     from lightning_modules.serving.predictor import MLFLOW_SCHEMES
 
-    if model.startswith(MLFLOW_SCHEMES) and not os.environ.get("MLFLOW_TRACKING_URI") and Path(settings).is_file():
+    if not model.startswith(MLFLOW_SCHEMES):
+        return
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    where = "MLFLOW_TRACKING_URI"
+    if not uri:
+        uri = TrackingSettings.read(settings).tracking_uri if Path(settings).is_file() else DEFAULT_TRACKING_URI
+        where = str(settings) if Path(settings).is_file() else f"MLflow's default ({settings} not found)"
+    local = None
+    if uri.startswith("sqlite:///"):
+        local = uri[len("sqlite:///"):].split("?", 1)[0]
+    elif uri.startswith("file:"):
+        local = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
+    elif "://" not in uri:  # a plain path: a file store
+        local = uri
+    if local not in (None, "", ":memory:") and not Path(local).exists():
+        raise FileNotFoundError(
+            f"{model}: no MLflow store at {uri} (from {where}): train a model first (au-detect pipeline --config "
+            f"experiments/configs/pipeline_demo.yaml), or pass --mlflow with the settings of the store that has it")
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
 
-        mlflow.set_tracking_uri(TrackingSettings.read(settings).tracking_uri)
+        mlflow.set_tracking_uri(uri)

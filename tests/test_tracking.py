@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from experiments.lightning_cli import flatten_config
-from experiments.tracking import DEFAULT_TRACKING_URI, TrackingSettings
+from experiments.lightning_cli import KEY_PARAMS, flatten_config, run_params
+from experiments.tracking import (DEFAULT_TRACKING_URI, EXPERIMENT_KIND_TAG, RUNS_VIEW_KEY, RUNS_VIEW_TAG, TrackingSettings,
+                                  next_commands)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,15 +35,42 @@ def test_logger_tracks_where_the_settings_say(tmp_path, monkeypatch):
     assert run.info.run_name == "r" and run.data.metrics == {"m": 1.0}
     assert run.data.tags["team"] == "faces" and run.data.tags["row"] == "1"
     assert not (tmp_path / "mlruns").exists()
+    # MLflow's UI shows it as a machine-learning experiment (runs, metrics), not a GenAI one
+    experiment = MlflowClient(f"sqlite:///{tmp_path}/x.db").get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     # the chained commands find the same experiment, or create it where the settings say
     settings, client = TrackingSettings.read(path), MlflowClient(f"sqlite:///{tmp_path}/x.db")
     assert settings.experiment_id(client) == run.info.experiment_id
     settings.experiment_name = "new"
     created = client.get_experiment(settings.experiment_id(client))
     assert created.name == "new" and created.artifact_location.endswith("artifacts")
+    assert created.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert settings.experiment_id(client) == created.experiment_id
+    # the runs list's view, with the compared figures as columns, opened by the experiment's address
+    view = json.loads(created.tags[RUNS_VIEW_TAG])
+    assert {"metrics.`test/f1`", "metrics.`val/f1_heldout`"} <= set(view["selectedColumns"])
+    assert settings.ui_url(created.experiment_id).endswith(f"/runs?workflowType=machine_learning"
+                                                           f"&viewStateShareKey={RUNS_VIEW_KEY}")
+    # an experiment made before (or elsewhere) gets the kind, one whose kind was chosen keeps it
+    old, chosen = client.create_experiment("old"), client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "x"})
+    for name in ("old", "chosen"):
+        settings.experiment_name = name
+        settings.experiment_id(client)
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "x"
     assert settings.ui_command() == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/x.db"
-    assert TrackingSettings().ui_command() == "mlflow ui"
+    assert TrackingSettings().ui_command() == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    # what a fit ends with: commands that run as printed from the project folder
+    photo = tmp_path / "face.jpg"
+    photo.write_bytes(b"")
+    lines = next_commands(settings, path, logger.run_id, photo, registered="au-detector")
+    assert lines[0] == (f"au-detect predict --model runs:/{logger.run_id}/model --input face.jpg "
+                        f"--out predictions.csv --mlflow m.yaml")
+    assert lines[1].startswith(f"au-detect promote --model runs:/{logger.run_id}/model --alias champion")
+    assert "--model models:/au-detector@champion --input face.jpg" in lines[2]
+    assert lines[3] == settings.ui_command()
+    assert lines[4].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{logger.run_id}"
+                             f"?workflowType=machine_learning")
 
 
 def test_bad_settings_name_the_file_and_key(tmp_path):
@@ -57,6 +86,18 @@ def test_config_flattens_to_params():
     params = flatten_config({"model": {"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002}}},
                              "ckpt_path": "x.ckpt"}, skip=("ckpt_path",))
     assert params == {"model.optimizer.class_path": "torch.optim.AdamW", "model.optimizer.init_args.lr": "0.002"}
+
+
+def test_params_are_what_differs_from_the_defaults_and_what_runs_are_filtered_on():
+    defaults = {"model": {"backbone": "resnet50", "loss": "selective", "dropout": 0.5}, "trainer": {"logger": None},
+                "data": {"num_workers": 2}, "mlflow": "mlflow.yaml"}
+    config = {"model": {"backbone": "resnet18", "loss": "selective", "dropout": 0.5, "au_priors": [0.1, 0.2]},
+              "trainer": {"logger": None}, "data": {"num_workers": 2}, "mlflow": "other.yaml"}
+    params = run_params(config, defaults)
+    # changed and linked values, and the filtered-on loss though it is the default; nothing else
+    assert params == {"model.backbone": "resnet18", "model.loss": "selective", "model.au_priors": "[0.1, 0.2]"}
+    assert "model.loss" in KEY_PARAMS and "trainer.max_epochs" in KEY_PARAMS
+    assert run_params(config, None) == flatten_config(config, skip=("mlflow",))  # no defaults: every value
 
 
 def test_default_run_names_are_numbered_when_taken(tmp_path):

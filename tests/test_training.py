@@ -18,8 +18,12 @@ def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri)
     main(["fit", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", onnx=True)])
     out = capsys.readouterr().out
-    assert "See the run: mlflow ui --backend-store-uri" in out
     facts = check_run(uri, "au-detect-test")
+    # it ends with commands to paste: predict with the run's model on a test photo, the UI on the store
+    assert "Next, from the project folder:" in out and f"mlflow ui --backend-store-uri {uri}" in out
+    (line,) = [x.strip() for x in out.splitlines() if x.strip().startswith("au-detect predict --model runs:/")]
+    assert line.startswith(f"au-detect predict --model runs:/{facts['run_id']}/model --input ")
+    assert Path(line.split(" --input ")[1].split()[0]).is_file()
     # log_onnx: the network as an MLflow ONNX model beside the pyfunc model
     exp = facts["client"].get_run(facts["run_id"]).info.experiment_id
     assert sorted(m.name for m in facts["client"].search_logged_models([exp])) == ["model", "model_onnx"]
