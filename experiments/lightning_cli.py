@@ -268,7 +268,8 @@ class TrackedCLI(LightningCLI):
             spool_root = Path(config.trainer.get("default_root_dir") or ".") / SPOOL_DIR
             kwargs["logger"] = self.tracking.logger(config.run_name, self.checkpoint_run, tags=config.tags,
                                                     spool_root=spool_root,
-                                                    default_run_name=self.default_run_name(config))
+                                                    default_run_name=self.default_run_name(config),
+                                                    log_hyperparams=False)  # MLflowSaveConfig logs the params
             self.resumed_run = self.checkpoint_run
         return super().instantiate_trainer(**kwargs)
 

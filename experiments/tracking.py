@@ -28,15 +28,17 @@ EXPERIMENT_KIND_TAG, ML_EXPERIMENT = "mlflow.experimentKind", "custom_model_deve
 RUNS_VIEW_KEY = "au-detect-runs"
 RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 RUNS_VIEW_METRICS = ("test/f1", "val/f1_heldout", "val/score_heldout", "test/f1_default", "val/threshold_fallbacks",
-                     "fit/test/f1", "minutes/total")  # the last two: a pipeline's parent run
+                     "minutes/total")  # the last: a pipeline's parent run
 RUNS_VIEW_PARAMS = ("model.backbone", "model.loss", "data.balanced_sampling", "seed_everything")
 
 
-def runs_view(expanded: tuple[str, ...] = ()) -> str:
+def runs_view() -> str:
     """The runs list's view state, as the MLflow UI reads it from :data:`RUNS_VIEW_TAG`: the columns
-    of :data:`RUNS_VIEW_METRICS` and :data:`RUNS_VIEW_PARAMS` shown, the parent runs ``expanded``."""
+    of :data:`RUNS_VIEW_METRICS` and :data:`RUNS_VIEW_PARAMS` shown, in that order, newest runs first."""
     columns = [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS] + [f"params.`{p}`" for p in RUNS_VIEW_PARAMS]
-    return json.dumps({"selectedColumns": columns, "runsExpanded": {run: True for run in expanded},
+    # columnOrder: as listed (the table would sort them by name); a shared view cannot expand rows,
+    # so the pipeline's parent run carries its fit's figures itself
+    return json.dumps({"selectedColumns": columns, "columnOrder": columns,
                        "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
@@ -124,11 +126,12 @@ class TrackingSettings:
 
     def logger(self, run_name: str | None = None, run_id: str | None = None,
                tags: dict[str, str] | None = None, spool_root: str | Path | None = None,
-               default_run_name: str | None = None) -> MLFlowLogger:
+               default_run_name: str | None = None, log_hyperparams: bool = True) -> MLFlowLogger:
         """The run's logger. With ``spool_root`` (what the training CLI passes) its writes go through a
         spool there and never wait for the server (:class:`SpooledMLFlowLogger`); without, they are
         Lightning's synchronous calls. A new run without ``run_name`` is called ``default_run_name``,
-        made unique in the experiment (MLflow's generated names repeat under a fixed seed)."""
+        made unique in the experiment (MLflow's generated names repeat under a fixed seed).
+        ``log_hyperparams=False``: the spooled logger leaves the params to whoever logs the config."""
         # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
         # longer takes by default: the URI is always explicit. The store is opened here first, in
         # this thread, so that a new SQLite database gets its tables once, before anything else
@@ -151,7 +154,8 @@ class TrackingSettings:
                       run_id=run_id, log_model=False)
         if spool_root is None:
             return MLFlowLogger(**kwargs)
-        return SpooledMLFlowLogger(spool_root=spool_root, flush_timeout=self.flush_timeout, **kwargs)
+        return SpooledMLFlowLogger(spool_root=spool_root, flush_timeout=self.flush_timeout,
+                                   log_hyperparams=log_hyperparams, **kwargs)
 
 
 def paste_path(path: str | Path) -> str:

@@ -59,7 +59,7 @@ class ThresholdFit:
     heldout: dict
     positives: np.ndarray  # (K,) labelled positives of each AU
     min_positives: int = 0
-    fallback: str = "default"
+    fallback: str = "shrink"
 
     @property
     def fell_back(self) -> np.ndarray:

@@ -49,7 +49,13 @@ def empty_store(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("argv,code,text", MISTAKES, ids=[" ".join(m[0])[:60] for m in MISTAKES])
+# Each case starts an interpreter that imports torch (several seconds): three stay in the quick tier.
+QUICK = {0, 2, 7}
+CASES = [pytest.param(*m, id=" ".join(m[0])[:60], marks=() if i in QUICK else pytest.mark.slow)
+         for i, m in enumerate(MISTAKES)]
+
+
+@pytest.mark.parametrize("argv,code,text", CASES)
 def test_a_mistake_is_one_line_and_leaves_nothing(argv, code, text, tmp_path, request):
     work = tmp_path / "work"
     work.mkdir()

@@ -395,12 +395,13 @@ def test_model_card_travels_with_the_model_and_gains_the_test(synthau, trained, 
     run = client.get_run(trained["run_id"])
     card = run.data.tags["mlflow.note.content"]  # the run's description in the UI
     assert card.startswith("# AU detector: resnet18") and "SynthAU only: not for real faces" in card
-    # 120 scenes: the rarest AUs have only a few validation positives, and fell back to 0.5
+    # 120 scenes: the rarest AUs have only a few validation positives: shrunk toward 0.5 (none: 0.5)
     (trained["tmp"] / "card").mkdir(exist_ok=True)
     facts = json.loads(Path(client.download_artifacts(trained["run_id"], "model_card.json",
                                                       str(trained["tmp"] / "card"))).read_text())
     fell = [a for a in facts["aus"] if a["fell_back"]]
-    assert fell and all(a["val_positives"] < 10 and a["threshold"] == 0.5 for a in fell)
+    assert fell and all(a["val_positives"] < 10 for a in fell)
+    assert all(a["threshold"] == 0.5 for a in fell if a["val_positives"] == 0)
     assert all(f"fallback: {a['fell_back']}" in card for a in fell)
     assert len([line for line in card.splitlines() if line.startswith("| AU")]) == 23 + 1  # header + 23 AUs
     (version,) = client.search_model_versions(f"name = '{MODEL_NAME}'")

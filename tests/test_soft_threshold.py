@@ -381,9 +381,9 @@ def rare_case(seed: int = 0, n: int = 200):
 
 def test_fallback_thresholds_by_hand():
     fitted, positives = np.array([0.1, 0.2, 0.9, 0.3]), np.array([0, 4, 5, 12])
-    np.testing.assert_array_equal(fallback_thresholds(fitted, positives, 5), [0.5, 0.5, 0.9, 0.3])
-    # shrink: 0.5 + (t - 0.5) * n / 5 for n < 5 -> 0.5, 0.5 - 0.3 * 4/5 = 0.26; the rest as fitted
-    np.testing.assert_allclose(fallback_thresholds(fitted, positives, 5, "shrink"), [0.5, 0.26, 0.9, 0.3])
+    np.testing.assert_array_equal(fallback_thresholds(fitted, positives, 5, "default"), [0.5, 0.5, 0.9, 0.3])
+    # shrink (the default): 0.5 + (t - 0.5) * n / 5 for n < 5 -> 0.5, 0.5 - 0.3 * 4/5 = 0.26; the rest as fitted
+    np.testing.assert_allclose(fallback_thresholds(fitted, positives, 5), [0.5, 0.26, 0.9, 0.3])
     np.testing.assert_array_equal(fallback_thresholds(fitted, positives, 0), fitted)
     with pytest.raises(ValueError, match="unknown threshold fallback 'median'"):
         fallback_thresholds(fitted, positives, 5, "median")
@@ -395,8 +395,10 @@ def test_rare_au_falls_back_and_frequent_au_keeps_its_fit():
     probs, labels, mask = rare_case()
     free = fit_thresholds(probs, labels, mask, "f1")
     assert free[1] < 0.3  # three positives: the fit follows them down
-    ruled = fit_thresholds(probs, labels, mask, "f1", min_positives=10)
+    ruled = fit_thresholds(probs, labels, mask, "f1", min_positives=10, fallback="default")
     assert ruled[0] == free[0] and ruled[1] == 0.5
+    shrunk = fit_thresholds(probs, labels, mask, "f1", min_positives=10)  # 3 of 10 positives: 30 % of the fit's move
+    assert shrunk[0] == free[0] and shrunk[1] == pytest.approx(0.5 + (free[1] - 0.5) * 0.3)
     np.testing.assert_array_equal(labelled_positives(labels, mask), [labels[:, 0].sum(), 3])
     # a masked-out positive does not count
     mask2 = mask.copy()
@@ -407,7 +409,7 @@ def test_rare_au_falls_back_and_frequent_au_keeps_its_fit():
 def test_heldout_score_applies_the_rule_to_each_half():
     probs, labels, mask = rare_case(1)
     index = np.arange(len(probs))
-    got = heldout_scores(probs, labels, mask, index, "f1", 10)
+    got = heldout_scores(probs, labels, mask, index, "f1", 10, "default")
     half = validation_half(index)
     tp = fp = fn = 0
     for h in (0, 1):  # by hand: the rare AU never has 10 positives in a half, so it is decided at 0.5
@@ -433,10 +435,12 @@ def test_callback_reports_which_aus_fell_back():
     cb.on_validation_epoch_end(trainer, module)
     fit = module.threshold_fit
     assert fit.fell_back.tolist() == [False, True] and fit.min_positives == MIN_POSITIVES
-    assert fit.fallback_reasons() == {"AU2": f"3 validation positives < {MIN_POSITIVES}: 0.5"}
-    assert module.logged["val/threshold_fallbacks"] == 1.0 and module.logged["val/threshold/AU2"] == 0.5
+    assert fit.fallback_reasons() == {"AU2": f"3 validation positives < {MIN_POSITIVES}: shrunk toward 0.5"}
+    free = fit_thresholds(probs, labels, mask, "f1")[1]
+    assert module.logged["val/threshold_fallbacks"] == 1.0
+    assert module.logged["val/threshold/AU2"] == pytest.approx(0.5 + (free - 0.5) * 3 / MIN_POSITIVES)
     rows = au_report(fit.aus, fit.at_default, fit.fitted, fit.thresholds, fit.fallback_reasons())
-    assert [r["threshold_from"] for r in rows] == ["fitted", "fallback (3 validation positives < 10: 0.5)",
-                                                   "1 fell back"]
+    assert [r["threshold_from"] for r in rows] == [
+        "fitted", "fallback (3 validation positives < 10: shrunk toward 0.5)", "1 fell back"]
     with pytest.raises(ValueError, match="unknown threshold fallback"):
         SoftThresholdCallback(fallback="nearest")

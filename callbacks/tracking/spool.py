@@ -769,14 +769,24 @@ class SpooledMLFlowLogger(MLFlowLogger):
     Args:
         spool_root: the spool folders' parent; each run's is ``<spool_root>/<run id>``.
         flush_timeout: seconds the end of a fit waits for a server that shows no sign of life.
+        log_hyperparams: log what Lightning hands every logger at the start of a fit (the module's
+            and DataModule's hyperparameters, flattened: about a hundred params). ``False`` where the
+            run's params come from its config instead (the CLI's ``MLflowSaveConfig``).
         *args, **kwargs: ``MLFlowLogger``'s.
     """
 
-    def __init__(self, *args, spool_root: str | os.PathLike = SPOOL_DIR, flush_timeout: float = 60.0, **kwargs):
+    def __init__(self, *args, spool_root: str | os.PathLike = SPOOL_DIR, flush_timeout: float = 60.0,
+                 log_hyperparams: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.spool_root = Path(spool_root)
         self.flush_timeout = flush_timeout
+        self.hyperparams = log_hyperparams
         self.spooled: SpooledClient | None = None
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        if self.hyperparams:
+            super().log_hyperparams(params)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
