@@ -29,7 +29,7 @@ from callbacks.mlflow_artifacts import MLflowArtifacts
 from callbacks.tracking.mlflow_run import mlflow_logger, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
 from callbacks.tracking.system_metrics import SystemMetrics
-from callbacks.tracking.spool import SPOOL_DIR
+from callbacks.tracking.spool import SPOOL_DIR, reachable
 from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
 from experiments.tracking import TrackingSettings, log_params_once, next_commands, registered_name
@@ -69,7 +69,8 @@ class MLflowSaveConfig(SaveConfigCallback):
         # classes) are not options: the model's hyperparameters say what it was built with.
         config = yaml.safe_load(text)
         model = config.get("model") or {}
-        linked = {k: v for k, v in pl_module.hparams.items() if k not in model and _plain(v)}
+        linked = {k: v for k, v in pl_module.hparams.items()
+                  if k not in model and not k.startswith("_") and _plain(v)}  # not jsonargparse's _instantiator
         if linked:
             config["model"] = {**model, **linked}
             text = yaml.safe_dump(config, sort_keys=False)
@@ -306,8 +307,11 @@ class TrackedCLI(LightningCLI):
                 return  # a stage of a pipeline, sweep or ablation: the parent says what comes next
             artifacts = config.get("mlflow_artifacts") or {}
             logged = bool(artifacts.get("log_model"))
-            registered = registered_name(self.tracking, logger.run_id, artifacts.get("registered_model_name"))
-            lines = next_commands(self.tracking, config.mlflow, logger.run_id, self.example_photo(), logged, registered)
+            # The server may be away now (the spool keeps the run's writes): ask it nothing then.
+            registered = (registered_name(self.tracking, logger.run_id, artifacts.get("registered_model_name"))
+                          if reachable(self.tracking.tracking_uri) else None)
+            lines = next_commands(self.tracking, config.mlflow, logger.run_id, self.example_photo(), logged, registered,
+                                  experiment_id=logger.experiment_id)
             print("Next, from the project folder:\n" + "\n".join(f"  {line}" for line in lines))
 
     def example_photo(self) -> str | None:

@@ -173,12 +173,12 @@ def paste_path(path: str | Path) -> str:
 
 def next_commands(settings: TrackingSettings, settings_path: str | Path, run_id: str, photo: str | Path | None = None,
                   model_logged: bool = True, registered: str | None = None, champion: bool = False,
-                  run_page: bool = True) -> list[str]:
+                  run_page: bool = True, experiment_id: str | None = None) -> list[str]:
     """What to paste after a fit: predict with its model (``runs:/<id>/model``) on ``photo``; when
     the model is a version of the registered model ``registered``, predict with
     ``models:/<name>@champion`` (after promoting it, unless ``champion`` says the alias points
     at it already); and the MLflow UI on the store, with the address of the run's page
-    (``run_page``) or of the experiment's runs."""
+    (``run_page``) or of the experiment's runs (of ``experiment_id``, asked of the store when not given)."""
     from mlflow import MlflowClient
 
     photo_text = paste_path(photo) if photo is not None and Path(photo).is_file() else "<photo.jpg>"
@@ -191,7 +191,8 @@ def next_commands(settings: TrackingSettings, settings_path: str | Path, run_id:
             lines.append(f"au-detect promote --model {model} --alias champion --name {registered}{flag}")
         lines.append(f"au-detect predict --model models:/{registered}@champion --input {photo_text} "
                      f"--out predictions.csv{flag}")
-    experiment_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
+    if experiment_id is None:  # the caller may know it, and the server may be away
+        experiment_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
     lines.append(settings.ui_command())
     lines.append(f"  then open {settings.ui_url(experiment_id, run_id if run_page else None)}")
     return lines

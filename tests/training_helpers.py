@@ -77,6 +77,8 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     params, metrics = run.data.params, run.data.metrics
     assert params["model.backbone"] == "resnet18" and params["data.balanced_sampling"] == "True"
     assert params["model.loss"] == "bce" and params["soft_threshold.criterion"] == "f1"
+    # params are the config's (curated), not also Lightning's flattened hparams ("backbone", "_instantiator")
+    assert "backbone" not in params and not [k for k in params if k.startswith("_") or "._" in k], sorted(params)
     assert run.data.tags["suite"] == "tests" and run.data.tags["au_detect.command"] == "fit"
     assert run.data.tags["weights.face"] == run.data.tags["weights.emotion"] == "random initialisation"
     assert 0 < metrics["val/f1_prior"] < 1
@@ -147,7 +149,7 @@ def matches_one_process(runs: Path, cache: Path, run, thresholds: np.ndarray, ra
     the run logged, and the checkpoint carries the run's id."""
     import pytest
 
-    from callbacks.soft_threshold import fit_thresholds
+    from callbacks.soft_threshold import MIN_POSITIVES, fit_thresholds
     from datamodules.alignment.crop_cache import AlignedSplit
     from lightning_modules.au_detector import AUDetector
     from lightning_modules.metrics import au_scores
@@ -164,7 +166,7 @@ def matches_one_process(runs: Path, cache: Path, run, thresholds: np.ndarray, ra
     x = (torch.from_numpy(np.array(split.crops)).permute(0, 3, 1, 2).float() - mean) / std
     with torch.no_grad():
         probs = torch.sigmoid(model(x)).numpy()
-    single = fit_thresholds(probs, split.labels, split.mask, "f1")
+    single = fit_thresholds(probs, split.labels, split.mask, "f1", MIN_POSITIVES)  # the callback's default rule
     np.testing.assert_allclose(single, thresholds, atol=1e-5)
     metrics = run.data.metrics
     at_half = au_scores(probs, split.labels, split.mask, 0.5)
