@@ -73,6 +73,11 @@ IMAGES = "images.json"
 HASH_THREADS = 8
 
 
+# An mtime this close to now may be shared by a rewrite still to come (same second, same size):
+# such an image's stat is not trusted by the next start (git's "racily clean" entries).
+RACY_SECONDS, UNSURE = 2, -2
+
+
 @dataclass
 class ImageRecord:
     """Per manifest row: the image's size, whole-second mtime and blake2b of its bytes.
@@ -80,6 +85,8 @@ class ImageRecord:
     A missing file is noted as size -1 and digest ``missing``, a URL as ``url`` (its address, in
     the manifest, is its identity). Whole seconds, because ``tar`` and some filesystems keep no
     more. ``layout`` hashes everything of the key but the bytes, to tell which records fit a manifest.
+    An image written in the last :data:`RACY_SECONDS` is noted with mtime :data:`UNSURE`: it could
+    still be rewritten within the same second at the same size, so the next start hashes it again.
     """
 
     layout: str
@@ -167,6 +174,8 @@ def _identify(manifest: Manifest, settings: AlignmentSettings, root: str | Path 
                 digest[i] = hashed[p]
                 if hashed[p] == "missing":  # gone between the stat and the read
                     size[i] = mtime[i] = -1
+    racy = int(time.time()) - RACY_SECONDS
+    mtime = [UNSURE if m >= racy else m for m in mtime]
     key = head
     for ref, d in zip(names, digest):
         key.update(f"{ref}\0{d}\n".encode())
