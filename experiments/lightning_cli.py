@@ -282,11 +282,8 @@ class TrackedCLI(LightningCLI):
         """``<config>-<what run_name_parts says>-s<seed>``, e.g. ``demo-resnet18-bce-s0``: a new run's
         name unless ``--run_name`` gives one (numbered ``-2``, ``-3``... when taken)."""
         files = config.get("config") or []
-        parts = [Path(str(files[-1])).stem if files else self.subcommand or "run", *self.run_name_parts(config)]
-        seed = config.get("seed_everything")
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            parts.append(f"s{seed}")
-        return "-".join(str(p) for p in parts if p not in (None, ""))
+        return run_name(Path(str(files[-1])).stem if files else self.subcommand or "run", self.run_name_parts(config),
+                        config.get("seed_everything"))
 
     def before_fit(self) -> None:
         logger = mlflow_logger(self.trainer)
@@ -380,6 +377,16 @@ class PretrainCLI(TrackedCLI):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.num_classes", self.classes_key, apply_on="instantiate")
         parser.add_lightning_class_args(BackboneExport, "export")
+
+
+def run_name(config_name: str, parts: Sequence, seed) -> str:
+    """``<config_name>-<parts>-s<seed>`` without the empty parts, e.g. ``demo-resnet18-bce-s0``.
+
+    >>> run_name("demo", ["resnet18", None, "bce"], 0)
+    'demo-resnet18-bce-s0'
+    """
+    names = [config_name, *parts, f"s{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else None]
+    return "-".join(str(p) for p in names if p not in (None, ""))
 
 
 def _plain(value) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from mlflow.tracking import MlflowClient
 
 from experiments.data import prepare
-from experiments.lightning_cli import COMMAND_TAG
+from experiments.lightning_cli import COMMAND_TAG, run_name
 from experiments.stages import (BRANCH_TASKS, STAGE_TAG, fit_and_test, function_parser, pretrain_branch,
                                run_function, with_overrides)
 from experiments.registry import promote
@@ -121,11 +121,10 @@ def pipeline(
 
         t = time.perf_counter()
         # named as `au-detect fit --config <fit_config>` names it (demo-resnet18-bce-s0), numbered when taken
-        model, seed = fit.get("model") or {}, fit.get("seed_everything")
-        parts = [Path(fit_config).stem, model.get("backbone"), model.get("loss"),
-                 f"s{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else None]
-        run_name = tracking.unique_run_name("-".join(str(p) for p in parts if p not in (None, "")), client)
-        result = _fit_and_test({**fit, "mlflow": mlflow, "run_name": run_name, "tags": tags("fit")}, "AU fit")
+        model = fit.get("model") or {}
+        fit_name = tracking.unique_run_name(run_name(Path(fit_config).stem, [model.get("backbone"), model.get("loss")],
+                                                     fit.get("seed_everything")), client)
+        result = _fit_and_test({**fit, "mlflow": mlflow, "run_name": fit_name, "tags": tags("fit")}, "AU fit")
         minutes["fit"] = (time.perf_counter() - t) / 60
         results = {"fit": result}
         if baseline:
@@ -162,7 +161,7 @@ def pipeline(
         print(f"[pipeline] {label}: test F1 {m.get('test/f1', float('nan')):.3f} at fitted thresholds, "
               f"accuracy {m.get('test/accuracy', float('nan')):.3f}; best checkpoint {r['checkpoint']}")
     lines = next_commands(tracking, mlflow, result["run_id"], result.get("photo"),
-                          bool((fit.get("mlflow_artifacts") or {}).get("log_model", True)), registered,
+                          bool(artifacts.get("log_model", True)), registered,
                           champion=champion == "champion", run_page=False)
     print("\n[pipeline] next, from the project folder:\n" + "\n".join(f"  {line}" for line in lines))
     return {"parent": parent, "minutes": minutes, **results}
