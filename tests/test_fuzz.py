@@ -1,5 +1,6 @@
-"""Fuzzing: thousands of mutated image files through the decoder, ``au-detect predict`` and the
-MLflow model. Every input gets its row(s), nothing raises, nothing hangs."""
+"""Fuzzing: thousands of mutated image files (scan bombs among them) and a hundred mutated videos
+through the decoders, ``au-detect predict`` and the MLflow model. Every input gets its row(s),
+nothing raises, nothing hangs."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .training_helpers import local_tracking
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
 SUFFIX = {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "webp": ".webp", "tiff": ".tif", "gif": ".gif"}
-STATUSES = {"ok", "no_face", "missing", "empty", "unreadable", "too_large"}
+STATUSES = {"ok", "no_face", "missing", "empty", "unreadable", "too_large", "too_costly"}
 
 
 def _scene(synthau: Path, width: int) -> np.ndarray:
@@ -35,9 +36,10 @@ def _scene(synthau: Path, width: int) -> np.ndarray:
 
 
 def test_decoder_survives_mutated_files(synthau, tmp_path):
-    """3,000 inputs through ``read_image`` in a child process (a hang or a crash in a C decoder
-    fails the test and leaves the input behind): each decodes to RGB uint8 or raises the
-    project's InputError naming it; nothing else."""
+    """3,000 inputs through ``read_image``, then 120 videos through ``video_frames``, in a child
+    process (a hang or a crash in a C decoder fails the test and leaves the input behind): each
+    decodes to RGB uint8 (frames within the pixel limit) or raises the project's InputError
+    naming it; nothing else."""
     for name, data in seed_images(_scene(synthau, 64)).items():
         (tmp_path / f"seed_{name}.bin").write_bytes(data)
     try:
@@ -49,10 +51,12 @@ def test_decoder_survives_mutated_files(synthau, tmp_path):
                                  f"{done.stderr[-2000:]}"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\n{summary['inputs']} inputs in {summary['seconds']} s: {summary['decoded']} decoded, "
-          f"refused by status {summary['statuses']}")
+          f"refused by status {summary['statuses']}; {summary['videos']} videos: {summary['video_frames']} frames, "
+          f"by status {summary['video_statuses']}")
     assert summary["failures"] == []
     assert summary["decoded"] > 300  # flipped bits in pixel data still decode: the test reached the decoders
-    assert {"unreadable", "too_large", "empty"} <= set(summary["statuses"])
+    assert {"unreadable", "too_large", "empty", "too_costly"} <= set(summary["statuses"])
+    assert {"ok", "too_large", "too_costly", "broken_video"} <= set(summary["video_statuses"])
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,13 @@ module downloads what can be downloaded and says exactly what could not:
   (connections to a host are reused), its ``Retry`` for retries and redirects. Only
   ``http``/``https`` URLs are fetched; every redirect hop is checked the same way (a redirect
   to ``file://`` is refused), loops are caught and hops are counted against ``max_redirects``.
-* ``timeout`` is a deadline for each file's whole transfer: connecting, every redirect, every
-  retry and its wait, every read of the body. A server that sends one byte a second (headers or
-  body) is cut off when the deadline passes. Ctrl-C cuts every transfer at once (a connection
-  still being opened is left to its timeout, not waited for), leaves no partial file, and the
-  report keeps what the run learned.
+* ``timeout`` is a deadline for each file's whole transfer and its verification: connecting,
+  every redirect, every retry and its wait, every read of the body, then decoding the image. A
+  server that sends one byte a second (headers or body) is cut off when the deadline passes; an
+  image whose decoding outlasts it is a ``timeout`` failure (the decoder, C code, cannot be
+  stopped: it finishes in a thread of its own while the run goes on, and its file is not kept).
+  Ctrl-C cuts every transfer at once (a connection still being opened is left to its timeout,
+  not waited for), leaves no partial file, and the report keeps what the run learned.
 * Transient failures (timeouts, connection errors, a transfer cut short, HTTP 408, 429 and 5xx)
   are retried with exponential backoff while the deadline allows; permanent ones (other HTTP
   4xx, unsupported schemes, too large, not an image...) are not. The permanent ones are also
@@ -22,7 +24,7 @@ module downloads what can be downloaded and says exactly what could not:
   ``Content-Length`` and on the bytes actually streamed, the body compared with the declared
   length, content sniffed (an HTML page served as ``image/jpeg`` is not an image), then the
   project's image decoder (:func:`datamodules.io.images.verify_image`: format allowlist, pixel
-  count checked from the header before decoding, full decode). It is streamed to
+  count and JPEG scans checked from the headers before decoding, full decode). It is streamed to
   ``<final>.part-<random>`` in the same folder and ``os.replace``-d onto its final name only
   then, so a final name on disk always means a complete image, even if the process is killed at
   any moment. A second run counts such files as ``present`` without any request, so an
@@ -38,7 +40,8 @@ marked * are permanent, remembered in the report and not requested again by the 
 ``too_many_redirects`` *   a redirect loop, or more than ``max_redirects`` hops
 ``http_<code>``            an HTTP error status: 4xx at once (* all but 408 and 429); 408,
                            429 and 5xx after the retries
-``timeout``                no complete response within ``timeout`` seconds (retries included)
+``timeout``                no complete response within ``timeout`` seconds (retries included),
+                           or an image whose verification did not end within them
 ``connection``             refused, reset, DNS failure, broken HTTP..., after the retries
 ``ssl``                    TLS failure (e.g. an expired or invalid certificate); not retried
 ``too_large`` *            declared or streamed size over ``max_bytes``
@@ -47,6 +50,8 @@ marked * are permanent, remembered in the report and not requested again by the 
 ``empty`` *                a body of 0 bytes
 ``not_an_image`` *         HTML, text or anything else the image decoder refuses
 ``too_many_pixels`` *      width x height over ``max_pixels`` (checked before decoding)
+``too_costly`` *           an image declaring far more decoding work than its pixels (a JPEG of
+                           more than :data:`~datamodules.io.images.MAX_JPEG_SCANS` scans)
 ``error``                  anything unexpected (a bug, a full disk...); the detail says what
 =========================  ==============================================================
 
@@ -78,7 +83,7 @@ from urllib.parse import urlsplit
 
 from datamodules.io import files
 from datamodules.download.http_transfer import TRANSIENT_STATUS, Failure, Fetched, Session, Stopped
-from datamodules.io.images import TOO_LARGE, InputError, verify_image
+from datamodules.io.images import TOO_COSTLY, TOO_LARGE, ImageInfo, InputError, verify_image
 from datamodules.io.manifest import EMOTIONET_AUS, read_manifest, read_rows, write_manifest
 
 log = logging.getLogger(__name__)
@@ -87,7 +92,7 @@ IMAGES_DIR = "images"
 REPORT_NAME = "download_report.json"
 # Remembered by the report, not requested again; besides these, every http_4xx but 408 and 429.
 PERMANENT_REASONS = frozenset({"unsupported_scheme", "invalid_url", "too_many_redirects", "too_large",
-                               "empty", "not_an_image", "too_many_pixels"})
+                               "empty", "not_an_image", "too_many_pixels", "too_costly"})
 
 # local_name's suffixes are frozen: names on disk from earlier runs depend on them, so they must
 # not follow the decoder's allowlist (images.IMAGE_SUFFIXES, which now takes TIFF too).
@@ -271,9 +276,41 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def _verify(path: Path, size: int, url: str, settings: DownloadSettings) -> str:
-    """Check a complete download with the project's image decoder; returns a description of
-    the image or raises ``Failure``."""
+def _verify_by(deadline: float, path: Path, url: str, settings: DownloadSettings) -> ImageInfo:
+    """``verify_image``, waited for until ``deadline`` (``time.monotonic``); raises ``Failure``.
+
+    The decoder runs in a daemon thread of its own because a decode in C cannot be interrupted:
+    past the deadline this worker reports a timeout and goes on, while that thread finishes (or
+    dies with the process) holding only its open file, which is unlinked by then. What bounds
+    the decoder's work is verify_image's own checks (pixels, JPEG scans, first frame only); this
+    bounds how long the run waits for it.
+    """
+    done: queue.Queue[ImageInfo | Exception] = queue.Queue(1)
+
+    def work() -> None:
+        try:
+            done.put(verify_image(path, settings.max_pixels, name=url))
+        except Exception as e:  # noqa: BLE001 - handed to the waiting worker, which reports it
+            done.put(e)
+
+    threading.Thread(target=work, name=f"verify {path.name}", daemon=True).start()
+    try:
+        outcome = done.get(timeout=max(deadline - time.monotonic(), 0.0))
+    except queue.Empty:
+        raise Failure("timeout", f"{url}: verifying the image did not end within the deadline of "
+                                 f"{settings.timeout:g} s (timeout, transfer included)") from None
+    if isinstance(outcome, InputError):
+        reason = ("too_many_pixels" if outcome.status == TOO_LARGE else "too_costly" if outcome.status == TOO_COSTLY
+                  else "truncated" if outcome.truncated else "not_an_image")
+        raise Failure(reason, str(outcome))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _verify(path: Path, size: int, url: str, settings: DownloadSettings, deadline: float | None = None) -> str:
+    """Check a complete download with the project's image decoder, by ``deadline`` (default:
+    ``timeout`` from now); returns a description of the image or raises ``Failure``."""
     if size == 0:
         raise Failure("empty", f"{url}: the server sent 0 bytes")
     with open(path, "rb") as f:
@@ -282,11 +319,7 @@ def _verify(path: Path, size: int, url: str, settings: DownloadSettings) -> str:
     if problem:
         preview = head[:60].decode("utf-8", "replace").strip().replace("\n", " ")
         raise Failure("not_an_image", f"{url}: {problem} (starts with {preview!r})")
-    try:
-        info = verify_image(path, settings.max_pixels, name=url)
-    except InputError as e:
-        reason = "too_many_pixels" if e.status == TOO_LARGE else "truncated" if e.truncated else "not_an_image"
-        raise Failure(reason, str(e)) from None
+    info = _verify_by(time.monotonic() + settings.timeout if deadline is None else deadline, path, url, settings)
     return f"{info.format} {info.width}x{info.height} {info.mode}"
 
 
@@ -300,6 +333,7 @@ def _download_one(url: str, out_dir: Path, session: Session, settings: DownloadS
     if final.is_file():
         return DownloadResult(url, "present", path=final)
     part = final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
+    deadline = time.monotonic() + settings.timeout  # the transfer keeps its own; this one bounds the verification
     try:
         fetched = session.fetch(url, part)
     except Stopped:
@@ -307,15 +341,16 @@ def _download_one(url: str, out_dir: Path, session: Session, settings: DownloadS
     except Failure as f:
         return _failed(url, f, f.attempts)
     try:
-        return _keep(url, part, final, fetched, settings)
+        return _keep(url, part, final, fetched, settings, deadline)
     finally:
         part.unlink(missing_ok=True)
 
 
-def _keep(url: str, part: Path, final: Path, fetched: Fetched, settings: DownloadSettings) -> DownloadResult:
-    """Verify what was fetched into ``part``, then give it its final name."""
+def _keep(url: str, part: Path, final: Path, fetched: Fetched, settings: DownloadSettings,
+          deadline: float | None = None) -> DownloadResult:
+    """Verify what was fetched into ``part`` by ``deadline``, then give it its final name."""
     try:
-        what = _verify(part, fetched.size, url, settings)
+        what = _verify(part, fetched.size, url, settings, deadline)
         os.replace(part, final)
     except Failure as f:
         return _failed(url, f, fetched.attempts)

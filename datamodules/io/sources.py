@@ -6,12 +6,27 @@ cannot be expanded (a folder that cannot be listed, a list file that is empty or
 pattern that matches nothing) becomes a source with its error, so it gets a row. Images are
 decoded by :mod:`datamodules.io.images`; videos are streamed with OpenCV's decoder: memory holds
 the frames of one batch, never the video.
+
+FFmpeg, under OpenCV, reads far more than videos: an SGI, PCX, DDS or TIFF file named ``.mp4``
+would be decoded by one of its image demuxers, past the image allowlist. So a video is probed
+before any frame is decoded: its first bytes must be a container a camera or phone writes
+(MP4/MOV/M4V, AVI, Matroska/WebM, MPEG program or transport stream, ASF/WMV; :func:`sniff_container`),
+its codec one of :data:`VIDEO_CODECS` (by the fourcc OpenCV reports), and the frame size it
+declares within ``max_pixels``; anything else is a ``broken_video`` or ``too_large`` row naming
+what was found. Motion-JPEG frames are independent JPEG pictures whose size may change from one
+frame to the next; they are read undecoded from the container and decoded by
+:func:`datamodules.io.images.read_image`, so each frame's header is checked (pixels, JPEG scans)
+before it is decoded. Frames of other codecs are checked after decoding (OpenCV scales a frame
+whose size changed mid-stream to the first frame's size, so what it returns stays within the
+declared size; FFmpeg has decoded it at its own size by then, within the codec's own limits).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import struct
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,8 +36,8 @@ from typing import Callable, Iterable, Iterator
 import cv2
 import numpy as np
 
-from datamodules.io.images import (DEFAULT_MAX_PIXELS, EMPTY, IMAGE_SUFFIXES, MISSING, TOO_LARGE, UNREADABLE,
-                                InputError, check_file, probe, read_image)
+from datamodules.io.images import (DEFAULT_MAX_PIXELS, EMPTY, IMAGE_SUFFIXES, MISSING, TOO_COSTLY, TOO_LARGE,
+                                UNREADABLE, InputError, check_file, probe, read_image)
 from datamodules.io.manifest import ManifestError, read_image_list
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -123,38 +138,132 @@ def expand(inputs: list[str]) -> list[Source]:
     return sources
 
 
+# Codecs of camera, phone and screen-recorder videos, by the fourcc OpenCV reports (the
+# container's codec tag, or the first four letters of FFmpeg's codec name where the container has
+# none), lower-cased: H.264, HEVC, AV1, VP8, VP9, MPEG-4 part 2 (and MS-MPEG4, H.263), MPEG-1/2,
+# WMV/VC-1, DV and Motion-JPEG. Image codecs (PNG, TIFF, SGI, PCX, BMP, WebP, GIF...) are not here.
+VIDEO_CODECS = frozenset({
+    "avc1", "avc3", "h264", "x264", "davc",
+    "hvc1", "hev1", "hevc", "h265", "x265",
+    "av01", "vp80", "vp08", "vp90", "vp09",
+    "mp4v", "fmp4", "xvid", "divx", "dx50", "mp42", "mp43", "div3", "msmp", "h263", "s263",
+    "mpg1", "mpg2", "mp1v", "mp2v", "m2v1", "mpeg", "pim1", "pim2",
+    "wmv1", "wmv2", "wmv3", "wvc1", "wmva", "vc-1",
+    "dvsd", "dv25", "dvc ", "dvcp",
+})
+MJPEG_CODECS = frozenset({"mjpg", "jpeg", "mjpa", "avrn", "dmb1", "mjpe"})
+_ASF = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+# ISO base media files that hold pictures, not video: HEIF/HEIC, AVIF, JPEG 2000, Canon raw.
+_PICTURE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis",
+                             b"jp2 ", b"jpx ", b"jpm ", b"mjp2", b"crx "})
+
+
+def sniff_container(head: bytes) -> str | None:
+    """The video container that the first bytes of a file announce, or None (not one taken)."""
+    if head[4:8] in _MP4_BOXES:
+        return None if head[4:8] == b"ftyp" and head[8:12] in _PICTURE_BRANDS else "MP4/QuickTime"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "Matroska/WebM"
+    if head[:4] in (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"):
+        return "MPEG program or video stream"
+    if len(head) > 376 and head[0] == head[188] == head[376] == 0x47:
+        return "MPEG transport stream"
+    if len(head) > 388 and head[4] == head[196] == head[388] == 0x47:
+        return "MPEG transport stream (M2TS)"
+    if head[:16] == _ASF:
+        return "ASF/WMV"
+    return None
+
+
+def _fourcc(cap: cv2.VideoCapture) -> str:
+    code = int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF
+    text = struct.pack("<I", code).decode("latin-1")
+    return text if text.isprintable() else f"0x{code:08x}"
+
+
+def _refuse(cap: cv2.VideoCapture, status: str, message: str) -> InputError:
+    cap.release()
+    return InputError(status, message)
+
+
 @dataclass
 class VideoInfo:
     fps: float
     frames: int  # as the container declares it (may be 0 or approximate)
     width: int
     height: int
+    container: str = ""
+    codec: str = ""  # the fourcc OpenCV reports
+    raw_jpeg: bool = False  # Motion-JPEG read as undecoded JPEG pictures, each checked then decoded
 
 
 def open_video(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[cv2.VideoCapture, VideoInfo]:
-    """Open a video for streaming, or raise :class:`InputError` (missing, empty, not a regular
-    file, undecodable, frames over ``max_pixels``)."""
+    """Open a video for streaming, or raise :class:`InputError`: missing, empty, not a regular
+    file, not a container and codec taken (``broken_video``), frames over ``max_pixels``
+    (``too_large``). No frame is decoded."""
     check_file(path)
-    cap = cv2.VideoCapture(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise InputError(UNREADABLE, f"{path}: {e.strerror or e}") from None
+    container = sniff_container(head)
+    if container is None:
+        raise InputError(BROKEN_VIDEO, f"{path}: not a video container taken (MP4/MOV, AVI, MKV/WebM, MPEG, "
+                                       f"WMV); the file starts with {head[:12]!r}; not decoded")
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
     if not cap.isOpened():
-        cap.release()
-        raise InputError(BROKEN_VIDEO, f"{path}: OpenCV cannot open it as a video")
+        raise _refuse(cap, BROKEN_VIDEO, f"{path}: OpenCV cannot open it as a video ({container})")
+    codec = _fourcc(cap)
+    if codec.lower() not in VIDEO_CODECS | MJPEG_CODECS:
+        raise _refuse(cap, BROKEN_VIDEO, f"{path}: codec {codec!r} in {container} is not a video codec taken "
+                                         f"(H.264, HEVC, AV1, VP8/9, MPEG-1/2/4, WMV, DV, Motion-JPEG); not decoded")
     info = VideoInfo(cap.get(cv2.CAP_PROP_FPS) or 0.0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
-                     int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+                     int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                     container, codec)
+    if info.width < 1 or info.height < 1:
+        raise _refuse(cap, BROKEN_VIDEO, f"{path}: the {container} file declares frames of {info.width}x"
+                                         f"{info.height}; not decoded")
     if info.width * info.height > max_pixels:
-        cap.release()
-        raise InputError(TOO_LARGE, f"{path}: frames of {info.width}x{info.height} are over the limit of "
-                                    f"{max_pixels / 1e6:.0f} MP (max_pixels); not decoded")
+        raise _refuse(cap, TOO_LARGE, f"{path}: frames of {info.width}x{info.height} are over the limit of "
+                                      f"{max_pixels / 1e6:g} MP (max_pixels); not decoded")
+    if codec.lower() in MJPEG_CODECS:
+        # Packets as stored (CAP_PROP_FORMAT -1): each frame's JPEG header is checked before decoding.
+        info.raw_jpeg = bool(cap.set(cv2.CAP_PROP_FORMAT, -1))
     return cap, info
+
+
+def _frame_pixels(path: str, index: int, cap: cv2.VideoCapture, info: VideoInfo, max_pixels: int) -> np.ndarray | None:
+    """The RGB pixels of the next frame, None at the end; raises :class:`InputError` for a frame
+    over ``max_pixels`` or too costly (its status) or damaged (``broken_video``)."""
+    ok, frame = cap.read()
+    if not ok or frame is None:
+        return None
+    name = f"{path} frame {index}"
+    if info.raw_jpeg:
+        try:
+            return read_image(frame.tobytes(), max_pixels, name=name)
+        except InputError as e:
+            raise e if e.status != UNREADABLE else InputError(BROKEN_VIDEO, str(e)) from None
+    h, w = frame.shape[:2]
+    if w * h > max_pixels:
+        raise InputError(TOO_LARGE, f"{name}: {w}x{h} = {w * h / 1e6:g} MP is over the limit of "
+                                    f"{max_pixels / 1e6:g} MP (max_pixels); the rest of the video is not decoded")
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
 def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
                  ) -> Iterator[tuple[int, float, np.ndarray]]:
     """``(frame index, time in seconds, RGB frame)`` of every ``every``-th frame, streamed.
 
-    Skipped frames are only grabbed (demuxed, not converted). Raises :class:`InputError` when
-    the video cannot be opened or yields no frame at all; a video that breaks off midway ends
-    there (what was decoded stands).
+    Skipped frames are only grabbed (demuxed; a Motion-JPEG frame is not even decoded). Raises
+    :class:`InputError` when the video cannot be opened (see :func:`open_video`) or yields no
+    frame at all, and, after the frames before it, at a frame over ``max_pixels`` or too costly
+    to decode (the rest of the video is not decoded); a video that breaks off midway otherwise
+    ends there (what was decoded stands).
     """
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")
@@ -167,11 +276,11 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
                 if not cap.grab():
                     break
             else:
-                ok, frame = cap.read()
-                if not ok:
+                rgb = _frame_pixels(path, index, cap, info, max_pixels)
+                if rgb is None:
                     break
                 t = index / fps if fps else cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
-                yield index, round(float(t), 4), cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                yield index, round(float(t), 4), rgb
             index += 1
     finally:
         cap.release()
@@ -181,7 +290,7 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
 
 def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2,
            prepare: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None, ahead: int = 16,
-           budget: int = BATCH_PIXELS) -> Iterator[Frame]:
+           budget: int = BATCH_PIXELS, decode_seconds: float | None = None) -> Iterator[Frame]:
     """Every frame of the sources, in order; image files and bytes decoded ahead in ``workers``
     threads (with ``prepare``, e.g. the detection copy, made there too) while the caller works
     (``workers=0``: decoded in the caller's thread, when asked for).
@@ -189,34 +298,54 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
     At most ``ahead`` images, and at most ``budget`` pixels, are decoded ahead: each image's
     size is read from its header before it is queued, so the bound holds before any pixel is
     decoded (one image larger than the budget goes through alone). Videos stream frame by frame.
+
+    ``decode_seconds`` (with ``workers`` > 0) is the last line against an image whose decoding
+    is slow in a way its header does not show: one not decoded that long after its decoding
+    began gets a ``too_costly`` frame and the rest go on. A thread cannot be stopped, so the
+    abandoned decode still runs to its end on its own (its memory bounded by ``max_pixels``);
+    what the budget bounds is how long the caller, a server's request, waits for it.
     """
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
-    pending: deque[tuple[Source, Future | InputError, int]] = deque()  # in order, with their pixels
+    pending: deque[tuple[Source, Future | InputError, int, list[float]]] = deque()  # in order, with their pixels
     held = 0
 
-    def decode(src: Source) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
+    def decode(src: Source, began: list[float]) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
+        began.append(time.monotonic())
         pixels = read_image(src.data if src.data is not None else src.path, max_pixels, name=src.path)
         return pixels, prepare(pixels) if prepare is not None else None
 
-    def submit(src: Source) -> Future:
+    def submit(src: Source, began: list[float]) -> Future:
         if pool is not None:
-            return pool.submit(decode, src)
+            return pool.submit(decode, src, began)
         done: Future = Future()
         try:
-            done.set_result(decode(src))
+            done.set_result(decode(src, began))
         except InputError as e:
             done.set_exception(e)
         return done
 
+    def result(src: Source, job: Future, began: list[float]):
+        if decode_seconds is None or pool is None:
+            return job.result()
+        while True:
+            left = began[0] + decode_seconds - time.monotonic() if began else 0.05  # not begun: queued
+            try:
+                return job.result(timeout=max(left, 0.0))
+            except TimeoutError:
+                if began and time.monotonic() >= began[0] + decode_seconds:
+                    job.cancel()
+                    raise InputError(TOO_COSTLY, f"{src.path}: not decoded within {decode_seconds:g} s "
+                                                 "(decode_seconds); given up") from None
+
     def drain(count: int, room: int = 0) -> Iterator[Frame]:
         nonlocal held
         while pending and (len(pending) > count or held + room > budget):
-            src, job, size = pending.popleft()
+            src, job, size, began = pending.popleft()
             held -= size
             try:
                 if isinstance(job, InputError):
                     raise job
-                pixels, copy = job.result()
+                pixels, copy = result(src, job, began)
                 yield Frame(src, pixels=pixels, copy=copy)
             except InputError as e:
                 yield Frame(src, error=e)
@@ -224,7 +353,7 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
     try:
         for src in sources:
             if src.error is not None:
-                pending.append((src, src.error, 0))  # a row in its place, without waiting
+                pending.append((src, src.error, 0, []))  # a row in its place, without waiting
             elif src.kind == "video":
                 yield from drain(0)
                 try:
@@ -236,10 +365,11 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
                 try:
                     size = probe(src.data if src.data is not None else src.path, max_pixels, name=src.path).pixels
                 except InputError as e:
-                    pending.append((src, e, 0))
+                    pending.append((src, e, 0, []))
                     continue
                 yield from drain(ahead - 1, size)
-                pending.append((src, submit(src), size))
+                began: list[float] = []
+                pending.append((src, submit(src, began), size, began))
                 held += size
         yield from drain(0)
     finally:
