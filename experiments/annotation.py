@@ -286,7 +286,12 @@ def source_fps(path: str) -> float:
 class Annotator:
     """Annotated copies under a folder: one JPEG per image, one video per video (see
     :func:`video_codec`), at the source's path relative to the folder all sources share
-    (``a/x.jpg`` and ``b/x.jpg`` stay apart)."""
+    (``a/x.jpg`` and ``b/x.jpg`` stay apart).
+
+    No two sources share a copy: ``x.png`` beside ``x.jpg`` keeps its own suffix
+    (``x.png.jpg``), and a name taken by then, compared without case (``X.jpg`` and ``x.jpg`` are
+    one file on macOS and Windows), gets a number (``x.png-2.jpg``). An image's copy is written
+    under a temporary name and renamed, so it is whole or absent."""
 
     def __init__(self, folder: str, inputs: Sequence[str], sources: Sequence[Source], every: int):
         self.folder, self.every = Path(folder), every
@@ -295,6 +300,7 @@ class Annotator:
         places += [os.path.abspath(i) for i in inputs if os.path.isdir(i)]  # a folder given keeps its tree
         self.root = Path(os.path.commonpath(places)) if places else None
         self.targets: dict[str, Path] = {}
+        self.taken: set[str] = set()  # targets, case-folded
         self.writers: dict[str, cv2.VideoWriter | None] = {}  # None: could not be opened, frames dropped
 
     def _target(self, source: str, suffix: str) -> Path:
@@ -302,11 +308,19 @@ class Annotator:
             path = Path(os.path.abspath(source))
             rel = path.relative_to(self.root) if self.root is not None else Path(path.name)
             target = (self.folder / rel).with_suffix(suffix)
-            if target in self.targets.values():  # x.png beside x.jpg: keep the source's own suffix too
+            if self._is_taken(target):  # x.png beside x.jpg: keep the source's own suffix too
                 target = (self.folder / rel).with_name(rel.name + suffix)
+            n = 2
+            while self._is_taken(target):
+                target = (self.folder / rel).with_name(f"{rel.name}-{n}{suffix}")
+                n += 1
             target.parent.mkdir(parents=True, exist_ok=True)
+            self.taken.add(str(target).casefold())
             self.targets[source] = target
         return self.targets[source]
+
+    def _is_taken(self, target: Path) -> bool:
+        return str(target).casefold() in self.taken
 
     def _open(self, source: str, size: tuple[int, int]) -> cv2.VideoWriter | None:
         codec = video_codec()
@@ -322,7 +336,16 @@ class Annotator:
         image = annotate(frame.pixels, faces, aus)
         source = frame.source.path
         if frame.frame is None:
-            cv2.imwrite(str(self._target(source, ".jpg")), image)
+            target = self._target(source, ".jpg")
+            # the suffix last: it tells imwrite the format
+            tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.jpg")
+            try:
+                if cv2.imwrite(str(tmp), image):
+                    os.replace(tmp, target)
+                else:
+                    log.warning("%s: could not write its annotated copy %s", source, target)
+            finally:
+                tmp.unlink(missing_ok=True)
             return
         if source not in self.writers:
             h, w = image.shape[:2]

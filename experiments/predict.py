@@ -7,21 +7,35 @@ One CSV row per face per frame: the source, frame index and time (videos), face 
 first), box, five landmarks, detection confidence, then per AU its probability (``AU12_prob``)
 and its decision at the fitted threshold (``AU12``: 0/1). A frame without a face gets one row
 with status ``no_face``; an input that cannot be read gets one row with its status (``missing``,
-``empty``, ``unreadable``, ``too_large``, ``broken_video``) and a message, and the run goes on.
+``empty``, ``unreadable``, ``too_large``, ``too_costly``, ``broken_video``) and a message, and the run goes on.
 
 Frames are batched across images and across a video's frames; image files are decoded in
-threads while the previous batch is being classified. Rows are written as batches finish, so
-an interrupted run keeps what it did.
+threads while the previous batch is being classified.
+
+The CSV is written whole or not at all. Rows go, as batches finish, to ``<out>.partial`` beside
+``--out``, which is renamed onto ``--out`` when the run ends: a reader of ``--out`` never sees half
+a run. An interrupted run leaves ``<out>.partial`` holding the rows it did, for inspection (the
+next run on the same ``--out`` starts it again). A second ``au-detect predict`` on the same ``--out``
+while one runs is refused, with a one-line message: the file lock on ``<out>.partial`` is the
+operating system's, so it goes with the process that held it, killed or not.
+
+Text cells that a spreadsheet would run as a formula (those starting with ``=``, ``+``, ``-``,
+``@``, a tab or a carriage return: a file named ``=HYPERLINK(...).jpg``) are written with a
+single quote in front, as OWASP recommends for CSV injection; numbers stay numbers.
+``--csv_formulas keep`` writes them as they are, for pipelines that read the CSV as data.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Literal
 
 from datamodules.io.images import DEFAULT_MAX_PIXELS
 from datamodules.io.manifest import au_column_name
@@ -32,6 +46,44 @@ from lightning_modules.serving.onnx_model import Backend, load_predictor
 from lightning_modules.serving.predictor import AUPredictor, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
+
+# What a spreadsheet takes as the start of a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+CsvFormulas = Literal["escape", "keep"]  # the option's type: a wrong word is refused by the CLI
+PARTIAL_SUFFIX = ".partial"
+
+
+class OutputBusy(RuntimeError):
+    """Another run is writing the same output."""
+
+
+def neutralise(row: dict) -> dict:
+    """``row`` with each text cell that a spreadsheet would run as a formula prefixed by ``'``
+    (numbers, even negative ones, are not text and stay as they are)."""
+    return {k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for k, v in row.items()}
+
+
+def open_partial(out: Path) -> tuple[Path, IO[str]]:
+    """``<out>.partial``, created or emptied, with an exclusive lock held on it for as long as the
+    returned file is open. Raises :class:`OutputBusy` when another process holds the lock."""
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    while True:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusy(f"--out {out}: another au-detect predict is writing it (its rows go to {partial}); "
+                             "wait for it to finish or choose another --out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(partial))
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file the run before us has just renamed onto --out
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    return partial, os.fdopen(fd, "w", newline="")
 
 
 @dataclass
@@ -56,15 +108,20 @@ class PredictionSummary:
 
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
-        progress: bool = True, batch_pixels: int = BATCH_PIXELS) -> PredictionSummary:
+        progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape"
+        ) -> PredictionSummary:
     """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring)."""
+    if csv_formulas not in ("escape", "keep"):
+        raise ValueError(f"--csv_formulas {csv_formulas!r}: expected 'escape' or 'keep'")
     sources = expand(inputs)
     aus = predictor.aus
     summary = PredictionSummary(out)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial, f = open_partial(out_path)
     annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
     start = time.perf_counter()
-    with open(out, "w", newline="") as f:
+    try:
         writer = csv.DictWriter(f, fieldnames=columns(aus), restval="")
         writer.writeheader()
         # A whole next batch decodes while this one is classified, or the next would wait for it.
@@ -82,15 +139,23 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
                     annotator.add(frame, faces, aus)
             for row in rows:
                 summary.statuses[row["status"]] += 1
-            writer.writerows(rows)
+            writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
             if summary.frames >= done + batch_frames:  # a batch went through: rows to disk, progress
                 done = summary.frames
                 f.flush()
                 if progress:
                     rate = summary.frames / max(time.perf_counter() - start, 1e-9)
                     print(f"  {summary.frames} frames, {summary.faces} faces ({rate:.1f} frames/s)", flush=True)
-    if annotator is not None:
-        annotator.close()
+        f.flush()
+        os.fsync(f.fileno())
+        os.replace(partial, out_path)  # under the lock: the next writer waits for a whole file
+    except BaseException:
+        log.warning("prediction stopped: the rows written so far are in %s", partial)
+        raise
+    finally:
+        f.close()
+        if annotator is not None:
+            annotator.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -100,7 +165,7 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, device: str | None = None,
             precision: Precision = "32-true", min_face_size: int | None = None, detect_max_side: int | None = None,
             batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch",
-            describe: bool = False) -> None:
+            describe: bool = False, csv_formulas: CsvFormulas = "escape") -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -110,7 +175,10 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             ``--backend onnxruntime``, a folder of ``au-detect export``.
         input: images, folders (recursive), quoted globs (``"shots/**/*.jpg"``), manifests
             (``.tsv``/``.csv``/``.txt`` with an ``image`` column or paths in the first) and videos.
-        out: the CSV to write.
+        out: the CSV to write, whole or not at all: rows go to ``<out>.partial`` as batches
+            finish and it is renamed onto ``out`` at the end; an interrupted run leaves
+            ``<out>.partial`` with the rows it did. A second run on an ``out`` being written is
+            refused.
         every: in videos, predict on every N-th frame.
         batch_frames: frames detected together (fewer when they hold ``batch_pixels``).
         batch_size: faces per forward pass of the network.
@@ -130,6 +198,10 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             detection and alignment stay the same code).
         describe: print the model's card (data, AUs, thresholds and which fell back, figures,
             known limits) and stop; ``--input`` is not needed.
+        csv_formulas: ``escape``: a text cell a spreadsheet would run as a formula (``source``
+            or ``message`` starting with ``=``, ``+``, ``-``, ``@``, tab or CR, from a file's name)
+            gets a ``'`` in front (OWASP's advice on CSV injection); ``keep``: written as it is,
+            for programs that read the CSV as data.
     """
     if not describe and not input:
         raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
@@ -147,5 +219,5 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")
     summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
-                  batch_pixels=batch_pixels)
+                  batch_pixels=batch_pixels, csv_formulas=csv_formulas)
     print(summary)

@@ -27,6 +27,12 @@ from lightning_modules.checkpoints import CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
+# The ResNets this project trains and loads, by timm name: the method's ResNet-18/50/152, their
+# neighbours in depth, and timm's deep-stem ("d") and tiered-stem ("t") variants. A name is the
+# whole architecture, so a saved config naming a ResNet-like giant (resnetv2_152x4_bit, 936M
+# parameters) is refused before timm allocates it.
+RESNETS = ("resnet10t", "resnet14t", "resnet18", "resnet18d", "resnet26", "resnet26d", "resnet34", "resnet34d",
+           "resnet50", "resnet50d", "resnet101", "resnet101d", "resnet152", "resnet152d")
 STRIPPABLE_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "net.", "_orig_mod.")
 CHECKPOINT_CONTAINERS = ("state_dict", "model", "model_state_dict", "net", "backbone")
 
@@ -129,6 +135,14 @@ def load_backbone_weights(model: nn.Module, path: str | Path, allow_missing: boo
     return report
 
 
+def check_backbone(name) -> str:
+    """``name`` if it is one of :data:`RESNETS`, else a ``ValueError`` listing them."""
+    if not isinstance(name, str) or name not in RESNETS:
+        raise ValueError(f"backbone {name!r} is not a timm ResNet this project builds; expected one of "
+                         f"{', '.join(RESNETS)}")
+    return name
+
+
 def create_backbone(name: str = "resnet50", weights: str | None = None, allow_missing: bool = False,
                     drop_path_rate: float = 0.0) -> tuple[nn.Module, LoadReport | None]:
     """A timm network without its classifier (``num_classes=0``: it returns pooled features).
@@ -137,8 +151,7 @@ def create_backbone(name: str = "resnet50", weights: str | None = None, allow_mi
     >>> net.num_features
     512
     """
-    if not name.startswith(("resnet", "resnext", "seresnet", "wide_resnet", "ecaresnet", "skresnet")):
-        raise ValueError(f"backbone {name!r} is not a timm ResNet (e.g. resnet18, resnet50, resnet152)")
+    check_backbone(name)
     kwargs = {"num_classes": 0, "drop_path_rate": drop_path_rate} if drop_path_rate else {"num_classes": 0}
     if weights == "timm":
         try:

@@ -68,8 +68,8 @@ class AlignmentSettings:
             raise ValueError(f"alignment method must be one of {METHODS}, got {self.method!r}")
         if self.selection not in ("largest", "confidence"):
             raise ValueError(f"alignment selection must be 'largest' or 'confidence', got {self.selection!r}")
-        if self.crop_size < 16:
-            raise ValueError(f"alignment crop_size must be at least 16, got {self.crop_size}")
+        if not 16 <= self.crop_size <= 512:  # 512: a typo'd 20000 would allocate until killed
+            raise ValueError(f"alignment crop_size must be 16 to 512 pixels, got {self.crop_size}")
 
     @classmethod
     def coerce(cls, value: "AlignmentSettings | dict") -> "AlignmentSettings":

@@ -30,6 +30,27 @@ def write_text(path: str | os.PathLike, text: str, only_if_changed: bool = False
     return path
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux says it (``/proc``): setting it
+    to read it would, for a moment, apply another mask to files other threads create."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions a plain ``open()`` would (0666 less the umask): a file from
+    ``tempfile.mkstemp`` is owner-only, which a reader under another account cannot open."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def sync(path: str | os.PathLike) -> None:
     """Flush a file written by other means (numpy, a memory map) to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -36,7 +36,10 @@ UNLABELLED = 999
 _AU_HEADER = re.compile(r"^(?:au[\s_-]*)?(\d+)$", re.IGNORECASE)
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _FAST_VALUES = {"0": 0, "1": 1, "999": UNLABELLED}
-_ALLOWED = {0.0: 0, 1.0: 1, float(UNLABELLED): UNLABELLED}
+# A label is written 0, 1 or 999, in ASCII digits; a decimal point and zeros after it (1.0, as
+# pandas writes a float column) say the same. Anything float() would round onto a label
+# (0.99999999999999999, 1e-400, full-width or Arabic-Indic digits) is not a label as written.
+_LABEL = re.compile(r"(0|1|999)(?:\.0+)?", re.ASCII)
 _NOT_FAST = -1  # a cell outside _FAST_VALUES: its chunk is read again row by row
 # Data rows parsed together: per-cell work runs in C over a chunk, and only a chunk of raw rows
 # is held at a time (1M rows of 23 AUs here: 10 s and 680 MB peak RSS row by row, 4 s and 320 MB so).
@@ -220,13 +223,12 @@ def _au_value(cell: str, path: Path, line: int, col: int, au: int) -> int:
     v = _FAST_VALUES.get(cell)
     if v is not None:
         return v
-    s = cell.strip()
-    try:
-        return _ALLOWED[float(s)]
-    except (ValueError, KeyError):
+    m = _LABEL.fullmatch(cell.strip())
+    if m is None:
         raise ManifestError(
             f"{path}:{line}: column {col} ({au_column_name(au)}): value {cell!r} is not 0, 1 or {UNLABELLED}"
-        ) from None
+        )
+    return _FAST_VALUES[m.group(1)]
 
 
 def _looks_like_data(row: list[str], image_col: int) -> bool:

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from datamodules.alignment.align import FaceDetector
-from datamodules.io.files import sync, write_text
+from datamodules.io.files import apply_umask, sync, write_text
 from datamodules.io.manifest import au_column_name
 from lightning_modules.serving.model_card import CARD_FILE
-from lightning_modules.serving.predictor import CONFIG_FILE, AUPredictor, inference_copy, saved_alignment
+from lightning_modules.serving.predictor import (CONFIG_FILE, AUPredictor, ModelConfigError, inference_copy,
+                                                 read_config, saved_alignment)
 
 ONNX_FILE = "au_net.onnx"
 Backend = Literal["torch", "onnxruntime"]  # what runs the AU network
@@ -113,6 +114,7 @@ def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) 
         graph.doc_string = "au-detect: aligned uint8 RGB crops (N,S,S,3) -> AU probabilities and decisions"
         onnx.save(graph, tmp)
         sync(tmp)
+        apply_umask(tmp)  # mkstemp made it owner-only; a serving account must read it like its neighbours
         os.replace(tmp, folder / ONNX_FILE)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -169,7 +171,7 @@ class OnnxAUPredictor(AUPredictor):
     """
 
     def __init__(self, session, config: dict, device: str | torch.device | None = None, batch_size: int = 64,
-                 **detection):
+                 source: str | Path = CONFIG_FILE, **detection):
         # No torch network: the parent's constructor is not called (it would build one).
         self.session = session
         self.net = None
@@ -177,7 +179,7 @@ class OnnxAUPredictor(AUPredictor):
         self._aus = tuple(int(a) for a in self.spec["aus"])
         self._thresholds = np.asarray(config["thresholds"], np.float32)
         self.mean, self.std = [float(m) for m in config["mean"]], [float(s) for s in config["std"]]
-        self.alignment = saved_alignment(config["alignment"], detection)
+        self.alignment = saved_alignment(config["alignment"], detection, source=source)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size, self.precision = batch_size, "32-true"
         self.detector = FaceDetector(self.alignment, self.device)
@@ -189,7 +191,9 @@ class OnnxAUPredictor(AUPredictor):
         if not model_path.is_file() or not config_path.is_file():
             raise FileNotFoundError(f"model {folder}: the onnxruntime backend needs a folder of 'au-detect export' "
                                     f"({ONNX_FILE} and {CONFIG_FILE})")
-        config = json.loads(config_path.read_text())
+        config = read_config(config_path)  # checked before onnxruntime reads the graph it describes
+        if "thresholds" not in config:
+            raise ModelConfigError(f"{config_path}: no 'thresholds' section (an export writes one per AU)")
         session = onnx_session(model_path)
         size = config["alignment"]["crop_size"]
         expected = ["batch", size, size, 3]
@@ -197,7 +201,7 @@ class OnnxAUPredictor(AUPredictor):
         if session.get_inputs()[0].name != INPUT or shape != expected:
             raise ValueError(f"{model_path}: input {session.get_inputs()[0].name} {shape}, expected {INPUT} "
                              f"{expected} (predictor.json and the ONNX file are not of one export)")
-        predictor = cls(session, config, device, **detection)
+        predictor = cls(session, config, device, source=config_path, **detection)
         card = folder / CARD_FILE
         predictor.card = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
         return predictor

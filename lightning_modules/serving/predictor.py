@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,13 +29,20 @@ from datamodules.alignment.align import AlignmentSettings, FaceDetector, crop_fa
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, NO_FACE, OK, Frame, batches
-from lightning_modules.au_detector import AUNet
+from lightning_modules.au_detector import BRANCHES, AUNet
+from lightning_modules.backbones import check_backbone
 from lightning_modules.checkpoints import load_checkpoint
 from lightning_modules.serving.model_card import CARD_FILE
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "predictor.json", "weights.pt"
+# What a saved model may ask to be built with. A checkpoint or predictor folder is data from
+# elsewhere: loading its weights runs no code, but a crop size or AU count in it sizes every
+# tensor built after, so they are bounded before anything is allocated.
+CROP_SIZES = (16, 512)  # the paper aligns at 224; 512 px already costs ResNet-152 5x its compute
+MAX_AUS = 64  # FACS codes fewer; EmotioNet's 23 and DISFA's 12 are the sets in use
+AU_IDS = (1, 99)  # FACS numbers actions 1-99 (51-56: head movements, 61-64: eye movements)
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 # Lightning's precision names; the mixed ones run the network under torch.autocast.
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -118,34 +127,53 @@ class AUPredictor:
         if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a Lightning checkpoint of the AU detector (no hyper_parameters/state_dict)")
         data = ckpt.get("datamodule_hyper_parameters") or {}
+        if not isinstance(data, dict):
+            raise ModelConfigError(f"{path}: datamodule_hyper_parameters is a {type(data).__name__}, not a mapping")
         if "alignment" not in data:
             log.warning("%s holds no data settings: default alignment and ImageNet normalisation assumed", path)
         predictor = cls.from_state(ckpt["state_dict"], ckpt["hyper_parameters"],
-                                   saved_alignment(data.get("alignment", AlignmentSettings()), detection),
-                                   data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device)
+                                   saved_alignment(data.get("alignment", AlignmentSettings()), detection, source=path),
+                                   data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD), device, source=path)
         predictor.card = checkpoint_card(ckpt)
         return predictor
 
     @classmethod
     def from_state(cls, state_dict: dict, hparams: dict, alignment: AlignmentSettings | dict,
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                   device: str | None = "cpu") -> "AUPredictor":
+                   device: str | None = "cpu", source: str | Path = "hyperparameters") -> "AUPredictor":
         """From an :class:`AUDetector`'s state dict and hyperparameters (a checkpoint's, or a live
-        module's) and the data settings it was trained with; the weights are copied to the CPU."""
-        spec = {"aus": [int(a) for a in hparams["aus"]], "backbone": hparams["backbone"],
-                "branches": list(hparams["branches"]), "aux_heads": bool(hparams.get("aux_heads", False))}
-        net = build_net(spec)
+        module's) and the data settings it was trained with; the weights are copied to the CPU.
+        ``source`` names where they came from in the error a configuration out of bounds raises."""
+        if not isinstance(hparams, dict):
+            raise ModelConfigError(f"{source}: hyper_parameters is a {type(hparams).__name__}, not a mapping")
+        missing = [k for k in ("aus", "backbone", "branches") if k not in hparams]
+        if missing:
+            raise ModelConfigError(f"{source}: hyper_parameters lack {missing}")
+        spec = check_spec({"aus": hparams["aus"], "backbone": hparams["backbone"], "branches": hparams["branches"],
+                           "aux_heads": bool(hparams.get("aux_heads", False))}, source)
+        alignment = AlignmentSettings.coerce(alignment)
+        check_crop_size(alignment.crop_size, source)
+        check_normalisation(mean, std, source)
+        if "net.thresholds" in state_dict:
+            check_thresholds(state_dict["net.thresholds"], len(spec["aus"]), source, "state_dict net.thresholds")
+        net = build_net(spec, source)
         net.load_state_dict({k[len("net."):]: v.detach().cpu() for k, v in state_dict.items() if k.startswith("net.")})
-        return cls(net, AlignmentSettings.coerce(alignment), spec, mean, std, device)
+        return cls(net, alignment, spec, mean, std, device)
 
     @classmethod
     def from_dir(cls, folder: str | Path, device: str | None = None, **detection) -> "AUPredictor":
         folder = Path(folder)
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        net = build_net(config["net"])
-        net.load_state_dict(load_checkpoint(folder / WEIGHTS_FILE, "predictor weights"))
-        predictor = cls(net, saved_alignment(config["alignment"], detection), config["net"], config["mean"],
-                        config["std"], device)
+        config = read_config(folder / CONFIG_FILE)
+        spec = check_spec(config["net"], folder / CONFIG_FILE)
+        alignment = saved_alignment(config["alignment"], detection, source=folder / CONFIG_FILE)
+        weights = load_checkpoint(folder / WEIGHTS_FILE, "predictor weights")
+        if not isinstance(weights, dict):
+            raise ModelConfigError(f"{folder / WEIGHTS_FILE}: a {type(weights).__name__}, not a state dict")
+        if "thresholds" in weights:
+            check_thresholds(weights["thresholds"], len(spec["aus"]), folder / WEIGHTS_FILE, "thresholds")
+        net = build_net(spec, folder / CONFIG_FILE)
+        net.load_state_dict(weights)
+        predictor = cls(net, alignment, spec, config["mean"], config["std"], device)
         card = folder / CARD_FILE
         predictor.card = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
         return predictor
@@ -264,9 +292,11 @@ def inference_copy(net: AUNet) -> AUNet:
     return fused
 
 
-def build_net(spec: dict) -> AUNet:
+def build_net(spec: dict, source: str | Path = "model spec") -> AUNet:
     """The network of a spec, with random weights (about to be overwritten by saved ones): the
-    backbones' "random initialisation" lines would mislead about a trained model, so they are held back."""
+    backbones' "random initialisation" lines would mislead about a trained model, so they are held back.
+    The spec is checked first (:func:`check_spec`; ``source`` names it in the error)."""
+    spec = check_spec(spec, source)
     backbones = logging.getLogger("lightning_modules.backbones")
     level = backbones.level
     backbones.setLevel(max(level, logging.WARNING))
@@ -286,8 +316,113 @@ def checkpoint_card(ckpt: dict) -> str | None:
     return None
 
 
-def saved_alignment(saved, detection: dict) -> AlignmentSettings:
-    settings = AlignmentSettings.coerce(saved if isinstance(saved, (AlignmentSettings, dict)) else dict(saved))
+class ModelConfigError(ValueError):
+    """A saved model's configuration (checkpoint hyperparameters, ``predictor.json``) is outside
+    what this project builds: the message names the file and the field."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_crop_size(size, source: str | Path) -> int:
+    """``size`` if it is a whole number within :data:`CROP_SIZES`, else a :class:`ModelConfigError`."""
+    low, high = CROP_SIZES
+    if not _is_int(size) or not low <= size <= high:
+        raise ModelConfigError(f"{source}: alignment crop_size {size!r}: expected a whole number of pixels from "
+                               f"{low} to {high} (224 in the paper)")
+    return size
+
+
+def check_spec(spec, source: str | Path) -> dict:
+    """The network spec of a saved model (``aus``, ``backbone``, ``branches``, ``aux_heads``),
+    checked before anything is built: a backbone this project trains (:func:`check_backbone`), 1 to
+    :data:`MAX_AUS` distinct AU numbers within :data:`AU_IDS`, a non-empty set of the known branches.
+    Raises :class:`ModelConfigError` naming ``source`` and the field."""
+    if not isinstance(spec, dict):
+        raise ModelConfigError(f"{source}: net is a {type(spec).__name__}, not a mapping")
+    for key in ("aus", "backbone", "branches"):
+        if key not in spec:
+            raise ModelConfigError(f"{source}: net has no {key!r}")
+    aus, branches = spec["aus"], spec["branches"]
+    if not isinstance(aus, (list, tuple)) or not 1 <= len(aus) <= MAX_AUS:
+        got = f"{len(aus)} of them" if isinstance(aus, (list, tuple)) else f"a {type(aus).__name__}"
+        raise ModelConfigError(f"{source}: net aus: expected a list of 1 to {MAX_AUS} AU numbers, got {got}")
+    low, high = AU_IDS
+    bad = [a for a in aus if not _is_int(a) or not low <= a <= high]
+    if bad:
+        raise ModelConfigError(f"{source}: net aus: {bad[:5]!r} not AU numbers ({low} to {high})")
+    if len(set(aus)) != len(aus):
+        raise ModelConfigError(f"{source}: net aus: {list(aus)} has duplicates")
+    if not isinstance(branches, (list, tuple)) or not branches or len(set(branches)) != len(branches) \
+            or not set(branches) <= set(BRANCHES):
+        raise ModelConfigError(f"{source}: net branches {branches!r}: expected distinct names among {list(BRANCHES)}")
+    try:
+        check_backbone(spec["backbone"])
+    except ValueError as e:
+        raise ModelConfigError(f"{source}: net {e}") from None
+    aux = spec.get("aux_heads", False)
+    if not isinstance(aux, bool):
+        raise ModelConfigError(f"{source}: net aux_heads {aux!r}: expected true or false")
+    return {"aus": [int(a) for a in aus], "backbone": spec["backbone"], "branches": list(branches), "aux_heads": aux}
+
+
+def check_thresholds(values, k: int, source: str | Path, field: str = "thresholds") -> None:
+    """One decision threshold per AU, each a finite number in [0, 1]."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or not values.is_floating_point():
+            raise ModelConfigError(f"{source}: {field}: a {values.dim()}-d {values.dtype} tensor, expected {k} floats")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != k:
+        n = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise ModelConfigError(f"{source}: {field}: {n} values, expected one per AU ({k})")
+    bad = [v for v in values if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0 <= v <= 1]
+    if bad:
+        raise ModelConfigError(f"{source}: {field}: {bad[:5]!r} outside [0, 1]")
+
+
+def check_normalisation(mean, std, source: str | Path) -> None:
+    """Three finite numbers each (RGB), every ``std`` above 0."""
+    for name, values in (("mean", mean), ("std", std)):
+        if isinstance(values, (np.ndarray, torch.Tensor)):
+            values = values.tolist()
+        ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok or (name == "std" and min(values) <= 0):
+            raise ModelConfigError(f"{source}: {name} {values!r}: expected 3 finite numbers (RGB)"
+                                   + (", above 0" if name == "std" else ""))
+
+
+def read_config(path: Path) -> dict:
+    """A ``predictor.json``, its sections checked (:func:`check_spec`, crop size, thresholds,
+    normalisation) before a network is built from it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelConfigError(f"{path}: not a readable predictor config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{path}: a {type(config).__name__}, not a mapping")
+    missing = [k for k in ("net", "alignment", "mean", "std") if k not in config]
+    if missing:
+        raise ModelConfigError(f"{path}: no {missing} section")
+    spec = check_spec(config["net"], path)
+    if not isinstance(config["alignment"], dict):
+        raise ModelConfigError(f"{path}: alignment is a {type(config['alignment']).__name__}, not a mapping")
+    check_crop_size(config["alignment"].get("crop_size"), path)
+    check_normalisation(config["mean"], config["std"], path)
+    if "thresholds" in config:
+        check_thresholds(config["thresholds"], len(spec["aus"]), path)
+    return config
+
+
+def saved_alignment(saved, detection: dict, source: str | Path = "saved alignment") -> AlignmentSettings:
+    """The alignment a model was trained with (its crop size checked, :data:`CROP_SIZES`), with
+    ``detection``'s overrides of the detection settings."""
+    try:
+        settings = AlignmentSettings.coerce(saved if isinstance(saved, (AlignmentSettings, dict)) else dict(saved))
+    except (TypeError, ValueError) as e:
+        raise ModelConfigError(f"{source}: alignment: {e}") from None
+    check_crop_size(settings.crop_size, source)
     fixed = {"crop_size", "face_scale", "method", "version"} & {k for k, v in detection.items() if v is not None}
     if fixed:
         raise ValueError(f"alignment {sorted(fixed)} must stay as the model was trained; only detection settings "

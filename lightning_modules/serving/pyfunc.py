@@ -15,7 +15,10 @@ input row. Detection and alignment happen inside, so a client sends plain photos
 A served model answers people it does not know, so:
 
 * it is logged as *models from code* (:mod:`lightning_modules.serving.pyfunc_model`): loading it runs this
-  project's code and reads the weights as tensors; nothing is unpickled;
+  project's code and reads the weights as tensors; nothing is unpickled. The code that runs is
+  the model's copy in the artifact store: ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
+  execute it, so load models only from stores you trust (``au-detect predict runs:/...`` reads the
+  predictor folder only, no code of the model);
 * a row is image bytes, never a path: text is taken as base64 and anything else is refused for
   that row, with the same answer whether or not a file of that name exists on the server;
 * memory is bounded per request: the rows are decoded and detected a chunk of at most
@@ -68,6 +71,8 @@ class RequestLimits:
         max_request_pixels: decoded pixels in one request, all rows together (from the headers).
         max_pixels: pixels of one image; a larger one gets a ``too_large`` row, undecoded.
         batch_pixels: decoded pixels held at once (what bounds the server's memory).
+        decode_seconds: how long the request waits for one image's decoding before that image
+            gets a ``too_costly`` row (what a header cannot show: a slow JPEG under the scan limit).
     """
 
     max_rows: int = 64
@@ -75,11 +80,12 @@ class RequestLimits:
     max_request_pixels: int = 400_000_000
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_pixels: int = BATCH_PIXELS
+    decode_seconds: float = 10.0
 
     @classmethod
     def from_config(cls, config: dict | None) -> "RequestLimits":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in (config or {}).items() if k in known})
+        types = {f.name: float if f.name == "decode_seconds" else int for f in fields(cls)}
+        return cls(**{k: types[k](v) for k, v in (config or {}).items() if k in types})
 
 
 class AUModel(mlflow.pyfunc.PythonModel):
@@ -101,7 +107,8 @@ class AUModel(mlflow.pyfunc.PythonModel):
         records: list[dict] = []
         with self._one_at_a_time:
             decoded = frames(sources, max_pixels=self.limits.max_pixels, workers=2,
-                             prepare=self.predictor.detection_copy, budget=self.limits.batch_pixels)
+                             prepare=self.predictor.detection_copy, budget=self.limits.batch_pixels,
+                             decode_seconds=self.limits.decode_seconds)
             for frame, faces in self.predictor.predict_frames(decoded, batch_pixels=self.limits.batch_pixels):
                 records += frame_records(frame, faces, aus)
         return pd.DataFrame.from_records(records, columns=columns(aus))
