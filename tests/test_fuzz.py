@@ -1,12 +1,16 @@
 """Fuzzing: thousands of mutated image files (scan bombs among them) and a hundred mutated videos
-through the decoders, ``au-detect predict`` and the MLflow model. Every input gets its row(s),
-nothing raises, nothing hangs."""
+through the decoders, ``au-detect predict`` and the MLflow model, some named like spreadsheet
+formulas; and hundreds of hostile model configurations. Every input gets its row(s), no CSV cell
+is a formula, no configuration builds more than the method's ResNets, nothing raises, nothing
+hangs."""
 
 from __future__ import annotations
 
 import csv
 import faulthandler
 import json
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +23,8 @@ import pytest
 
 from datamodules.alignment.align import AlignmentSettings
 from lightning_modules.au_detector import AUNet
-from lightning_modules.serving.predictor import AUPredictor
+from lightning_modules.backbones import RESNETS
+from lightning_modules.serving.predictor import AUPredictor, ModelConfigError
 
 from .fuzz_inputs import corpus, seed_images
 from .training_helpers import local_tracking
@@ -28,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
 SUFFIX = {"jpeg": ".jpg", "png": ".png", "bmp": ".bmp", "webp": ".webp", "tiff": ".tif", "gif": ".gif"}
 STATUSES = {"ok", "no_face", "missing", "empty", "unreadable", "too_large", "too_costly"}
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet runs (OWASP)
 
 
 def _scene(synthau: Path, width: int) -> np.ndarray:
@@ -65,9 +71,10 @@ def fuzz_folder(synthau, tmp_path_factory) -> tuple[Path, list[tuple[str, bytes]
     like the images they started from."""
     folder = tmp_path_factory.mktemp("fuzz")
     items = corpus(seed_images(_scene(synthau, 160)), 400, seed=1)
-    for name, data in items:
+    for i, (name, data) in enumerate(items):
         base = next((k for k in SUFFIX if k in name), "jpeg")
-        (folder / f"{name}{SUFFIX[base]}").write_bytes(data)
+        start = FORMULA_STARTS[i % len(FORMULA_STARTS)] + "1+" if i % 8 == 0 else ""  # =1+..., \t1+...
+        (folder / f"{start}{name}{SUFFIX[base]}").write_bytes(data)
     return folder, items
 
 
@@ -76,20 +83,27 @@ def _predictor() -> AUPredictor:
                        AlignmentSettings(crop_size=32), SPEC, device="cpu")
 
 
-def test_predict_gives_every_mutated_file_its_rows(fuzz_folder, tmp_path):
+def test_predict_gives_every_mutated_file_its_rows(fuzz_folder, tmp_path, monkeypatch):
+    """Given by a relative glob, so that the names made like formulas start the CSV's cells."""
     from experiments.predict import run
 
     folder, items = fuzz_folder
+    monkeypatch.chdir(folder)
     faulthandler.dump_traceback_later(300, exit=True)  # a hang ends the run with the stack, not silence
     try:
-        summary = run(_predictor(), [str(folder)], str(tmp_path / "rows.csv"), batch_frames=16, progress=False)
+        summary = run(_predictor(), ["*"], str(tmp_path / "rows.csv"), batch_frames=16, progress=False)
     finally:
         faulthandler.cancel_dump_traceback_later()
     with open(tmp_path / "rows.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        cells = list(csv.reader(f))
+    for row in cells[1:]:
+        for cell in row:
+            assert not cell.startswith(FORMULA_STARTS) or (cell.startswith("-") and _is_number(cell)), cell
+    rows = [dict(zip(cells[0], row)) for row in cells[1:]]
     by_file: dict[str, list[dict]] = {}
     for r in rows:
-        by_file.setdefault(Path(r["source"]).name, []).append(r)
+        by_file.setdefault(Path(r["source"].removeprefix("'")).name, []).append(r)
+    assert sum(r["source"].startswith("'") for r in rows) >= len(items) // 8 - 1
     assert len(by_file) == len(items) == len(list(folder.iterdir()))  # every file has its rows
     assert {r["status"] for r in rows} <= STATUSES
     assert all(r["message"] for r in rows if r["status"] not in ("ok", "no_face"))
@@ -113,3 +127,75 @@ def test_mlflow_model_gives_every_mutated_row_its_rows(fuzz_folder, tmp_path):
         assert set(answer["status"]) <= STATUSES
         seen |= {start + int(s) for s in answer["source"]}
     assert seen == set(range(len(items)))
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        return not math.isnan(float(cell))
+    except ValueError:
+        return False
+
+
+# Values a tampered predictor.json may hold in any field.
+HOSTILE_VALUES = [20000, 10**12, -1, 0, 1.5, float("nan"), float("inf"), True, None, "", "96", "resnet18",
+                  "resnetv2_152x4_bit", "vit_giant_patch14_224", [], [1] * 10_000, list(range(1, 65)), [0.5, 1.5],
+                  {"a": 1}, ["face"] * 50, ["face", "emotion"], [1e308, 0.2, 0.2]]
+
+
+def _leaves(config, path=()):
+    if isinstance(config, dict):
+        for k, v in config.items():
+            yield from _leaves(v, (*path, k))
+    else:
+        yield path
+
+
+def test_hostile_model_configs_are_refused_or_build_a_resnet_of_the_method(synthau, tmp_path, monkeypatch):
+    """300 predictor folders, each with one to three fields of ``predictor.json`` set to hostile
+    values: each is refused with a ModelConfigError naming the file, or asks timm only for one of
+    the method's ResNets at a crop of at most 512 px; nothing else is raised, nothing is built
+    before the check."""
+    import lightning_modules.backbones as backbones
+
+    folder = _predictor().save(tmp_path / "model")
+    original = json.loads((folder / "predictor.json").read_text())
+    leaves = list(_leaves(original))
+    asked: list[str] = []
+
+    class Built(Exception):
+        pass
+
+    def create_model(name, *args, **kwargs):
+        asked.append(name)
+        raise Built(name)
+
+    monkeypatch.setattr(backbones.timm, "create_model", create_model)
+    rng = np.random.default_rng(0)
+    outcomes = {"refused": 0, "built": 0}
+    for i in range(300):
+        config = json.loads(json.dumps(original))
+        for _ in range(int(rng.integers(1, 4))):
+            *parents, key = leaves[int(rng.integers(len(leaves)))]
+            node = config
+            for p in parents:
+                node = node[p]
+            node[key] = HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]
+        model = tmp_path / f"hostile{i}"
+        model.mkdir()
+        for f in folder.iterdir():  # the weights linked, not copied: only the config differs
+            if f.name != "predictor.json":
+                (model / f.name).symlink_to(f)
+        (model / "predictor.json").write_text(json.dumps(config))
+        try:
+            AUPredictor.load(str(model), "cpu")
+        except ModelConfigError as e:
+            assert str(model / "predictor.json") in str(e)
+            outcomes["refused"] += 1
+        except Built:
+            assert asked[-1] in RESNETS and config["alignment"].get("crop_size", 0) <= 512, config
+            outcomes["built"] += 1
+        else:
+            outcomes["built"] += 1  # a harmless change (a field the loader does not read)
+        shutil.rmtree(model)
+    print(f"\n300 hostile configurations: {outcomes}")
+    assert outcomes["refused"] >= 200
