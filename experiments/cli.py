@@ -85,6 +85,8 @@ COMMANDS: dict[str, Command] = {
                       "checked against PyTorch", "experiments.export:export", "function"),
     "serve": Command("using a trained detector", "serve a logged model over HTTP (MLflow's scoring server) "
                      "with worker, timeout and connection limits", "experiments.serve:serve", "function"),
+    "verify": Command("using a trained detector", "check a logged model's code files against the hashes "
+                      "recorded when it was logged", "experiments.registry:verify", "function"),
     "promote": Command("using a trained detector", "point a registry alias (champion) at a model version: "
                        "models:/<name>@<alias>", "experiments.registry:promote", "function"),
     "compare": Command("training", "runs side by side per AU (F1, thresholds, change vs a baseline): "
@@ -207,7 +209,7 @@ def _usage_exit(parser: ArgumentParser, error: ArgumentError, args: Sequence[str
 
 # Errors of what the user gave (a file, a model URI), said in one line from the shell, not a traceback.
 USER_ERRORS = ("CheckpointError", "WeightsError", "ManifestError", "TrackingServerUnreachable", "ModelConfigError",
-               "OutputBusy")
+               "OutputBusy", "ModelCodeMismatch")
 
 
 def _user_error(e: BaseException, command: str, args: Sequence[str]) -> tuple[int, str] | None:

@@ -1,4 +1,5 @@
-"""``au-detect promote``: point a model registry alias (``champion``, ...) at a model version.
+"""``au-detect promote``: point a model registry alias (``champion``, ...) at a model version;
+``au-detect verify``: check a logged model's code files against the hashes taken when it was logged.
 
     au-detect promote --model runs:/<run id>/model --alias champion
     au-detect promote --model models:/au-detector/3 --alias champion
@@ -9,10 +10,13 @@ of that model and gives the version the alias ``candidate``
 (:data:`lightning_modules.serving.pyfunc.CANDIDATE_ALIAS`). Promoting moves another alias to a version;
 everything that loads ``models:/<name>@<alias>`` (``au-detect predict --model``, ``mlflow models
 serve -m``, ``mlflow.pyfunc.load_model``) then gets that version.
+
+    au-detect verify --model models:/au-detector@champion
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from experiments.tracking import TrackingSettings
-from lightning_modules.serving.pyfunc import logged_models
+from lightning_modules.serving.pyfunc import CODE_TAG, download_model_code, logged_models, model_code_hashes
 
 
 class RegistryError(SystemExit):
@@ -232,3 +236,56 @@ def _logged_model_ids(client: MlflowClient, model: str, run_id: str, path: str) 
         raise RegistryError(f"model {model!r}: run {run_id} ({run.info.run_name}) has no model {path!r} "
                             f"(was it logged? --mlflow_artifacts.log_model)")
     return [m.model_id for m in models]
+
+
+class ModelCodeMismatch(Exception):
+    """A logged model whose code files are not those hashed when it was logged (one line from the CLI)."""
+
+
+def logged_model_id(client: MlflowClient, model: str) -> str:
+    """The logged model a URI names, found in the tracking store (not in the model's own files)."""
+    if m := _RUNS.match(model):
+        return _logged_model_ids(client, model, *m.groups())[-1]
+    version = resolve(client, model)
+    model_id = _model_id(client.get_model_version(version.name, version.version)) if version else None
+    if not model_id:
+        raise RegistryError(f"model {model!r}: its version does not name a logged model (registered from files?)")
+    return model_id
+
+
+def verify(model: str, mlflow: str = "mlflow.yaml") -> dict[str, str]:
+    """Check that a logged model's code files are the ones hashed when it was logged.
+
+    ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run a model's code files (models
+    from code), so a file changed in the artifact store runs in whoever loads it. At logging
+    time au-detect hashes those files (``MLmodel``, ``pyfunc_model.py``, ``code/``, the
+    requirements) into a tag of the logged model, in the tracking store; this downloads the
+    files (not the weights) and compares. Prints the result; a mismatch is an error listing the
+    files changed, added or missing.
+
+    Args:
+        model: ``runs:/<run id>/model``, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+        mlflow: MLflow settings file (MLFLOW_TRACKING_URI wins if set).
+    """
+    import tempfile
+
+    client = MlflowClient(tracking_uri(mlflow))
+    try:
+        model_id = logged_model_id(client, model)
+    except RegistryError as e:  # said by promote's resolver: the same reasons, this command's words
+        raise ModelCodeMismatch(str(e.code).removeprefix("au-detect promote: ")) from None
+    recorded = client.get_logged_model(model_id).tags.get(CODE_TAG)
+    if recorded is None:
+        raise ModelCodeMismatch(f"{model}: no code hashes recorded (logged before au-detect 0.4); nothing to compare")
+    expected = json.loads(recorded)
+    with tempfile.TemporaryDirectory() as tmp:
+        found = model_code_hashes(download_model_code(model_id, tmp))
+    changed = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    added, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
+    if changed or added or missing:
+        said = "; ".join(f"{what}: {', '.join(files)}" for what, files in
+                         (("changed", changed), ("added", added), ("missing", missing)) if files)
+        raise ModelCodeMismatch(f"{model} ({model_id}): code files differ from those logged ({said}); "
+                                "do not load or serve it")
+    print(f"{model} ({model_id}): {len(found)} code files match the hashes recorded when it was logged")
+    return found

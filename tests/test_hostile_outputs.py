@@ -374,3 +374,35 @@ def test_docs_say_which_loaders_run_the_models_code():
     assert "so loading it unpickles nothing either" not in " ".join(security.split())
     assert "read the model's `predictor.json` and weights only" in " ".join(security.split())
     assert len(readme.splitlines()) <= 200
+
+
+@pytest.mark.slow
+def test_verify_finds_a_changed_or_added_code_file(predictor, tmp_path, monkeypatch):
+    """``au-detect verify`` compares a logged model's code files, as stored, with the hashes its
+    logging recorded in the tracking store: a tampered file and an added one are named; the
+    command says so in one line and exits 1."""
+    import mlflow
+
+    from experiments.registry import ModelCodeMismatch, verify
+    from lightning_modules.serving.pyfunc import log_model
+
+    from .training_helpers import local_tracking
+
+    uri = local_tracking(tmp_path, "verify")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with mlflow.start_run() as run:
+        log_model(predictor)
+    model = f"runs:/{run.info.run_id}/model"
+    hashes = verify(model)
+    assert {"MLmodel", "pyfunc_model.py", "requirements.txt", "code/lightning_modules/serving/predictor.py"} <= set(hashes)
+    (stored,) = (tmp_path / "artifacts").rglob("code/lightning_modules/serving/predictor.py")
+    stored.write_text(stored.read_text() + "\nimport os; os.system('touch pwned')\n")
+    (stored.parents[2] / "sitecustomize.py").write_text("print('hello')\n")
+    with pytest.raises(ModelCodeMismatch) as e:
+        verify(model)
+    said = str(e.value)
+    assert "changed: code/lightning_modules/serving/predictor.py" in said and "added: code/sitecustomize.py" in said
+    done = subprocess.run([str(Path(sys.executable).with_name("au-detect")), "verify", "--model", model],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith("au-detect: error:") and "do not load or serve it" in done.stderr

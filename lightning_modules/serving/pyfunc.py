@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib.metadata
 import io
+import json
+import os
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -55,6 +58,11 @@ from lightning_modules.serving.model_code import copy_served_code
 from lightning_modules.serving.model_card import CARD_FILE
 from lightning_modules.serving.predictor import LANDMARKS, AUPredictor, columns, frame_records
 
+# What loading the model runs or installs (MLmodel names the loader and the code file; code/ is put on
+# sys.path; the requirements are installed by --env-manager virtualenv/conda), hashed at logging time
+# into a tag of the logged model: tags live in the tracking store, not beside the files they vouch for.
+RUNS_CODE = ("MLmodel", "pyfunc_model.py", "code", "requirements.txt", "python_env.yaml", "conda.yaml")
+CODE_TAG = "au_detect.code_sha256"
 CANDIDATE_ALIAS = "candidate"  # the alias every newly registered version gets (models:/<name>@candidate)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "torchmetrics", "jsonargparse",
@@ -199,6 +207,7 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
             code_paths=[str(p) for p in code], signature=signature(predictor.aus),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
             model_config={**asdict(limits), "backend": "torch"}, registered_model_name=registered_model_name)
+        record_model_code(mlflow.MlflowClient(), info.model_id)
         card = getattr(predictor, "card", None)
         if card:  # on top of the model's folder too, where people browsing it look first
             card_dir = Path(tmp) / "card"
@@ -216,6 +225,46 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
 
             mlflow.onnx.log_model(onnx_lib.load(str(folder / ONNX_FILE)), name=f"{name}_onnx")
         return info
+
+
+def model_code_hashes(folder: str | Path) -> dict[str, str]:
+    """SHA-256 (first 32 hex digits) of each file of :data:`RUNS_CODE` in a model folder, by path."""
+    folder = Path(folder)
+    hashes = {}
+    for name in RUNS_CODE:
+        path = folder / name
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        for f in files:
+            hashes[f.relative_to(folder).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()[:32]
+    return hashes
+
+
+def download_model_code(model_id: str, into: str | Path) -> Path:
+    """The files of :data:`RUNS_CODE` of a logged model, downloaded into ``into`` (not its weights)."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    repo = ModelsArtifactRepository(f"models:/{model_id}")
+    listed = {f.path for f in repo.list_artifacts("")}
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no bar per folder
+    try:
+        for name in RUNS_CODE:
+            if name in listed:
+                repo.download_artifacts(name, dst_path=str(into))
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+    return Path(into)
+
+
+def record_model_code(client, model_id: str) -> dict[str, str]:
+    """Hash the code files of a just-logged model, as stored, into its :data:`CODE_TAG` tag."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hashes = model_code_hashes(download_model_code(model_id, tmp))
+    client.set_logged_model_tags(model_id, {CODE_TAG: json.dumps(hashes, sort_keys=True, separators=(",", ":"))})
+    return hashes
 
 
 def log_model_to_run(predictor, client, run_id: str, name: str = "model", registered_model_name: str | None = None,
