@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.backbone_export import BackboneExport
 from callbacks.mlflow_artifacts import MLflowArtifacts
-from callbacks.tracking.mlflow_run import mlflow_logger, run_id_from_checkpoint
+from callbacks.preemption import AtomicCheckpointIO, Preemption, ResumableCheckpoint
+from callbacks.tracking.mlflow_run import RUN_ID_KEY, mlflow_logger, open_client, run_id_from_checkpoint
 from callbacks.soft_threshold import SoftThresholdCallback
 from callbacks.tracking.system_metrics import SystemMetrics
 from callbacks.tracking.spool import SPOOL_DIR, reachable
@@ -34,7 +36,7 @@ from datamodules.au_datamodule import AUDataModule
 from datamodules.pretrain_datamodule import PretrainDataModule
 from experiments.tracking import TrackingSettings, log_params_once, next_commands, registered_name
 from lightning_modules.au_detector import AUDetector
-from lightning_modules.checkpoints import CheckpointError
+from lightning_modules.checkpoints import CheckpointError, load_checkpoint
 from lightning_modules.pretrain import ExpressionModule, FaceRecognitionModule
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,11 @@ class TrackedCLI(LightningCLI):
     written by a tracked run carries its run id, so ``--ckpt_path`` continues that run (and sends
     what its spool kept first); ``fit --ckpt_path last`` continues the newest interrupted run of
     the experiment.
+
+    A fit stopped by SIGTERM or SIGINT saves ``last.ckpt``, marks its run KILLED and exits 143 or
+    130 (:mod:`callbacks.preemption`); every checkpoint is written whole or not at all
+    (:class:`~callbacks.preemption.AtomicCheckpointIO`, unless the config names a CheckpointIO
+    plugin). Under SLURM, a requeued ``fit`` resumes Lightning's ``hpc_ckpt_<n>.ckpt`` and the run it names.
     """
 
     summary_metrics: tuple[str, ...] = ()
@@ -143,8 +150,18 @@ class TrackedCLI(LightningCLI):
         if command == "fit" and config.get("ckpt_path") == "last" and config.trainer.get("logger") is None:
             config.ckpt_path = self.last_interrupted_checkpoint(config)
         ckpt = config.get("ckpt_path")
+        if command == "fit" and (ckpt == "hpc" or (ckpt is None and SLURMEnvironment.detect())):
+            # Lightning resumes its SLURM requeue checkpoint itself: the run it names goes on too.
+            ckpt = self.hpc_checkpoint(config.trainer.get("default_root_dir") or ".")
         if ckpt and Path(ckpt).is_file():
             self.checkpoint_run = run_id_from_checkpoint(ckpt)
+
+    @staticmethod
+    def hpc_checkpoint(root: str | Path) -> str | None:
+        """The newest ``hpc_ckpt_<n>.ckpt`` in ``root`` (the one Lightning resumes under SLURM), if any."""
+        numbered = [(int(m.group(1)), p) for p in Path(root).glob("hpc_ckpt_*.ckpt")
+                    if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+        return str(max(numbered)[1]) if numbered else None
 
     @staticmethod
     def usage_error(parser, error: BaseException, args: Sequence[str] = ()) -> str:
@@ -206,33 +223,47 @@ class TrackedCLI(LightningCLI):
         command never finds one. Here the folders of all the experiment's runs are searched
         (``<save dir>/<experiment id>/<run id>/checkpoints``, or ``checkpoint.dirpath`` when set), and
         a checkpoint counts when its run exists and is not FINISHED (killed, failed, or never marked).
+        A ``last.ckpt`` that cannot be read (torn by a kill or a full disk) gives way to the newest
+        readable full-state checkpoint beside it of the same run (:meth:`fallback_checkpoint`).
         Says which file it took, or that there is none and a new run starts.
         """
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         tracking = TrackingSettings.read(config.mlflow)
         root = Path(tracking.logger().save_dir or config.trainer.get("default_root_dir") or ".")
-        client = MlflowClient(tracking.tracking_uri)
+        client = open_client(tracking.tracking_uri)
         experiment = client.get_experiment_by_name(tracking.experiment_name)
-        found: list[tuple[float, Path, str]] = []
+        found: list[tuple[float, Path, str, str]] = []
         if experiment is not None:
             folders = list(root.glob(f"{experiment.experiment_id}/*/checkpoints"))
             dirpath = (config.get("checkpoint") or {}).get("dirpath")
             folders += [Path(dirpath)] if dirpath else []
-            for path in (p for folder in folders for p in folder.glob("last*.ckpt")):
+            for last in (p for folder in folders for p in folder.glob("last*.ckpt")):
+                path, note = last, ""
                 try:
-                    run_id = run_id_from_checkpoint(path)
+                    try:
+                        run_id = run_id_from_checkpoint(last)
+                    except CheckpointError as e:
+                        # the run of a run's own folder (<experiment>/<run id>/checkpoints) is known
+                        own = last.parent.parent.name if last.parent.parent.parent == root / experiment.experiment_id \
+                            else None
+                        fallback = TrackedCLI.fallback_checkpoint(last.parent, own)
+                        if fallback is None:
+                            raise
+                        path, run_id, epoch = fallback
+                        reason = str(e).removeprefix(f"checkpoint {last}: ")[:200]
+                        note = (f"--ckpt_path last: {last} is damaged ({reason}); resuming MLflow run {run_id} "
+                                f"from {path} (epoch {epoch}), the newest readable full-state checkpoint of that run")
                     run = client.get_run(run_id) if run_id else None
                 except (CheckpointError, MlflowException) as e:  # a damaged file, a run deleted for good
-                    log.warning("--ckpt_path last: skipping %s (%s)", path, e)
+                    log.warning("--ckpt_path last: skipping %s (%s)", last, e)
                     continue
                 if (run is not None and run.info.experiment_id == experiment.experiment_id
                         and run.info.lifecycle_stage == "active" and run.info.status != "FINISHED"):
-                    found.append((path.stat().st_mtime, path, run_id))
+                    found.append((last.stat().st_mtime, path, run_id, note))
         if found:
-            _, path, run_id = max(found)
-            message = f"--ckpt_path last: resuming MLflow run {run_id} from {path}"
+            _, path, run_id, note = max(found)
+            message = note or f"--ckpt_path last: resuming MLflow run {run_id} from {path}"
         else:
             path = None
             message = (f"--ckpt_path last: no interrupted run of experiment '{tracking.experiment_name}' "
@@ -241,8 +272,37 @@ class TrackedCLI(LightningCLI):
             print(message)
         return None if path is None else str(path)
 
+    @staticmethod
+    def fallback_checkpoint(folder: Path, run_id: str | None = None) -> tuple[Path, str, int] | None:
+        """The newest readable checkpoint in ``folder`` that a fit can resume (weights, optimizer
+        state and loops) and that names an MLflow run (``run_id`` when given): ``(path, run id,
+        epoch)``, or None. Newest: the furthest global step, then the latest file."""
+        found = []
+        for path in folder.glob("*.ckpt"):
+            try:
+                ckpt = load_checkpoint(path)
+            except (CheckpointError, OSError):
+                continue
+            if not isinstance(ckpt, dict) or not {"state_dict", "optimizer_states", "loops"} <= set(ckpt):
+                continue  # weights only: nothing to resume training from
+            owner = ckpt.get(RUN_ID_KEY)
+            if owner and (run_id is None or owner == run_id):
+                found.append((int(ckpt.get("global_step") or 0), path.stat().st_mtime, path, owner,
+                              int(ckpt.get("epoch") or 0)))
+        if not found:
+            return None
+        _, _, path, owner, epoch = max(found)
+        return path, owner, epoch
+
     def fit(self, **kwargs) -> None:
-        self.trainer.fit(weights_only=True, **kwargs)
+        try:
+            self.trainer.fit(weights_only=True, **kwargs)
+        except BaseException:
+            # A SIGTERM or SIGINT (callbacks.preemption) ends the job as the signal would: 143 or 130.
+            preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
+            if preemption is None or preemption.exit_code is None:
+                raise
+            raise SystemExit(preemption.exit_code) from None
 
     def validate(self, **kwargs) -> None:
         self.trainer.validate(weights_only=True, **kwargs)
@@ -257,6 +317,7 @@ class TrackedCLI(LightningCLI):
         parser.add_argument("--tags", type=dict[str, str], default={},
                             help="MLflow tags of the run, over mlflow.yaml's (e.g. '{\"ablation\": \"t2\"}')")
         parser.add_lightning_class_args(SystemMetrics, "system_metrics")
+        parser.add_lightning_class_args(Preemption, "preemption")
 
     def _subconfig(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -272,6 +333,13 @@ class TrackedCLI(LightningCLI):
                                                     default_run_name=self.default_run_name(config),
                                                     log_hyperparams=False)  # MLflowSaveConfig logs the params
             self.resumed_run = self.checkpoint_run
+        if "plugins" not in kwargs:
+            # Checkpoints written whole or not at all, unless the config brings its own writer.
+            init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            given = init.trainer.get("plugins")
+            given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+            if not any(isinstance(p, CheckpointIO) for p in given):
+                kwargs["plugins"] = [*given, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def run_name_parts(self, config) -> list:
@@ -341,7 +409,8 @@ class AUDetectCLI(TrackedCLI):
         parser.link_arguments("data.au_priors", "model.au_priors", apply_on="instantiate")
         parser.link_arguments("trainer.use_distributed_sampler", "data.shard_sampler", compute_fn=lambda used: not used)
         parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ModelCheckpoint whose last.ckpt follows every epoch, not only improving ones.
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/score_heldout", "checkpoint.mode": "max",
                              "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
                              "checkpoint.filename": "epoch{epoch:02d}-score{val/score_heldout:.4f}"})

@@ -56,7 +56,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from callbacks.tracking.mlflow_run import mlflow_logger
+from callbacks.tracking.mlflow_run import mlflow_logger, open_client
 from experiments.stages import with_overrides
 from experiments.tracking import TrackingSettings, creation_lock, log_params_once
 
@@ -185,10 +185,9 @@ class StaleTrial:
         print(f"[sweep] trial {trial.number}: its process stopped (no heartbeat); failed, run again"
               + (f"; MLflow run {run_id} marked KILLED" if run_id else ""))
         if run_id:
-            from mlflow import MlflowClient
             from mlflow.exceptions import MlflowException
 
-            client = MlflowClient(self.tracking_uri)
+            client = open_client(self.tracking_uri)
             try:
                 client.set_tag(run_id, "optuna.state", "FAIL")
                 client.set_tag(run_id, "optuna.fail_reason", "its process stopped (heartbeat stale)")
@@ -263,10 +262,8 @@ def sweep(
     check_fit_config(fit_config, fixed, space)
 
     tracking = TrackingSettings.read(mlflow)
-    from mlflow import MlflowClient
-
+    client = open_client(tracking.tracking_uri)
     with creation_lock(tracking.tracking_uri):
-        client = MlflowClient(tracking.tracking_uri)
         experiment_id = _retry(lambda: tracking.experiment_id(client))
     with creation_lock(storage):
         optuna_storage = _retry(lambda: open_storage(storage, heartbeat_interval, grace_period,
@@ -347,8 +344,6 @@ def run_trial(trial: optuna.Trial, study: optuna.Study, fit_config: str, fixed: 
               space: dict[str, SearchParam], metric: str, n_trials: int, parent: str, study_name: str,
               out_dir: Path, mlflow_config: str, worker: str, keep_checkpoints: bool) -> float:
     """``au-detect fit`` with the trial's values; its best epoch's ``metric``."""
-    from mlflow import MlflowClient
-
     from experiments.lightning_cli import AUDetectCLI
 
     trial.set_user_attr("process", worker)
@@ -389,8 +384,7 @@ def run_trial(trial: optuna.Trial, study: optuna.Study, fit_config: str, fixed: 
     value = float(score) if score is not None else math.nan
     _mark(pruning.run_id, mlflow_config, "COMPLETE" if math.isfinite(value) else "FAIL")
     if pruning.run_id and math.isfinite(value):
-        MlflowClient(TrackingSettings.read(mlflow_config).tracking_uri).log_metric(pruning.run_id, "optuna/value",
-                                                                                   value)
+        open_client(TrackingSettings.read(mlflow_config).tracking_uri).log_metric(pruning.run_id, "optuna/value", value)
     return value
 
 
@@ -398,9 +392,7 @@ def _mark(run_id: str | None, mlflow_config: str, state: str, status: str | None
     """A trial's run: its Optuna state as a tag, and its MLflow status when that differs from the fit's."""
     if run_id is None:
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(TrackingSettings.read(mlflow_config).tracking_uri)
+    client = open_client(TrackingSettings.read(mlflow_config).tracking_uri)
     client.set_tag(run_id, "optuna.state", state)
     if status is not None:
         client.set_terminated(run_id, status)

@@ -3,18 +3,15 @@ sync-tracking`` (:func:`sync_tracking`) sends what fits kept while the server wa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 
+from callbacks.tracking.mlflow_run import creation_lock, open_client
 from callbacks.tracking.spool import (SpooledMLFlowLogger, TrackingServerUnreachable, reachable, send_spool,
                                       spool_folders, summary_text)
 
@@ -103,9 +100,7 @@ class TrackingSettings:
 
     def unique_run_name(self, name: str, client=None) -> str:
         """``name``, or ``name-2``, ``name-3``... the first no run of the experiment is called yet."""
-        from mlflow import MlflowClient
-
-        client = client or MlflowClient(self.tracking_uri)
+        client = client or open_client(self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
             return name
@@ -134,18 +129,15 @@ class TrackingSettings:
         ``log_hyperparams=False``: the spooled logger leaves the params to whoever logs the config."""
         # Lightning's MLFlowLogger would default to the ./mlruns file store, which MLflow 3 no
         # longer takes by default: the URI is always explicit. The store is opened here first, in
-        # this thread, so that a new SQLite database gets its tables once, before anything else
-        # of the run (callbacks, model logging) opens it.
-        from mlflow import MlflowClient
-
+        # this thread and under the creation lock, so that a new SQLite database gets its tables
+        # once, before anything else of the run (callbacks, model logging) opens it.
         if not reachable(self.tracking_uri, timeout=10):  # a quick answer, not MLflow's minutes of retries
             raise TrackingServerUnreachable(
                 f"the MLflow tracking server at {self.tracking_uri} does not answer: a job needs it when it starts, "
                 f"to find or create its run (once started, it goes on without it). Start the server, or point "
                 f"tracking_uri in the MLflow settings elsewhere.")
-        client = MlflowClient(self.tracking_uri)
-        with creation_lock(self.tracking_uri):  # a new SQLite store's tables, made by one process
-            client.search_experiments(max_results=1)
+        client = open_client(self.tracking_uri)  # a new SQLite store's tables, made by one process
+        with creation_lock(self.tracking_uri):  # and the experiment, with its tags
             self.experiment_id(client)  # made here, with its tags, rather than by Lightning's logger
         if run_name is None and run_id is None and default_run_name:
             run_name = self.unique_run_name(default_run_name, client)
@@ -179,8 +171,6 @@ def next_commands(settings: TrackingSettings, settings_path: str | Path, run_id:
     ``models:/<name>@champion`` (after promoting it, unless ``champion`` says the alias points
     at it already); and the MLflow UI on the store, with the address of the run's page
     (``run_page``) or of the experiment's runs (of ``experiment_id``, asked of the store when not given)."""
-    from mlflow import MlflowClient
-
     photo_text = paste_path(photo) if photo is not None and Path(photo).is_file() else "<photo.jpg>"
     flag = "" if Path(settings_path).resolve() == Path("mlflow.yaml").resolve() else \
         f" --mlflow {paste_path(settings_path)}"
@@ -192,7 +182,7 @@ def next_commands(settings: TrackingSettings, settings_path: str | Path, run_id:
         lines.append(f"au-detect predict --model models:/{registered}@champion --input {photo_text} "
                      f"--out predictions.csv{flag}")
     if experiment_id is None:  # the caller may know it, and the server may be away
-        experiment_id = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
+        experiment_id = open_client(settings.tracking_uri).get_run(run_id).info.experiment_id
     lines.append(settings.ui_command())
     lines.append(f"  then open {settings.ui_url(experiment_id, run_id if run_page else None)}")
     return lines
@@ -200,42 +190,16 @@ def next_commands(settings: TrackingSettings, settings_path: str | Path, run_id:
 
 def registered_name(settings: TrackingSettings, run_id: str, name: str | None) -> str | None:
     """``name`` when a version of that registered model was made from the run, else None."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     if not name:
         return None
     try:
-        client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+        client = open_client(settings.tracking_uri, registry_uri=settings.tracking_uri)
         versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except MlflowException:
         return None
     return name if versions else None
-
-
-@contextmanager
-def creation_lock(url: str) -> Iterator[None]:
-    """Held while a SQLite database is opened (and, the first time, its tables created): processes
-    started together on one machine would otherwise both create MLflow's or Optuna's tables and
-    one of them fail. Other URLs (servers) need nothing."""
-    try:
-        import fcntl
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-    except Exception:  # no fcntl (Windows), or not a database URL (http://)
-        yield
-        return
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        yield
-        return
-    key = hashlib.sha1(str(Path(parsed.database).resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"au-detect-sqlite-{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def log_params_once(client, run_id: str, params: dict[str, object]) -> None:

@@ -782,6 +782,7 @@ class SpooledMLFlowLogger(MLFlowLogger):
         self.flush_timeout = flush_timeout
         self.hyperparams = log_hyperparams
         self.spooled: SpooledClient | None = None
+        self.ended: str | None = None  # the status the last finalize set
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
@@ -810,6 +811,9 @@ class SpooledMLFlowLogger(MLFlowLogger):
         if not self._initialized or self.spooled is None:
             return
         status = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(status, status)
+        if status == "FAILED" and self.ended == "KILLED":
+            return  # stopped by a signal (callbacks.preemption): Lightning's "failed" that follows is not news
+        self.ended = status
         if self._checkpoint_callback:
             self._scan_and_log_checkpoints(self._checkpoint_callback)
         self.spooled.set_terminated(self._run_id, status)
