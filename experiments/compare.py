@@ -30,7 +30,7 @@ from typing import Literal
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from experiments.tracking import TrackingSettings
+from experiments.tracking import TrackingSettings, open_client
 
 REPORT = "au_report.csv"
 COMMAND_TAG, RUNS_TAG, BASELINE_TAG = "au_detect.command", "au_detect.compared_runs", "au_detect.baseline"
@@ -115,7 +115,7 @@ def compare(runs: list[str] | None = None, filter: str | None = None, experiment
         settings = TrackingSettings.read(mlflow)
     except (FileNotFoundError, ValueError) as e:
         raise CompareError(f"au-detect compare: {e}") from None
-    client = MlflowClient(settings.tracking_uri)
+    client = open_client(settings.tracking_uri)
     found, experiment_id = _select(client, settings, runs, filter, experiment)
     reports, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():

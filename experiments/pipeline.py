@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow.tracking import MlflowClient
 
 from experiments.data import prepare
 from experiments.lightning_cli import COMMAND_TAG, run_name
 from experiments.stages import (BRANCH_TASKS, STAGE_TAG, fit_and_test, function_parser, pretrain_branch,
                                run_function, with_overrides)
 from experiments.registry import promote
-from experiments.tracking import TrackingSettings, next_commands, registered_name
+from experiments.tracking import TrackingSettings, next_commands, open_client, registered_name
 
 CONFIG_KEYS = {"face": "face_weights", "emotion": "emotion_weights"}
 
@@ -78,7 +77,7 @@ def pipeline(
     """
     start = time.perf_counter()
     tracking = TrackingSettings.read(mlflow)
-    client = MlflowClient(tracking.tracking_uri)
+    client = open_client(tracking.tracking_uri)
     parent_experiment = tracking.experiment_id(client)
     parent = client.create_run(parent_experiment, run_name=f"pipeline {name}",
                                tags={**tracking.tags, "pipeline": name, "pipeline.stage": "pipeline",

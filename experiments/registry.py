@@ -25,7 +25,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from experiments.tracking import TrackingSettings
+from experiments.tracking import TrackingSettings, open_client
 from lightning_modules.serving.pyfunc import CODE_TAG, download_model_code, logged_models, model_code_hashes
 
 
@@ -156,7 +156,7 @@ def promote(model: str, alias: str = "champion", name: str | None = None, mlflow
         raise RegistryError(f"alias {alias!r}: letters, digits, '_' and '-' only, and not 'latest' "
                             f"or v<number> (MLflow keeps those for versions)")
     uri = tracking_uri(mlflow)
-    client = MlflowClient(uri, registry_uri=uri)
+    client = open_client(uri, registry_uri=uri)
     configured = _settings_name(mlflow)
     version = resolve(client, model, name, prefer=configured)
     registered_now = False
@@ -269,7 +269,7 @@ def verify(model: str, mlflow: str = "mlflow.yaml") -> dict[str, str]:
     """
     import tempfile
 
-    client = MlflowClient(tracking_uri(mlflow))
+    client = open_client(tracking_uri(mlflow))
     try:
         model_id = logged_model_id(client, model)
     except RegistryError as e:  # said by promote's resolver: the same reasons, this command's words

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
 
 from experiments.ablation.rows import COLUMNS, ROW_BY_KEY
-from experiments.tracking import TrackingSettings
+from experiments.tracking import TrackingSettings, open_client
 
 
 class Ablation:
@@ -21,7 +20,7 @@ class Ablation:
 
     def __init__(self, name: str, tracking: TrackingSettings, mlflow_config: str):
         self.name, self.tracking, self.mlflow_config = name, tracking, mlflow_config
-        self.client = MlflowClient(tracking.tracking_uri)
+        self.client = open_client(tracking.tracking_uri)
         self.experiment_id = tracking.experiment_id(self.client)
 
     def _runs(self, role: str, extra: str = "") -> list:
