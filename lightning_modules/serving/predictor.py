@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from datamodules.alignment.align import AlignmentSettings, FaceDetector, crop_face, detection_copy
+from datamodules.alignment.align import CROP_SIZES, AlignmentSettings, FaceDetector, crop_face, detection_copy
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, NO_FACE, OK, Frame, batches
@@ -40,7 +40,6 @@ CONFIG_FILE, WEIGHTS_FILE = "predictor.json", "weights.pt"
 # What a saved model may ask to be built with. A checkpoint or predictor folder is data from
 # elsewhere: loading its weights runs no code, but a crop size or AU count in it sizes every
 # tensor built after, so they are bounded before anything is allocated.
-CROP_SIZES = (16, 512)  # the paper aligns at 224; 512 px already costs ResNet-152 5x its compute
 MAX_AUS = 64  # FACS codes fewer; EmotioNet's 23 and DISFA's 12 are the sets in use
 AU_IDS = (1, 99)  # FACS numbers actions 1-99 (51-56: head movements, 61-64: eye movements)
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
