@@ -90,18 +90,26 @@ def _validation_steps(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val/f1"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_mid_epoch_saves_marks_killed_and_resumes_the_same_run(synthau, cache, tmp_path, sig, status):
+def _signalled_in_epoch_1(synthau, cache, tmp_path, env: dict, sig: int):
+    """A 3-epoch fit in a subprocess, sent ``sig`` once its epoch 1 has begun; ``(process, its command
+    line, stderr)`` once it has ended."""
     marker = tmp_path / "epoch1-started"
     command = _args(synthau, cache, tmp_path, 3, {"scores": [0.5, 0.6, 0.7], "marker": str(marker)})
-    fit = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    fit = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 240
     while not marker.exists():
         assert fit.poll() is None and time.time() < deadline, "the fit ended before epoch 1"
         time.sleep(0.05)
-    fit.send_signal(sig)  # what SLURM or Kubernetes sends before a kill, or Ctrl+C
-    out, err = fit.communicate(timeout=240)
+    fit.send_signal(sig)
+    _, err = fit.communicate(timeout=240)
+    return fit, command, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_epoch_saves_marks_killed_and_resumes_the_same_run(synthau, cache, tmp_path, sig, status):
+    # what SLURM or Kubernetes sends before a kill, or Ctrl+C
+    fit, _, err = _signalled_in_epoch_1(synthau, cache, tmp_path, ENV, sig)
     assert fit.returncode == status, f"rc {fit.returncode}\n{err[-3000:]}"
     assert f"Stopped by {sig.name}" in err and f"exit status {status}" in err
 
@@ -235,15 +243,8 @@ def test_slurm_requeue_checkpoint_continues_the_same_run(synthau, cache, tmp_pat
     slurm = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "au-fit",
              "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
              "SLURM_NTASKS_PER_NODE": "1"}
-    marker = tmp_path / "epoch1-started"
-    command = _args(synthau, cache, tmp_path, 3, {"scores": [0.5, 0.6, 0.7], "marker": str(marker)})
-    fit = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm, cwd=ROOT)
-    deadline = time.time() + 240
-    while not marker.exists():
-        assert fit.poll() is None and time.time() < deadline, "the fit ended before epoch 1"
-        time.sleep(0.05)
-    fit.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit (#SBATCH --signal=SIGUSR1@90)
-    out, err = fit.communicate(timeout=240)
+    # SLURM's warning before the time limit (#SBATCH --signal=SIGUSR1@90)
+    fit, command, err = _signalled_in_epoch_1(synthau, cache, tmp_path, slurm, signal.SIGUSR1)
     assert fit.returncode == 143, f"rc {fit.returncode}\n{err[-3000:]}"
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
     client, run = _only_run(tmp_path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import resource
 import socket
 import subprocess
@@ -15,19 +14,15 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import pytest
-import torch
 
-from datamodules.alignment.align import AlignmentSettings
 from experiments.serve import serve_command, serve_environment
-from lightning_modules.au_detector import AUNet
-from lightning_modules.serving.predictor import AUPredictor
 
-from .training_helpers import free_port, local_tracking
+from .training_helpers import log_untrained_model, served_model
 
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
 OPEN_FILES = 256  # the server's nofile limit in these tests: a service started with a low one
@@ -52,36 +47,14 @@ def server(tmp_path_factory):
     """``au-detect serve`` of a small logged detector (random weights), 2 workers, under a
     256 open-files limit, with a 2 s header deadline."""
     tmp = tmp_path_factory.mktemp("serve_limits")
-    uri = local_tracking(tmp, "serve_limits")
-    torch.manual_seed(0)
-    predictor = AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
-                            AlignmentSettings(crop_size=32), SPEC, device="cpu")
-    from lightning_modules.serving.pyfunc import log_model
+    uri, model = log_untrained_model(tmp, "serve_limits", SPEC)
 
-    with mlflow.start_run() as run:
-        log_model(predictor)
-    port = free_port()
-    log = tmp / "server.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([AU_DETECT, "serve", "--model", f"runs:/{run.info.run_id}/model", "--port", str(port),
-                             "--workers", "2", "--timeout", "30", "--header_timeout", str(HEADER_TIMEOUT),
-                             "--max_connections", "96"],
-                            cwd=tmp, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            preexec_fn=_low_open_files)  # a file, not a pipe: a full pipe would stall the server
-    try:
-        deadline = time.time() + 180
-        while not _ping(port, 2):
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(log.read_text(errors="replace")[-3000:])
-            time.sleep(1)
-        yield {"port": port, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    def serve(port: int) -> list[str]:
+        return [AU_DETECT, "serve", "--model", model, "--port", str(port), "--workers", "2", "--timeout", "30",
+                "--header_timeout", str(HEADER_TIMEOUT), "--max_connections", "96"]
+
+    with served_model(model, uri, tmp, serve, preexec_fn=_low_open_files) as (url, proc):
+        yield {"port": urllib.parse.urlsplit(url).port, "proc": proc}
 
 
 def test_serve_sets_the_limits_for_mlflow_models_serve():

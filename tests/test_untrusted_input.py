@@ -30,7 +30,7 @@ from lightning_modules.backbones import WeightsError
 from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.serving.predictor import AUPredictor
 
-from .training_helpers import DEMO, local_tracking, served_model, write_mlflow_yaml
+from .training_helpers import DEMO, local_tracking, log_untrained_model, served_model, write_mlflow_yaml
 
 AU_DETECT = str(Path(sys.executable).with_name("au-detect"))
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
@@ -120,15 +120,8 @@ def served(tmp_path_factory):
     """``mlflow models serve`` of a small logged detector (random weights: these tests are about
     what the server reads and holds, not about its answers), with its process tree's pids."""
     tmp = tmp_path_factory.mktemp("served")
-    uri = local_tracking(tmp, "served")
-    torch.manual_seed(0)
-    predictor = AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
-                            AlignmentSettings(crop_size=32), SPEC, device="cpu")
-    from lightning_modules.serving.pyfunc import log_model
-
-    with mlflow.start_run() as run:
-        log_model(predictor)
-    with served_model(f"runs:/{run.info.run_id}/model", uri, tmp) as (url, server):
+    uri, model = log_untrained_model(tmp, "served", SPEC)
+    with served_model(model, uri, tmp) as (url, server):
         yield {"url": url, "pid": server.pid, "tmp": tmp}
 
 

@@ -182,16 +182,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def log_untrained_model(folder: Path, experiment: str, spec: dict) -> tuple[str, str]:
+    """A small detector with random weights (seed 0) logged as an MLflow model into a SQLite store in
+    ``folder``: ``(tracking URI, runs:/<id>/model)``, for tests of what a server reads and holds."""
+    from datamodules.alignment.align import AlignmentSettings
+    from lightning_modules.au_detector import AUNet
+    from lightning_modules.serving.predictor import AUPredictor
+    from lightning_modules.serving.pyfunc import log_model
+
+    uri = local_tracking(folder, experiment)
+    torch.manual_seed(0)
+    predictor = AUPredictor(AUNet(**{k: spec[k] for k in ("aus", "backbone", "branches")}),
+                            AlignmentSettings(crop_size=32), spec, device="cpu")
+    with mlflow.start_run() as run:
+        log_model(predictor)
+    return uri, f"runs:/{run.info.run_id}/model"
+
+
 @contextmanager
-def served_model(model_uri: str, tracking_uri: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``mlflow models serve`` of a logged model on 127.0.0.1, answering ``/ping``: yields its
-    ``/invocations`` URL and the server process; stopped on exit."""
+def served_model(model_uri: str, tracking_uri: str, cwd: Path, command=None,
+                 preexec_fn=None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A server of a logged model on 127.0.0.1, answering ``/ping``: yields its ``/invocations``
+    URL and the server process; stopped on exit. ``command(port)`` is its command line (default
+    ``mlflow models serve``). Its output goes to a file in ``cwd``, not a pipe: a pipe nobody reads
+    fills up and stalls the server."""
     port = free_port()
     bin_dir = Path(sys.executable).parent  # the server starts uvicorn from PATH, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    argv = command(port) if command else [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
+                                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    log = Path(cwd) / f"server-{port}.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     try:
         deadline = time.time() + 180
         while True:
@@ -200,7 +222,7 @@ def served_model(model_uri: str, tracking_uri: str, cwd: Path) -> Iterator[tuple
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
+                    raise AssertionError(log.read_text(errors="replace")[-3000:]) from None
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}/invocations", server
     finally:
