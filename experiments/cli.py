@@ -91,8 +91,12 @@ COMMANDS: dict[str, Command] = {
                        "models:/<name>@<alias>", "experiments.registry:promote", "function"),
     "compare": Command("training", "runs side by side per AU (F1, thresholds, change vs a baseline): "
                        "table, heat map, an MLflow run", "experiments.compare:compare", "function"),
+    "crossval": Command("training", "subject-exclusive k-fold (bp4d-3fold, disfa-3fold, random): a fit per fold, "
+                        "one MLflow parent run with the field's table", "experiments.crossval:crossval", "function"),
     "synth": Command("data", "render SynthAU (images, EmotioNet-form manifests, contact sheet)",
                      "experiments.data:synth", "function"),
+    "import": Command("data", "BP4D, DISFA or Aff-Wild2 from their files as distributed to a manifest with "
+                      "subject, sequence and frame columns, with a report", "experiments.benchmarks:main"),
     "download": Command("data", "fetch the images of URL manifests (EmotioNet), resumable, with a report",
                         "experiments.data:download", "function"),
     "align": Command("data", "detect and align the faces of manifests into crop caches, with a report",

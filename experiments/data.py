@@ -1,6 +1,7 @@
 """The data commands of ``au-detect``: render SynthAU, download EmotioNet's images, align, prepare.
 
     au-detect synth    --root data/synthau --num_images 2000
+    au-detect synth    --layout bp4d --root data/synthau_bp4d     (SynthAU as BP4D, DISFA or Aff-Wild2 ship)
     au-detect download --manifest train.tsv val.tsv --out data/emotionet
     au-detect align    --manifests '[data/synthau/train.tsv]'
     torchrun --nproc_per_node 8 --no-python au-detect align --manifests ...   (the images shared by 8 processes)
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -18,34 +20,77 @@ from datamodules.download.downloader import DownloadInterrupted, DownloadSetting
 from datamodules.io.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.alignment.ranks import Ranks
 from datamodules.synthau.generate import SynthAUSettings, generate_synthau
+from datamodules.synthau.layouts import LAYOUTS, LayoutSettings, render_layout
 from experiments.lightning_cli import AUDetectCLI
 
 
-def synth(root: str = "data/synthau", num_images: int = 2000, seed: int = 0, num_identities: int = 120,
-          width: int = 640, height: int = 480, val_fraction: float = 0.1, test_fraction: float = 0.1,
-          workers: int | None = None, force: bool = False) -> None:
-    """Render the SynthAU data set.
+def synth(root: str | None = None, num_images: int = 2000, seed: int = 0, num_identities: int = 120,
+          width: int | None = None, height: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+          workers: int | None = None, force: bool = False, layout: str | None = None, subjects: int | None = None,
+          sequences: int | None = None, frames: int | None = None, fps: float = 20.0, crop: int = 112) -> None:
+    """Render the SynthAU data set, or SynthAU in the folders and label files of BP4D, DISFA or Aff-Wild2.
 
     Args:
-        root: output folder (images/, train.tsv, val.tsv, test.tsv, faces.jsonl, contact_sheet.png).
-        num_images: scenes in all splits together.
+        root: output folder (default ``data/synthau``, or ``data/synthau_<layout>`` with ``layout``).
+            SynthAU: images/, train.tsv, val.tsv, test.tsv, faces.jsonl, contact_sheet.png; a layout:
+            the data set's own tree, truth.jsonl and synthau_layout.json.
+        num_images: scenes in all splits together (SynthAU).
         seed: the data set is a pure function of its settings and this seed.
-        num_identities: synthetic people.
-        width: scene width in pixels.
-        height: scene height in pixels.
-        val_fraction: share of scenes in the validation split.
-        test_fraction: share of scenes in the test split.
+        num_identities: synthetic people (SynthAU).
+        width: scene width in pixels (default 640; 320 for a layout).
+        height: scene height in pixels (default 480; 240 for a layout).
+        val_fraction: share of scenes in the validation split (SynthAU).
+        test_fraction: share of scenes in the test split (SynthAU).
         workers: rendering processes (default: up to 4).
         force: render again even if ``root`` holds a complete data set with these settings.
+        layout: left out for SynthAU itself; ``bp4d``, ``disfa`` or ``affwild2`` to render SynthAU as
+            that data set is distributed, for ``au-detect import`` and ``au-detect crossval``
+            (see datamodules.synthau.layouts).
+        subjects: a layout's subjects (default: all 41 of BP4D, all 27 of DISFA, with the published
+            ids; 20 Aff-Wild2 persons).
+        sequences: BP4D tasks per subject (default 2, at most 8), Aff-Wild2 videos per person
+            (default 1); DISFA has one video per subject.
+        frames: labelled frames per sequence (default: BP4D 10, DISFA 20, Aff-Wild2 30).
+        fps: frame rate of DISFA's videos.
+        crop: side of Aff-Wild2's face crops in pixels.
     """
-    settings = SynthAUSettings(num_images=num_images, seed=seed, num_identities=num_identities, width=width,
-                               height=height, val_fraction=val_fraction, test_fraction=test_fraction)
+    if layout is not None:
+        _synth_layout(layout, root or f"data/synthau_{layout}", seed, width or 320, height or 240, workers, force,
+                      subjects, sequences, frames, fps, crop)
+        return
+    root = root or "data/synthau"
+    settings = SynthAUSettings(num_images=num_images, seed=seed, num_identities=num_identities, width=width or 640,
+                               height=height or 480, val_fraction=val_fraction, test_fraction=test_fraction)
     summary = generate_synthau(root, settings, workers=workers, force=force)
     print(f"SynthAU in {root}: {summary['counts']}, {summary['identities']} identities, "
           f"{len(summary['expressions'])} expressions")
     print(f"  AUs under 5% positive: {summary['aus_under_5pct']}, over 20%: {summary['aus_over_20pct']}, "
           f"unlabelled (999): {100 * summary['unlabelled_share']:.1f}%")
     print(f"  contact sheet: {Path(root) / 'contact_sheet.png'}, AU gallery: {Path(root) / 'au_gallery.png'}")
+
+
+def _synth_layout(layout: str, root: str, seed: int, width: int, height: int, workers: int | None, force: bool,
+                  subjects: int | None, sequences: int | None, frames: int | None, fps: float, crop: int) -> None:
+    if layout not in LAYOUTS:
+        raise SystemExit(f"au-detect synth: --layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    try:
+        settings = LayoutSettings(layout=layout, seed=seed, subjects=subjects, sequences=sequences, frames=frames,
+                                  width=width, height=height, fps=fps, crop=crop).resolved()
+    except ValueError as e:
+        raise SystemExit(f"au-detect synth: {e}") from None
+    started = time.monotonic()
+    try:
+        summary = render_layout(root, settings, workers=workers, force=force)
+    except FileExistsError as e:
+        raise SystemExit(f"au-detect synth: {e}") from None
+    seconds = time.monotonic() - started
+    what = {"bp4d": "tasks", "disfa": "videos per camera", "affwild2": "annotation files"}[layout]
+    print(f"SynthAU as {layout} in {root} ({seconds:.1f} s): {len(summary['subjects'])} subjects, "
+          f"{summary['sequences']} {what}, {summary['labelled_frames']} labelled frames")
+    print(f"  quirks: {', '.join(f'{k} {v}' for k, v in summary['quirks'].items())}")
+    print(f"  ground truth: {Path(root) / 'truth.jsonl'}")
+    out = Path(root).with_name(f"{Path(root).name}_manifest")
+    print(f"  next: au-detect import {layout} --root {root} --out {out}")
 
 
 def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str | None = None,

@@ -74,12 +74,14 @@ def pretrain_branch(branch: str, config: str, overrides: dict[str, Any], path: s
 def fit_and_test(config: dict[str, Any]) -> dict[str, Any]:
     """``au-detect fit`` on a config's content, then ``au-detect test`` on its best checkpoint, which
     continues the fit's MLflow run (the checkpoint carries its id). Returns the run id, the
-    checkpoint, the fit's and test's scalar ``val/`` and ``test/`` figures, and a test photo."""
+    checkpoint, the fit's and test's scalar ``val/`` and ``test/`` figures, a test photo, and the crop
+    cache each split was read from."""
     fit = AUDetectCLI(args={"fit": config})
     logger = mlflow_logger(fit.trainer)
     best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
     test = AUDetectCLI(args={"test": {**config, "ckpt_path": best}})
     metrics = {k: float(v) for k, v in {**fit.trainer.callback_metrics, **test.trainer.callback_metrics}.items()
                if k.startswith(("test/", "val/")) and v.numel() == 1}
+    caches = {stage: str(split.path) for cli in (fit, test) for stage, split in cli.datamodule.splits.items()}
     return {"run_id": logger.run_id if logger else None, "checkpoint": best, "metrics": metrics,
-            "photo": fit.example_photo()}
+            "photo": fit.example_photo(), "caches": caches}

@@ -279,6 +279,8 @@ class AUDetector(L.LightningModule):
     def _log_scores(self, stage: str, scores: dict, suffix: str = "", per_au: bool = True) -> None:
         self.log_dict({f"{stage}/f1{suffix}": scores["mean_f1"], f"{stage}/accuracy{suffix}": scores["mean_accuracy"],
                        f"{stage}/score{suffix}": scores["score"]}, prog_bar=stage == "val")
+        if stage == "test":
+            self.log(f"{stage}/f1_micro{suffix}", scores["micro_f1"])
         if per_au:
             for i, au in enumerate(self.aus):
                 name = au_column_name(au)

@@ -37,7 +37,7 @@ def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
 # tracking nothing of the training callbacks, and only the command line knows every command.
 FLOORS = (
     ("datamodules.io",),  # manifests, images, prediction sources, atomic files
-    ("datamodules.alignment", "datamodules.download", "datamodules.synthau"),
+    ("datamodules.alignment", "datamodules.download", "datamodules.synthau", "datamodules.benchmarks"),
     ("datamodules",),  # the two DataModules, the sampler, augmentation
     ("lightning_modules",),  # the networks, losses, metrics: the training science
     ("lightning_modules.serving",),  # predictor, pyfunc model, ONNX

@@ -58,6 +58,20 @@ def test_au_scores_match_sklearn(seed, per_au):
     assert s["score"] == pytest.approx((ref["f1"].mean() + ref["accuracy"].mean()) / 2)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_micro_f1_matches_sklearn_on_the_labelled_decisions(seed):
+    probs, labels, mask = random_case(seed)
+    thresholds = np.random.default_rng(seed + 10).uniform(0.2, 0.9, probs.shape[1])
+    s = au_scores(probs, labels, mask, thresholds)
+    # scikit-learn's multilabel micro average cannot mask: pool the labelled entries as one column
+    y = (labels > 0.5)[mask]
+    pred = (probs >= thresholds)[mask]
+    assert s["micro_f1"] == pytest.approx(f1_score(y, pred, zero_division=0), abs=1e-12)
+    full = np.ones_like(mask)
+    assert au_scores(probs, labels == 1, full, thresholds)["micro_f1"] == pytest.approx(
+        f1_score(labels == 1, probs >= thresholds, average="micro", zero_division=0), abs=1e-12)
+
+
 def test_unlabelled_entries_never_count():
     probs, labels, mask = random_case(3)
     s = au_scores(probs, labels, mask)

@@ -3,11 +3,15 @@
 Pose, illumination, resolution and occlusion vary from scene to scene, and the face sits at a
 varying position and scale (sometimes beside a smaller second face), so that detection and
 alignment matter. Each scene also returns the ground-truth boxes and landmarks of its faces.
+``render_posed_scene`` draws faces whose identity, AUs, pose, place and light the caller fixes
+(the frames of the benchmark layouts, :mod:`datamodules.synthau.layouts`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -16,8 +20,8 @@ from datamodules.synthau.face import FaceSpec, Identity, render_face, rgb8
 from datamodules.synthau.labels import sample_aus
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Cluttered, smooth-ish backgrounds: gradients, blurred shapes and texture noise."""
+def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Cluttered, smooth-ish backgrounds: gradients, blurred shapes and texture noise (RGB uint8)."""
     c0, c1 = rng.uniform(0.1, 0.95, 3), rng.uniform(0.1, 0.95, 3)
     t = np.linspace(0, 1, w)[None, :, None] if rng.uniform() < 0.5 else np.linspace(0, 1, h)[:, None, None]
     img = ((1 - t) * c0 + t * c1) * 255 * np.ones((h, w, 3))
@@ -94,11 +98,49 @@ def _face_box(lm: np.ndarray) -> np.ndarray:
     return np.array([c[0] - half, c[1] - half * 1.05, c[0] + half, c[1] + half * 1.15])
 
 
+@dataclass(frozen=True)
+class PlacedFace:
+    """A face whose every choice is the caller's: what it shows (identity, AU intensities, pose), where
+    its center lies in the scene, how tall its head is in pixels, and the seed of its random detail
+    (AU17's dimples), so that a face rendered frame after frame keeps the same dimples."""
+
+    spec: FaceSpec
+    center: tuple[float, float]
+    head: float
+    detail_seed: int | Sequence[int] = 0
+
+
+def face_canvas(head: float) -> int:
+    """The square canvas (a multiple of 16, 64 to 256 px) on which a face ``head`` px tall is drawn at
+    about its final size: a larger one only costs time (the head's shading is per pixel).
+
+    >>> face_canvas(120), face_canvas(1000)
+    (192, 256)
+    """
+    return int(min(256, max(64, 16 * math.ceil(head / 0.68 / 16))))
+
+
+def render_posed_scene(backdrop: np.ndarray, faces: Sequence[PlacedFace], light: np.ndarray,
+                       ambient: float) -> tuple[np.ndarray, list[dict]]:
+    """The faces drawn, in order, onto a copy of ``backdrop`` (RGB uint8), lit by ``light`` (a unit
+    vector) with ``ambient`` light: nothing is drawn at random, so a sequence of frames can move the
+    AUs and the pose and nothing else. Returns the scene and each face's ground-truth ``box`` and
+    five ``landmarks`` (as ``render_scene`` gives them)."""
+    scene = backdrop.copy()
+    out = []
+    for placed in faces:
+        face, alpha, lm = render_face(placed.spec, face_canvas(placed.head), light, ambient,
+                                      np.random.default_rng(placed.detail_seed))
+        lms, _ = _paste(scene, face, alpha, lm, placed.center, placed.head)
+        out.append({"box": _face_box(lms).round(1).tolist(), "landmarks": lms.round(1).tolist()})
+    return scene, out
+
+
 def render_scene(rng: np.random.Generator, identities: list[Identity], size: tuple[int, int] = (640, 480),
                  canvas: int = 256) -> tuple[np.ndarray, dict]:
     """One scene: background, the labelled face, sometimes a smaller second face, the wild's challenges."""
     w, h = size
-    scene = _background(rng, h, w)
+    scene = background(rng, h, w)
     ident_idx = int(rng.integers(len(identities)))
     expression, intensity, unilateral = sample_aus(rng)
     spec = FaceSpec(identities[ident_idx], intensity, yaw=rng.uniform(-8, 8), pitch=rng.uniform(-6, 6),
