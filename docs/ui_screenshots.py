@@ -1,14 +1,16 @@
 """Screenshots of the MLflow UI, as a user sees a fit and a sweep: run pages in headless Chromium.
 
     python docs/ui_screenshots.py --tracking_uri sqlite:///mlflow.db --run <fit run id> \
-        --sweep <sweep parent run id> --out docs
+        --sweep <sweep parent run id> --crossval <crossval parent run id> --out docs
 
 starts ``mlflow server`` on the store (loopback, a free port) and writes ``mlflow_runs.png`` (the
 fit's experiment as its runs list opens from the address the main job prints: the pipeline's stages
 under their parent, the compared figures as columns), ``mlflow_run.png`` (the fit's page: its
 model card as the description, dataset inputs, tags), ``mlflow_run_system_metrics.png`` (its CPU and memory
 curves), ``mlflow_sweep.png`` (the sweep's parent run, its trials as child runs) and, when the parent holds them,
-``mlflow_sweep_<plot>.png`` (Optuna's plots as the artifact viewer shows them). Needs a Chromium
+``mlflow_sweep_<plot>.png`` (Optuna's plots as the artifact viewer shows them),
+``mlflow_crossval.png`` (a cross-validation's parent run: the field's table as its description, the
+folds as child runs) and ``mlflow_crossval_table.png`` (the table's picture in the artifact viewer). Needs a Chromium
 (``apt install chromium``); the page is given time to render its scripts before the capture.
 """
 
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking_uri", required=True)
     parser.add_argument("--run", help="a fit's run id")
     parser.add_argument("--sweep", help="a sweep's parent run id")
+    parser.add_argument("--crossval", help="a cross-validation's parent run id")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args(argv)
     from mlflow import MlflowClient
@@ -101,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             for path in plots:
                 name = Path(path).stem
                 screenshot(f"{base}/{exp}/runs/{args.sweep}/artifacts/{path}", out / f"mlflow_sweep_{name}.png")
+        if args.crossval:
+            exp = client.get_run(args.crossval).info.experiment_id
+            screenshot(f"{base}/{exp}/runs/{args.crossval}", out / "mlflow_crossval.png", (1600, 1500))
+            screenshot(f"{base}/{exp}/runs/{args.crossval}/artifacts/crossval_table.png",
+                       out / "mlflow_crossval_table.png", (1600, 1000))
     finally:
         server.terminate()
         server.wait(timeout=30)

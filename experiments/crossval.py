@@ -213,7 +213,7 @@ def table_png(rows: list[list[str]], path: Path, title: str) -> None:
     table.scale(1, 1.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=160)
     plt.close(fig)
 
 
@@ -351,8 +351,9 @@ def crossval(
             resume = _resume_checkpoint(fold_dir / "checkpoints")
             if resume:
                 config["ckpt_path"] = resume
-                print(f"[crossval] {key}: resuming from {resume}")
-            print(f"[crossval] {key}: train {len(train)} subjects, validation {len(val)}, test {len(fold.test)}")
+            if writer:
+                print(f"[crossval] {key}: train {len(train)} subjects, validation {len(val)}, test {len(fold.test)}"
+                      + (f"; resuming from {resume}" if resume else ""))
             result = fit_and_test(config)
             record = {"run_id": result["run_id"], "repeat": r + 1, "fold": fold.number,
                       "subjects": {"train": list(train), "val": list(val), "test": list(fold.test)},

@@ -254,3 +254,30 @@ def test_bp4d_layout_import_and_published_folds_end_to_end(tmp_path, monkeypatch
     table = parent.data.tags["mlflow.note.content"]
     assert "| ME-GraphAU |" in table and "| fold3 |" in table and "| mean |" in table
     assert "mean F1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_each_fold_runs_with_ddp_on_two_ranks(synthau, tmp_path):
+    """A fold is a fit: with the fit config's trainer on 2 DDP ranks, Lightning starts the second
+    rank with crossval's own command line; only the first writes, and each fold is one run."""
+    import subprocess
+    import sys
+
+    manifest = _subject_manifest(synthau, tmp_path)
+    settings = write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path}/mlflow.db", "ddp")
+    ddp = json.dumps({"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.accelerator": "cpu"})
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "crossval", "--manifest", str(manifest),
+                           "--fit_config", str(_fit_config(tmp_path, 1)), "--protocol", "random", "--k", "2",
+                           "--name", "ddp", "--out", str(tmp_path / "out"), "--mlflow", str(settings),
+                           "--fit_overrides", ddp],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("[crossval] fold1: train") == 1  # the second rank says nothing
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    state = json.loads((tmp_path / "out" / "ddp" / cv.STATE_NAME).read_text())
+    assert client.get_run(state["parent"]).info.status == "FINISHED"
+    children = client.search_runs([client.get_experiment_by_name("ddp").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{state['parent']}'")
+    assert sorted(r.info.run_name for r in children) == ["ddp fold1", "ddp fold2"]
+    assert all(r.data.params["trainer.devices"] == "2" and r.data.params["trainer.strategy"] == "ddp"
+               and r.info.status == "FINISHED" and "test/f1" in r.data.metrics for r in children)
