@@ -6,6 +6,9 @@ loader workers). Under a multi-process trainer the alignment moves to ``setup``,
 rank takes its share of the images. Batches are dicts: ``image`` (B,3,S,S), ``labels`` (B,K) 0/1 floats, ``mask``
 (B,K) True where labelled (``999`` is False: never a negative), and ``index``, the sample's
 position in its split, which lets gathered predictions drop DistributedSampler's padding repeats.
+When the training manifest has ``AU<n>_intensity`` columns (:attr:`AUDataModule.has_intensity`),
+batches also carry ``intensity`` (B,K) float32 FACS levels 0-5 (0 where unknown) and
+``intensity_mask`` (B,K), False where the file says ``999`` or the AU has no intensity column.
 Images travel as uint8 and are normalised after the transfer to the device (4x less to copy).
 """
 
@@ -25,7 +28,8 @@ from datamodules.alignment.align import AlignmentSettings
 from datamodules.alignment.crop_cache import AlignedSplit, align_manifest, summarize
 from datamodules.augmentation import IMAGENET_MEAN, IMAGENET_STD, AUAugmentation, Normalize
 from datamodules.download.downloader import DownloadSettings, download_manifests, local_manifest_path
-from datamodules.io.manifest import EMOTIONET_AUS, Manifest, is_url, positive_rate, read_manifest
+from datamodules.io.manifest import (EMOTIONET_AUS, MAX_LEVEL, Manifest, intensity_column_name, is_url, positive_rate,
+                                     read_levels, read_manifest, read_rows)
 from datamodules.alignment.ranks import Ranks
 from datamodules.sampling import MultilabelBalancedSampler
 from datamodules.synthau.generate import SynthAUSettings, generate_synthau
@@ -36,25 +40,57 @@ STAGES = ("train", "val", "test", "predict")
 
 
 class AlignedFaceDataset(Dataset):
-    """Samples of one aligned split, optionally augmented."""
+    """Samples of one aligned split, optionally augmented.
 
-    def __init__(self, split: AlignedSplit, transform: AUAugmentation | None = None):
-        self.split, self.transform = split, transform
+    ``intensity``: the split's FACS levels and their mask, (N, K) each and in the split's sample
+    order (:func:`split_levels`); samples then carry ``intensity`` and ``intensity_mask`` too.
+    """
+
+    def __init__(self, split: AlignedSplit, transform: AUAugmentation | None = None,
+                 intensity: tuple[np.ndarray, np.ndarray] | None = None):
+        if intensity is not None and any(a.shape != split.labels.shape for a in intensity):
+            raise ValueError(f"intensity arrays of shapes {[a.shape for a in intensity]} for a split of labels "
+                             f"{split.labels.shape}")
+        self.split, self.transform, self.intensity = split, transform, intensity
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         image = np.asarray(self.split.crops[i])  # reads from the shared memory map
-        labels, mask = self.split.labels[i], self.split.mask[i]
+        arrays = [self.split.labels[i], self.split.mask[i]]
+        if self.intensity is not None:
+            arrays += [self.intensity[0][i], self.intensity[1][i]]
         if self.transform is not None:
-            image, labels, mask = self.transform(image, labels, mask)
-        return {
+            image, *arrays = self.transform(image, *arrays)
+        sample = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "labels": torch.as_tensor(labels, dtype=torch.float32),
-            "mask": torch.as_tensor(mask, dtype=torch.bool),
+            "labels": torch.as_tensor(arrays[0], dtype=torch.float32),
+            "mask": torch.as_tensor(arrays[1], dtype=torch.bool),
             "index": i,
         }
+        if self.intensity is not None:
+            sample["intensity"] = torch.as_tensor(arrays[2], dtype=torch.float32)
+            sample["intensity_mask"] = torch.as_tensor(arrays[3], dtype=torch.bool)
+        return sample
+
+
+def split_levels(manifest: Manifest, split: AlignedSplit,
+                 levels: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's intensity levels and mask (``levels``, else read by
+    :func:`~datamodules.io.manifest.read_levels`) of the split's samples, matched by manifest line:
+    the cache leaves unreadable rows out, so position in the manifest is not position in the split.
+
+    Raises ``ValueError`` for a sample whose line the manifest has no row on (a cache of another file).
+    """
+    levels, known = levels if levels is not None else read_levels(manifest)
+    pos = np.searchsorted(manifest.lines, split.lines)  # lines grow down the file
+    found = pos < len(manifest.lines)
+    found[found] = manifest.lines[pos[found]] == split.lines[found]
+    if not found.all():
+        raise ValueError(f"{split.path}: sample {int(np.flatnonzero(~found)[0])} is of line "
+                         f"{int(split.lines[~found][0])}, which is no row of {manifest.path}")
+    return levels[pos], known[pos]
 
 
 def freeze_inherited_heap(worker_id: int) -> None:
@@ -152,6 +188,8 @@ class AUDataModule(L.LightningDataModule):
         self.normalize = Normalize(mean, std)
         self._url_manifests: dict[str, bool] = {}
         self._au_priors: list[float] | None = None
+        self._has_intensity: bool | None = None
+        self.intensity_levels: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per split, with has_intensity
 
     # -- preparation ------------------------------------------------------------------------
     def manifest(self, stage: str) -> Manifest:
@@ -171,9 +209,9 @@ class AUDataModule(L.LightningDataModule):
         trainer = self.trainer
         return Ranks.current() if trainer is not None and trainer.world_size > 1 else Ranks()
 
-    def _align(self, stage: str) -> Path:
+    def _align(self, stage: str, manifest: Manifest | None = None) -> Path:
         ranks = self._ranks()
-        return align_manifest(self.manifest(stage), self.hparams.cache_dir, self.alignment,
+        return align_manifest(manifest or self.manifest(stage), self.hparams.cache_dir, self.alignment,
                               root=self.hparams.image_root, name=stage, workers=self.hparams.align_workers,
                               progress=ranks.rank == 0, ranks=ranks)
 
@@ -205,7 +243,10 @@ class AUDataModule(L.LightningDataModule):
         if self._ranks().distributed:
             return
         for stage in stages:
-            self.reports[stage] = AlignedSplit.open(self._align(stage)).report
+            manifest = self.manifest(stage)
+            if self.has_intensity:
+                read_levels(manifest)  # a malformed level stops the run before the long alignment
+            self.reports[stage] = AlignedSplit.open(self._align(stage, manifest)).report
             log.info(summarize(self.reports[stage]))
 
     def setup(self, stage: str | None = None) -> None:
@@ -214,15 +255,26 @@ class AUDataModule(L.LightningDataModule):
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         for s in wanted.get(stage, ["train", "val", "test"]) if stage else ["train", "val", "test"]:
             if s not in self.splits:
-                self.splits[s] = AlignedSplit.open(self._align(s))
+                manifest = self.manifest(s)
+                levels = read_levels(manifest) if self.has_intensity else None  # checked before aligning
+                self.splits[s] = AlignedSplit.open(self._align(s, manifest))
                 self.reports[s] = self.splits[s].report
+                if levels is not None:
+                    self._note_missing_levels(s, manifest)
+                    self.intensity_levels[s] = split_levels(manifest, self.splits[s], levels)
+
+    def _note_missing_levels(self, stage: str, manifest: Manifest) -> None:
+        missing = [a for a in self.aus if intensity_column_name(a) not in manifest.extra]
+        if missing:
+            log.info("%s (%s): no intensity column for AU %s: their intensities are masked out", manifest.path,
+                     stage, ", ".join(map(str, missing)))
 
     # -- loaders ----------------------------------------------------------------------------
     def dataset(self, stage: str) -> AlignedFaceDataset:
         augment = stage == "train" and self.hparams.augment
         return AlignedFaceDataset(self.splits[stage],
                                   AUAugmentation(self.aus, self.hparams.flip_p, self.hparams.augment_strength)
-                                  if augment else None)
+                                  if augment else None, intensity=self.intensity_levels.get(stage))
 
     def train_sampler(self) -> MultilabelBalancedSampler | None:
         if not self.hparams.balanced_sampling:
@@ -275,6 +327,36 @@ class AUDataModule(L.LightningDataModule):
             manifest = read_manifest(self.manifest_paths["train"], aus=self.aus, root=self.hparams.image_root)
             self._au_priors = [float(r) for r in manifest.positive_rate()]
         return self._au_priors
+
+    @property
+    def has_intensity(self) -> bool:
+        """Whether batches carry ``intensity`` and ``intensity_mask``: the training manifest has an
+        ``AU<n>_intensity`` column for at least one AU of ``aus``. The AUs without one (in any
+        split's manifest) are masked out, and logged when the split is set up.
+
+        Read from the training manifest's header (SynthAU is generated first if it is the data);
+        where that file is absent (a run that only tests), from the first of val and test present.
+        """
+        if self._has_intensity is None:
+            if self.synthetic:
+                self._generate()
+            paths = [self.manifest_paths[s] for s in ("train", "val", "test")]
+            first = next(read_rows(next((p for p in paths if Path(p).is_file()), paths[0])), None)
+            names = {h.strip() for h in first[1]} if first is not None else set()
+            self._has_intensity = any(intensity_column_name(a) in names for a in self.aus)
+        return self._has_intensity
+
+    @property
+    def intensity_level_counts(self) -> list[list[float]] | None:
+        """Per AU, the training manifest's labelled frames at FACS levels 1-5 (None without
+        intensities): what weights rare high levels in the intensity loss. The CLI links it to
+        ``model.intensity_level_counts``."""
+        if not self.has_intensity:
+            return None
+        manifest = read_manifest(self.manifest_paths["train"], aus=self.aus, root=self.hparams.image_root)
+        levels, known = read_levels(manifest, self.aus)
+        return [[float(((levels[:, k] == level) & known[:, k]).sum()) for level in range(1, MAX_LEVEL + 1)]
+                for k in range(len(self.aus))]
 
     def label_frequencies(self, stage: str = "train") -> np.ndarray:
         """Per-AU positive rate over labelled entries of a split (nan where none is labelled)."""

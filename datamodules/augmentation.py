@@ -1,7 +1,8 @@
 """Training augmentation for aligned face crops, with AU-aware horizontal flips.
 
 A mirrored face is a valid face, but not with the same labels: a head turned left becomes a
-head turned right. The flip therefore swaps the labels (and masks) of left/right AU pairs.
+head turned right. The flip therefore swaps the labels (and masks, and any other per-AU arrays
+such as intensities) of left/right AU pairs.
 Photometric and small geometric changes come from albumentations; rotations stay small because
 the alignment has already removed the head's roll.
 """
@@ -40,7 +41,8 @@ def flip_permutation(aus: Sequence[int], pairs: Sequence[tuple[int, int]] = FLIP
 class AUAugmentation:
     """Random AU-aware flip, then albumentations' photometric and geometric jitter.
 
-    Called with an HWC uint8 image, labels and mask (per AU); returns all three transformed.
+    Called with an HWC uint8 image, labels and mask (per AU), and optionally more per-AU arrays
+    (intensity levels and their mask); returns them all, transformed, in the same order.
     Randomness comes from numpy's global generator, which Lightning seeds per worker
     (``seed_everything(workers=True)``), so runs are reproducible.
     """
@@ -60,14 +62,18 @@ class AUAugmentation:
                             fill="random_uniform", p=0.2 * s),
         ])
 
-    def flip(self, image: np.ndarray, labels: np.ndarray, mask: np.ndarray):
-        """The deterministic part: mirror the image, swap the left/right AU columns."""
-        return np.ascontiguousarray(image[:, ::-1]), labels[..., self.perm], mask[..., self.perm]
+    def flip(self, image: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+             *per_au: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The deterministic part: mirror the image, swap the left/right AU columns of every array."""
+        return (np.ascontiguousarray(image[:, ::-1]), labels[..., self.perm], mask[..., self.perm],
+                *(a[..., self.perm] for a in per_au))
 
-    def __call__(self, image: np.ndarray, labels: np.ndarray, mask: np.ndarray):
+    def __call__(self, image: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                 *per_au: np.ndarray) -> tuple[np.ndarray, ...]:
+        arrays = (labels, mask, *per_au)
         if np.random.random() < self.flip_p:
-            image, labels, mask = self.flip(image, labels, mask)
-        return self.transform(image=image)["image"], labels, mask
+            image, *arrays = self.flip(image, *arrays)
+        return (self.transform(image=image)["image"], *arrays)
 
 
 class Normalize:

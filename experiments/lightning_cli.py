@@ -407,6 +407,9 @@ class AUDetectCLI(TrackedCLI):
         parser.link_arguments("data.aus", "model.aus")
         # What ``target_rate: prior`` aims at: each AU's positive share in the training manifest.
         parser.link_arguments("data.au_priors", "model.au_priors", apply_on="instantiate")
+        # The intensity head is trained when the manifests have AU<n>_intensity columns (model.intensity: null).
+        parser.link_arguments("data.has_intensity", "model.intensity_data", apply_on="instantiate")
+        parser.link_arguments("data.intensity_level_counts", "model.intensity_level_counts", apply_on="instantiate")
         parser.link_arguments("trainer.use_distributed_sampler", "data.shard_sampler", compute_fn=lambda used: not used)
         parser.add_lightning_class_args(SoftThresholdCallback, "soft_threshold")
         # ModelCheckpoint whose last.ckpt follows every epoch, not only improving ones.

@@ -23,6 +23,8 @@ from torch import nn
 from datamodules.io.manifest import EMOTIONET_AUS, au_column_name
 from lightning_modules.backbones import create_backbone
 from lightning_modules.evaluation import ThresholdFit, ValidationBatch
+from lightning_modules.intensity import AUIntensityMetrics
+from lightning_modules.intensity_head import OrdinalHead, ordinal_loss, ordinal_pos_weight, reported_intensity
 from lightning_modules.losses import MaskedBCEWithLogits, build_loss, prior_target_rate
 from lightning_modules.metrics import AUMetrics
 
@@ -38,7 +40,8 @@ class AUNet(nn.Module):
 
     def __init__(self, aus: Sequence[int] = EMOTIONET_AUS, backbone: str = "resnet50",
                  branches: Sequence[str] = BRANCHES, weights: dict[str, str | None] | None = None,
-                 aux_heads: bool = False, dropout: float = 0.0, allow_missing: bool = False):
+                 aux_heads: bool = False, dropout: float = 0.0, allow_missing: bool = False,
+                 intensity: bool = False):
         super().__init__()
         unknown = set(branches) - set(BRANCHES)
         if unknown or not branches:
@@ -56,6 +59,8 @@ class AUNet(nn.Module):
         self.head = nn.Linear(sum(dims), len(self.aus))
         self.aux = nn.ModuleDict({n: nn.Linear(d, len(self.aus)) for n, d in zip(branches, dims)}) if aux_heads \
             else nn.ModuleDict()
+        # FACS levels given presence, from the same fused features (None: occurrence only)
+        self.intensity_head = OrdinalHead(sum(dims), len(self.aus)) if intensity else None
         self.register_buffer("thresholds", torch.full((len(self.aus),), 0.5))
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -68,6 +73,21 @@ class AUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B,3,S,S) -> AU logits (B,K)."""
         return self.forward_all(x)[0]
+
+    def intensity_logits(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cumulative logits of the levels given presence (B,K,4), from ``forward_all``'s features."""
+        if self.intensity_head is None:
+            raise ValueError("this network has no intensity head (trained without AU<n>_intensity columns)")
+        return self.intensity_head(self.dropout(torch.cat(list(feats.values()), 1)))
+
+    @torch.no_grad()
+    def predict_intensity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Probabilities, decisions at the stored thresholds, and intensities: 0 where an AU is
+        decided absent, its expected FACS level (1-5) given presence where decided present."""
+        logits, _, feats = self.forward_all(x)
+        probs = torch.sigmoid(logits.float())
+        decisions = probs >= self.thresholds
+        return probs, decisions, reported_intensity(self.intensity_logits(feats), decisions)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +142,14 @@ class AUDetector(L.LightningModule):
         loss_seed: seed of selective learning's random drops.
         channels_last: on a GPU, the network and its batches in channels-last memory (NHWC), the
             layout tensor cores convolve in under bf16; ignored on the CPU.
+        intensity: train an intensity head (FACS levels given presence,
+            :mod:`lightning_modules.intensity_head`) beside occurrence; null: when the data has
+            ``AU<n>_intensity`` columns (``intensity_data``), false: occurrence only.
+        intensity_data: whether the training data has intensities; ``au-detect fit`` links it from
+            the DataModule (``AUDataModule.has_intensity``).
+        intensity_weight: weight of the intensity loss beside the occurrence loss.
+        intensity_level_counts: per AU, training frames at levels 1-5, for the balancing weights
+            of rare high levels (linked from ``AUDataModule.intensity_level_counts``); null: unweighted.
     """
 
     def __init__(
@@ -148,13 +176,22 @@ class AUDetector(L.LightningModule):
         scheduler_interval: str = "epoch",
         loss_seed: int | None = 0,
         channels_last: bool = True,
+        intensity: bool | None = None,
+        intensity_data: bool = False,
+        intensity_weight: float = 1.0,
+        intensity_level_counts: list[list[float]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if orthogonality and len(branches) != 2:
             raise ValueError("model.orthogonality decorrelates the two branches: it needs both")
+        if intensity and not intensity_data:
+            raise ValueError("model.intensity: true needs AU<n>_intensity columns in the training manifest "
+                             "(the data has none)")
+        self.with_intensity = bool(intensity_data if intensity is None else intensity)
         self.net = AUNet(aus, backbone, branches, {"face": face_weights, "emotion": emotion_weights},
-                         aux_heads=aux_heads, dropout=dropout, allow_missing=allow_missing)
+                         aux_heads=aux_heads, dropout=dropout, allow_missing=allow_missing,
+                         intensity=self.with_intensity)
         self.aus = self.net.aus
         if loss == "selective":
             self.criterion = build_loss(loss, target_rate=self._target_rate(target_rate, au_priors),
@@ -172,6 +209,13 @@ class AUDetector(L.LightningModule):
         self.val_metrics = AUMetrics(k, dedupe_by_index=True)
         self.test_metrics = AUMetrics(k, dedupe_by_index=True)
         self.test_metrics_default = AUMetrics(k, dedupe_by_index=True)
+        if self.with_intensity:
+            weight = None if intensity_level_counts is None else ordinal_pos_weight(intensity_level_counts)
+            if weight is not None and weight.shape[0] != k:
+                raise ValueError(f"model.intensity_level_counts has {weight.shape[0]} AUs for {k}")
+            self.register_buffer("intensity_pos_weight", weight, persistent=False)
+            self.val_intensity = AUIntensityMetrics(k, dedupe_by_index=True)
+            self.test_intensity = AUIntensityMetrics(k, dedupe_by_index=True)
         # The last validation's thresholds with their predictions and scores (SoftThresholdCallback)
         self.threshold_fit: ThresholdFit | None = None
 
@@ -215,6 +259,10 @@ class AUDetector(L.LightningModule):
         logits, aux, feats = self.net.forward_all(self._images(batch))
         labels, mask = batch["labels"], batch["mask"]
         parts = {"main": self.criterion(logits, labels, mask)}
+        if self.with_intensity and "intensity" in batch:
+            cumulative = self.net.intensity_logits(feats)
+            parts["intensity"] = self.hparams.intensity_weight * ordinal_loss(
+                cumulative, batch["intensity"], batch["intensity_mask"], self.intensity_pos_weight)
         for name, aux_logits in aux.items():
             parts[f"aux_{name}"] = self.hparams.aux_weight * self.criterion(aux_logits, labels, mask)
         if self.hparams.orthogonality:
@@ -233,14 +281,21 @@ class AUDetector(L.LightningModule):
         self._log_scores("train", self.train_metrics.compute(), per_au=False)
         self.train_metrics.reset()
 
-    def evaluation_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def evaluation_step(self, batch: dict, intensity: AUIntensityMetrics | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and plain masked BCE: deterministic (selective learning drops at random) and the
-        same yardstick whatever loss a run trains with, so runs compare."""
-        logits = self.net(self._images(batch))
+        same yardstick whatever loss a run trains with, so runs compare. With an intensity head and
+        intensity labels, ``intensity`` is updated with the reported intensities (decided at the
+        current thresholds) against the labelled levels."""
+        logits, _, feats = self.net.forward_all(self._images(batch))
+        if intensity is not None and self.with_intensity and "intensity" in batch:
+            decisions = torch.sigmoid(logits.float()) >= self.thresholds
+            reported = reported_intensity(self.net.intensity_logits(feats), decisions)
+            intensity.update(reported, batch["intensity"], batch["intensity_mask"], index=batch["index"])
         return self.eval_criterion(logits, batch["labels"], batch["mask"]), logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> ValidationBatch:
-        loss, logits = self.evaluation_step(batch)
+        loss, logits = self.evaluation_step(batch, self.val_intensity if self.with_intensity else None)
         probs = torch.sigmoid(logits)
         self.val_metrics.update(probs, batch["labels"], batch["mask"], index=batch["index"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
@@ -250,9 +305,11 @@ class AUDetector(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val", self.val_metrics.compute())
         self.val_metrics.reset()
+        if self.with_intensity:
+            self._log_intensity("val", self.val_intensity)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        loss, logits = self.evaluation_step(batch)
+        loss, logits = self.evaluation_step(batch, self.test_intensity if self.with_intensity else None)
         probs = torch.sigmoid(logits)
         self.test_metrics.update(probs, batch["labels"], batch["mask"], thresholds=self.thresholds,
                                  index=batch["index"])
@@ -271,6 +328,22 @@ class AUDetector(L.LightningModule):
                 self.log(f"test/negatives/{au_column_name(au)}", fitted["support"][i].float() - positives)
         self.test_metrics.reset()
         self.test_metrics_default.reset()
+        if self.with_intensity:
+            self._log_intensity("test", self.test_intensity)
+
+    def _log_intensity(self, stage: str, metric: AUIntensityMetrics) -> None:
+        """ICC(3,1), Pearson correlation and MAE of the reported intensities, mean and per AU
+        (AUs with labelled levels only); nothing when the split has no intensity labels."""
+        if metric.update_count == 0:
+            return
+        scores = metric.compute()
+        for key in ("icc", "pcc", "mae"):
+            if torch.isfinite(scores[f"mean_{key}"]):
+                self.log(f"{stage}/intensity_{key}", scores[f"mean_{key}"])
+            for i, au in enumerate(self.aus):
+                if torch.isfinite(scores[key][i]):
+                    self.log(f"{stage}/intensity_{key}/{au_column_name(au)}", scores[key][i])
+        metric.reset()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         probs = torch.sigmoid(self(batch["image"]))

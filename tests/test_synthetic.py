@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
 
 from datamodules.synthau import generate
-from datamodules.io.manifest import EMOTIONET_AUS, UNLABELLED, read_manifest
+from datamodules.io.manifest import EMOTIONET_AUS, UNLABELLED, read_levels, read_manifest
 from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 from datamodules.synthau.face import FaceSpec, render_face, sample_identity
 from datamodules.synthau.labels import EXPRESSIONS, sample_aus, sample_labels
+from datamodules.synthau.layouts import facs_level
 
 FRONT_LIGHT = np.array([0.0, 0.0, 1.0])
 
@@ -23,10 +25,12 @@ def _render(intensity: dict[int, float], seed: int = 5) -> np.ndarray:
 
 
 def test_manifests_are_emotionet_form(synthau):
+    k = len(EMOTIONET_AUS)
     for split, n in (("train", 96), ("val", 12), ("test", 12)):
         header = (synthau / f"{split}.tsv").read_text().splitlines()[0].split("\t")
-        assert header[0] == "image" and header[-2:] == ["identity", "expression"]
-        assert header[1:-2] == [f"AU{a}" for a in EMOTIONET_AUS]
+        assert header[0] == "image" and header[k + 1:k + 3] == ["identity", "expression"]
+        assert header[1:k + 1] == [f"AU{a}" for a in EMOTIONET_AUS]
+        assert header[k + 3:] == [f"AU{a}_intensity" for a in EMOTIONET_AUS]  # appended: the rest keep their places
         m = read_manifest(synthau / f"{split}.tsv", check_images=True)
         assert len(m) == n and not m.skipped
     assert (synthau / "contact_sheet.png").stat().st_size > 10_000
@@ -65,6 +69,41 @@ def test_label_statistics_like_emotionet():
     assert (rate > 0.20).sum() >= 2, dict(zip(EMOTIONET_AUS, rate.round(3)))
     assert 0.05 <= 1 - labelled.mean() <= 0.15
     assert rate.min() > 0.005  # every AU occurs: none is unlearnable
+
+
+def test_intensities_agree_with_labels_and_truth(synthau, truth):
+    """Every row's level is the FACS level of the intensity drawn for its face (faces.jsonl), 999
+    exactly where the occurrence label is, at least 1 where it is 1 and 0 where it is 0."""
+    seen = set()
+    for split in ("train", "val", "test"):
+        m = read_manifest(synthau / f"{split}.tsv")
+        levels, known = read_levels(m)
+        raw = np.array([line.split("\t")[1:24] for line in (synthau / f"{split}.tsv").read_text().splitlines()[1:]],
+                       int)
+        np.testing.assert_array_equal(known, m.mask)
+        assert (levels[m.labels == 1] >= 1).all() and (levels[(m.labels == 0) & m.mask] == 0).all()
+        assert (levels[~known] == 0).all() and (raw[~known] == UNLABELLED).all()
+        for i, image in enumerate(m.images):
+            drawn = {int(au): v for au, v in truth[image]["intensity"].items()}
+            assert truth[image]["labels"] == raw[i].tolist()
+            want = [facs_level(drawn[a]) if a in drawn else 0 for a in EMOTIONET_AUS]
+            np.testing.assert_array_equal(levels[i][known[i]], np.array(want)[known[i]], err_msg=image)
+            assert [int(m.extra[f"AU{a}_intensity"][i]) for a, k in zip(EMOTIONET_AUS, known[i]) if not k] == \
+                [UNLABELLED] * int((~known[i]).sum())
+            seen |= set(levels[i][known[i]].tolist())
+    assert {0, 4, 5} <= seen  # the renderer draws active AUs at 0.65-1.0: levels D and E
+
+
+def test_a_folder_of_another_version_is_generated_again(tmp_path, synthau):
+    """The manifests changed with the version, so a folder written before is not taken as complete."""
+    settings = SynthAUSettings(num_images=120, seed=3)
+    assert generate.synthau_is_complete(synthau, settings)
+    old = tmp_path / "old"
+    old.mkdir()
+    marker = json.loads((synthau / "synthau.json").read_text())
+    marker["settings"]["version"] = generate.SYNTHAU_VERSION - 1
+    (old / "synthau.json").write_text(json.dumps(marker))
+    assert not generate.synthau_is_complete(old, settings)
 
 
 def test_summary_counts(synthau):

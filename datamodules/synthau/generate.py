@@ -7,8 +7,9 @@ larger picture with the challenges of the wild: pose, illumination, resolution a
 This module writes the data set to disk.
 
 The output is exactly the EmotioNet form (tab-separated manifests, image reference first, then
-the AU columns with 0/1/999), plus identity and expression columns for the pretraining tasks and
-the ground-truth boxes and landmarks of every face drawn (``faces.jsonl``).
+the AU columns with 0/1/999), plus identity and expression columns for the pretraining tasks, an
+``AU<n>_intensity`` column per AU (the FACS level 0-5 of the intensity drawn, 999 where the AU is
+unlabelled) and the ground-truth boxes and landmarks of every face drawn (``faces.jsonl``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datamodules.io.manifest import EMOTIONET_AUS, UNLABELLED, au_column_name, positive_rate, write_manifest
+from datamodules.io.manifest import (EMOTIONET_AUS, UNLABELLED, au_column_name, intensity_column_name, positive_rate,
+                                     write_manifest)
 from datamodules.synthau.face import FaceSpec, Identity, render_face, sample_identity
 from datamodules.synthau.labels import sample_labels
+from datamodules.synthau.layouts import facs_level
 from datamodules.synthau.scene import render_scene
 
-SYNTHAU_VERSION = 1
+# Part of the settings, so a folder written by another version is generated again. 2: the
+# manifests gained the intensity columns (images unchanged).
+SYNTHAU_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 
@@ -81,10 +86,33 @@ def _split_of(settings: SynthAUSettings) -> list[str]:
     return split
 
 
+def intensity_levels(row: dict) -> list[int]:
+    """A scene's FACS levels (0-5) per EmotioNet AU, as its manifest row writes them: ``999`` where
+    the occurrence label is, at least level A (1) where it is 1, 0 where it is 0.
+
+    The level is that of the intensity drawn for the labelled face (:func:`facs_level`, as the
+    benchmark layouts write it); a present AU drawn under level A would still be one the
+    occurrence label calls present, hence the floor of 1.
+    """
+    drawn = {int(au): v for au, v in row["intensity"].items()}
+    out = []
+    for au, label in zip(EMOTIONET_AUS, row["labels"]):
+        if label == UNLABELLED:
+            out.append(UNLABELLED)
+        elif label == 1:
+            out.append(max(1, facs_level(drawn.get(au, 0.0))))
+        else:
+            out.append(0)
+    return out
+
+
 def _write_split(path: Path, rows: list[dict]) -> None:
-    """A split's manifest in EmotioNet form: image, one column per AU, then identity and expression."""
-    header = ["image"] + [au_column_name(a) for a in EMOTIONET_AUS] + ["identity", "expression"]
-    write_manifest(path, header, ([r["image"], *r["labels"], r["identity"], r["expression"]] for r in rows))
+    """A split's manifest in EmotioNet form: image, one column per AU, identity and expression, then
+    one intensity column per AU (appended, so the earlier columns keep their places)."""
+    header = (["image"] + [au_column_name(a) for a in EMOTIONET_AUS] + ["identity", "expression"]
+              + [intensity_column_name(a) for a in EMOTIONET_AUS])
+    write_manifest(path, header, ([r["image"], *r["labels"], r["identity"], r["expression"], *intensity_levels(r)]
+                                  for r in rows))
 
 
 def label_statistics(rows: list[dict]) -> dict:

@@ -149,7 +149,8 @@ class AUPredictor:
         if missing:
             raise ModelConfigError(f"{source}: hyper_parameters lack {missing}")
         spec = check_spec({"aus": hparams["aus"], "backbone": hparams["backbone"], "branches": hparams["branches"],
-                           "aux_heads": bool(hparams.get("aux_heads", False))}, source)
+                           "aux_heads": bool(hparams.get("aux_heads", False)),
+                           "intensity": any(k.startswith("net.intensity_head.") for k in state_dict)}, source)
         alignment = AlignmentSettings.coerce(alignment)
         check_crop_size(alignment.crop_size, source)
         check_normalisation(mean, std, source)
@@ -300,7 +301,8 @@ def build_net(spec: dict, source: str | Path = "model spec") -> AUNet:
     level = backbones.level
     backbones.setLevel(max(level, logging.WARNING))
     try:
-        return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False))
+        return AUNet(spec["aus"], spec["backbone"], spec["branches"], aux_heads=spec.get("aux_heads", False),
+                     intensity=spec.get("intensity", False))
     finally:
         backbones.setLevel(level)
 
@@ -334,7 +336,7 @@ def check_crop_size(size, source: str | Path) -> int:
 
 
 def check_spec(spec, source: str | Path) -> dict:
-    """The network spec of a saved model (``aus``, ``backbone``, ``branches``, ``aux_heads``),
+    """The network spec of a saved model (``aus``, ``backbone``, ``branches``, ``aux_heads``, ``intensity``),
     checked before anything is built: a backbone this project trains (:func:`check_backbone`), 1 to
     :data:`MAX_AUS` distinct AU numbers within :data:`AU_IDS`, a non-empty set of the known branches.
     Raises :class:`ModelConfigError` naming ``source`` and the field."""
@@ -363,7 +365,11 @@ def check_spec(spec, source: str | Path) -> dict:
     aux = spec.get("aux_heads", False)
     if not isinstance(aux, bool):
         raise ModelConfigError(f"{source}: net aux_heads {aux!r}: expected true or false")
-    return {"aus": [int(a) for a in aus], "backbone": spec["backbone"], "branches": list(branches), "aux_heads": aux}
+    intensity = spec.get("intensity", False)
+    if not isinstance(intensity, bool):
+        raise ModelConfigError(f"{source}: net intensity {intensity!r}: expected true or false")
+    return {"aus": [int(a) for a in aus], "backbone": spec["backbone"], "branches": list(branches), "aux_heads": aux,
+            "intensity": intensity}
 
 
 def check_thresholds(values, k: int, source: str | Path, field: str = "thresholds") -> None:
