@@ -67,6 +67,7 @@ class Record:
 PROTOCOL_AUS: dict[str, tuple[int, ...]] = {
     "bp4d-3fold": (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24),
     "disfa-3fold": (1, 2, 4, 6, 9, 12, 25, 26),
+    "affwild2-abaw": (1, 2, 4, 6, 7, 10, 12, 15, 23, 24, 25, 26),
 }
 RECORDS: dict[str, tuple[Record, ...]] = {
     "bp4d-3fold": (
@@ -82,19 +83,49 @@ RECORDS: dict[str, tuple[Record, ...]] = {
         Record("MDHR", 66.2, "Wang et al., CVPR 2024"),
         Record("FMAE-IAT", 70.1, "Ning et al., 2024"),
     ),
+    # scored on the challenge's hidden test set, which no one holds: beside a validation figure for scale only
+    "affwild2-abaw": (
+        Record("ABAW5 winner (test set)", 55.5, "5th ABAW Competition, AU detection track, CVPR 2023 workshops"),
+    ),
 }
 
 
-def plan_folds(protocol: str, subjects: Sequence[str], k: int = 3, repeats: int = 1, seed: int = 0
-               ) -> list[tuple[int, Fold]]:
-    """``(repeat, fold)`` pairs to run: a published protocol's three folds once, or ``repeats``
-    times ``k`` random subject-exclusive folds (seeds ``seed``, ``seed + 1``...)."""
+def challenge_fold(subjects: Sequence[str], splits: Sequence[str] | None, where: str = "manifest") -> Fold:
+    """The ABAW challenge's split as one fold: trained on the ``train`` subjects (the Train_Set's
+    annotation files), tested on the ``validation`` ones; from the ``split`` column that
+    ``au-detect import affwild2`` writes. A subject in both is a :class:`FoldError`."""
+    if splits is None:
+        raise FoldError(f"{where}: no 'split' column: affwild2-abaw needs au-detect import affwild2's manifest")
+    of: dict[str, set[str]] = {}
+    for s, split in zip(subjects, splits):
+        of.setdefault(split, set()).add(s)
+    unknown = sorted(set(of) - {"train", "validation"})
+    if unknown:
+        raise FoldError(f"{where}: split values {unknown}: expected train and validation")
+    both = of.get("train", set()) & of.get("validation", set())
+    if both:
+        raise FoldError(f"{where}: subjects in both splits: {', '.join(sorted(both))}")
+    if not of.get("train") or not of.get("validation"):
+        raise FoldError(f"{where}: affwild2-abaw needs subjects of both splits, found {sorted(of)}")
+    return Fold(1, tuple(sorted(of["train"])), tuple(sorted(of["validation"])))
+
+
+def plan_folds(protocol: str, subjects: Sequence[str], k: int = 3, repeats: int = 1, seed: int = 0,
+               splits: Sequence[str] | None = None) -> list[tuple[int, Fold]]:
+    """``(repeat, fold)`` pairs to run: a published protocol's three folds once, the ABAW split
+    (``affwild2-abaw``, from ``splits``) once, or ``repeats`` times ``k`` random subject-exclusive
+    folds (seeds ``seed``, ``seed + 1``...)."""
     if repeats < 1:
         raise FoldError(f"repeats must be at least 1, got {repeats}")
     if protocol == "random":
         return [(r, fold) for r in range(repeats) for fold in random_folds(subjects, k, seed + r)]
-    if protocol not in PROTOCOLS:
-        raise FoldError(f"protocol {protocol!r}: not one of {', '.join([*PROTOCOLS, 'random'])}")
+    if protocol not in PROTOCOLS and protocol != "affwild2-abaw":
+        raise FoldError(f"protocol {protocol!r}: not one of {', '.join([*PROTOCOLS, 'affwild2-abaw', 'random'])}")
+    if repeats != 1:
+        raise FoldError(f"--repeats {repeats} with {protocol}: a published partition is one split; "
+                        "use --protocol random --repeats N to reshuffle")
+    if protocol == "affwild2-abaw":
+        return [(0, challenge_fold(subjects, splits))]
     if repeats != 1:
         raise FoldError(f"--repeats {repeats} with {protocol}: a published partition is one split; "
                         "use --protocol random --repeats N to reshuffle")
@@ -185,8 +216,9 @@ def fold_table(protocol: str, aus: Sequence[int], results: dict[str, dict[str, f
             warnings.simplefilter("ignore", RuntimeWarning)
             rows.append(["mean", *map(_percent, np.nanmean(table, 0))])
             rows.append(["std", *map(_percent, np.nanstd(table, 0, ddof=1) if len(table) > 1 else table[0] * np.nan)])
-    for record in RECORDS.get(protocol, ()):
-        rows.append([record.method, *[""] * len(names), f"{record.f1:.1f}", *([""] if field_col else []), ""])
+    for record in RECORDS.get(protocol, ()):  # a record's mean is over the field's AUs
+        means = ["", f"{record.f1:.1f}"] if field_col else [f"{record.f1:.1f}"]
+        rows.append([record.method, *[""] * len(names), *means, ""])
     return rows
 
 
@@ -268,7 +300,8 @@ def crossval(
         manifest: a manifest with a ``subject`` column (``au-detect import`` writes one).
         fit_config: the fit config of every fold (its ``data.aus`` are the AUs; its data manifests,
             run name and checkpoint folder are set per fold).
-        protocol: ``bp4d-3fold``, ``disfa-3fold`` (the published partitions) or ``random``.
+        protocol: ``bp4d-3fold``, ``disfa-3fold`` (the published partitions), ``affwild2-abaw``
+            (train on the challenge's Train_Set, test on its Validation_Set) or ``random``.
         k: folds of ``random``.
         repeats: times ``random`` reshuffles its folds (the spread between repeats is reported).
         seed: seed of the random folds and of the validation subjects drawn from each fold's
@@ -295,12 +328,13 @@ def crossval(
         raise ManifestError(f"{manifest}: no {SUBJECT_COLUMN!r} column, so folds cannot keep subjects apart "
                             f"(au-detect import writes one)")
     subjects = table.extra[SUBJECT_COLUMN]
-    plan = plan_folds(protocol, subjects, k, repeats, seed)
+    plan = plan_folds(protocol, subjects, k, repeats, seed, table.extra.get("split"))
     by_repeat: dict[int, list[Fold]] = {}
     for r, fold in plan:
         by_repeat.setdefault(r, []).append(fold)
-    for r, folds in by_repeat.items():  # every frame tested exactly once per repeat
-        fold_of_rows(subjects, folds, where=str(manifest))
+    for r, folds in by_repeat.items():  # every frame tested exactly once per repeat (the challenge's
+        if protocol != "affwild2-abaw":  # split tests its validation subjects only)
+            fold_of_rows(subjects, folds, where=str(manifest))
     image_root = str(Path(manifest).resolve().parent)
     image_subject = dict(zip(table.images, subjects))  # as written: what crop caches record
 
@@ -381,8 +415,11 @@ def crossval(
     if writer:
         print(f"\n[crossval] {name}: {len(done)} folds in {(time.perf_counter() - start) / 60:.1f} min this time\n")
         print(markdown(fold_table(protocol, aus, {k_: v["metrics"] for k_, v in done.items()})))
-        print(f"[crossval] mean F1 {100 * summary['test/f1']:.1f} ± {100 * summary['test/f1_std']:.1f}, "
-              f"micro-F1 {100 * summary['test/f1_micro']:.1f} ± {100 * summary['test/f1_micro_std']:.1f}; "
+        def spread(key: str) -> str:  # one fold has no standard deviation
+            sd = summary[f"{key}_std"]
+            return f"{100 * summary[key]:.1f}" + (f" ± {100 * sd:.1f}" if math.isfinite(sd) else "")
+
+        print(f"[crossval] mean F1 {spread('test/f1')}, micro-F1 {spread('test/f1_micro')}; "
               f"parent run {parent}: {tracking.ui_url(tracking.experiment_id(client), parent)}")
     return {"parent": parent, "folds": done, "summary": summary}
 
@@ -399,8 +436,10 @@ def summarize(done: dict[str, dict], aus: Sequence[int], protocol: str) -> dict[
         out[std_key] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
     metrics = [d["metrics"] for d in done.values()]
-    for key in ("test/f1", "test/f1_micro", "test/f1_default", "test/accuracy"):
-        stats(key, [m.get(key, float("nan")) for m in metrics])
+    for key in ("test/f1", "test/f1_micro", "test/f1_default", "test/accuracy", "test/intensity_icc",
+                "test/intensity_pcc", "test/intensity_mae"):  # intensity: with an intensity head (DISFA)
+        if key.startswith("test/f1") or key.startswith("test/acc") or any(key in m for m in metrics):
+            stats(key, [m.get(key, float("nan")) for m in metrics])
     field = PROTOCOL_AUS.get(protocol)
     if field and set(field) != set(aus):
         stats("test/f1_field", [float(np.nanmean([m.get(f"test/f1/{au_column_name(a)}", float("nan"))
@@ -425,7 +464,7 @@ def _log_parent(client, parent: str, done: dict[str, dict], summary: dict[str, f
     metrics = [Metric(k, v, now, 0) for k, v in summary.items() if math.isfinite(v)]
     for step, (key, d) in enumerate(done.items(), start=1):
         for k_, v in d["metrics"].items():
-            if k_.startswith(("test/f1", "test/accuracy")) and math.isfinite(v):
+            if k_.startswith(("test/f1", "test/accuracy", "test/intensity")) and math.isfinite(v):
                 metrics.append(Metric(f"fold/{k_}", v, now, step))
     repeats: dict[int, list[float]] = {}
     for d in done.values():

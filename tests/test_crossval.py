@@ -39,7 +39,7 @@ def test_published_protocols_run_once_and_random_repeats_reshuffle():
     assert [(r, f.number, len(f.test)) for r, f in plan] == [(0, 1, 13), (0, 2, 14), (0, 3, 14)]
     with pytest.raises(FoldError, match="use --protocol random --repeats"):
         cv.plan_folds("disfa-3fold", [], repeats=3)
-    with pytest.raises(FoldError, match="not one of bp4d-3fold, disfa-3fold, random"):
+    with pytest.raises(FoldError, match="not one of bp4d-3fold, disfa-3fold, affwild2-abaw, random"):
         cv.plan_folds("bp4d", [])
     subjects = [f"S{i}" for i in range(7)]
     plan = cv.plan_folds("random", subjects, k=3, repeats=2, seed=5)
@@ -84,7 +84,10 @@ def test_summary_and_table_match_a_hand_computation():
     assert rows[1] == ["fold1", "40.0", "60.0", "50.0", "50.0", "50.0", "60.0"]
     assert rows[4] == ["mean", "50.0", "70.0", "60.0", "60.0", "60.0", "70.0"]
     assert rows[5] == ["std", "10.0", "10.0", "10.0", "10.0", "10.0", "10.0"]
-    assert [r[0] for r in rows[6:]] == ["ME-GraphAU", "MDHR", "FMAE-IAT"] and rows[6][4] == "65.5"
+    # a record's mean F1 is over the field's AUs: it stands in that column, not beside our mean of all
+    assert [r[0] for r in rows[6:]] == ["ME-GraphAU", "MDHR", "FMAE-IAT"] and rows[6][4:] == ["", "65.5", ""]
+    plain = cv.fold_table("bp4d-3fold", (1, 2), {k: d["metrics"] for k, d in done.items()})
+    assert plain[0][-2:] == ["mean F1", "micro-F1"] and plain[-1][-2:] == ["67.1", ""]
     repeated = {**done, "r2": {"repeat": 2, "run_id": "4", "metrics": {"test/f1": 0.9}}}
     s = cv.summarize(repeated, (1, 2, 5), "random")
     assert s["repeats/test/f1_range"] == pytest.approx(0.3) and s["repeats/test/f1_std"] == pytest.approx(
@@ -281,3 +284,16 @@ def test_each_fold_runs_with_ddp_on_two_ranks(synthau, tmp_path):
     assert sorted(r.info.run_name for r in children) == ["ddp fold1", "ddp fold2"]
     assert all(r.data.params["trainer.devices"] == "2" and r.data.params["trainer.strategy"] == "ddp"
                and r.info.status == "FINISHED" and "test/f1" in r.data.metrics for r in children)
+
+
+def test_the_abaw_split_is_one_fold_from_the_split_column():
+    subjects = ["v1", "v1", "v2", "v3_left", "v3_right"]
+    splits = ["train", "train", "validation", "train", "validation"]
+    ((r, fold),) = cv.plan_folds("affwild2-abaw", subjects, splits=splits)
+    assert (fold.train, fold.test) == (("v1", "v3_left"), ("v2", "v3_right"))
+    with pytest.raises(FoldError, match="no 'split' column"):
+        cv.plan_folds("affwild2-abaw", subjects)
+    with pytest.raises(FoldError, match="subjects in both splits: v1"):
+        cv.plan_folds("affwild2-abaw", ["v1", "v1"], splits=["train", "validation"])
+    with pytest.raises(FoldError, match=r"split values \['test'\]"):
+        cv.plan_folds("affwild2-abaw", ["v1"], splits=["test"])
