@@ -19,21 +19,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from datamodules.io import files
-from datamodules.io.manifest import UNLABELLED, au_column_name, write_manifest
+from datamodules.io.manifest import UNLABELLED, au_column_name, intensity_column_name, write_manifest
 
 # The columns every imported manifest has before its AU columns, in this order.
 ID_COLUMNS = ("image", "subject", "sequence", "frame")
 REPORT_NAME = "import_report.json"
 FRAME_SUFFIXES = (".jpg", ".jpeg")  # the benchmarks' frames are JPEGs
-
-
-def intensity_column_name(au: int) -> str:
-    """The column of an AU's 0-5 intensity (FACS A-E = 1-5), beside its 0/1 occurrence column.
-
-    >>> intensity_column_name(12)
-    'AU12_intensity'
-    """
-    return f"{au_column_name(au)}_intensity"
 
 
 @dataclass

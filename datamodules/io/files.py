@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -58,3 +59,18 @@ def sync(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_folder(tmp: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Put ``tmp``, a folder written whole beside ``root``, in ``root``'s place by renames: a data
+    set being written is never visible under its name. An existing ``root`` is moved aside first
+    and removed once the new one is in place."""
+    tmp, root = Path(tmp), Path(root)
+    if root.exists():
+        old = root.parent / f".{root.name}.old-{os.getpid()}"
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+

@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from datamodules.io import files
 from datamodules.io.manifest import (EMOTIONET_AUS, UNLABELLED, au_column_name, intensity_column_name, positive_rate,
                                      write_manifest)
 from datamodules.synthau.face import FaceSpec, Identity, render_face, sample_identity
@@ -227,13 +228,7 @@ def generate_synthau(root: str | Path, settings: SynthAUSettings = SynthAUSettin
             **label_statistics(rows),
         }
         (tmp / "synthau.json").write_text(json.dumps(summary, indent=2))
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        files.replace_folder(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

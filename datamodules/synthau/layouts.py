@@ -81,6 +81,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from datamodules.io import files
 from datamodules.io.folds import PROTOCOLS
 from datamodules.io.manifest import BP4D_AUS, DISFA_AUS, au_column_name
 from datamodules.synthau.face import FaceSpec, Identity, sample_identity
@@ -720,13 +721,7 @@ def render_layout(root: str | Path, settings: LayoutSettings = LayoutSettings(),
                     f.write(json.dumps(row) + "\n")
         summary = _summary(settings, jobs, results)
         (tmp / MARKER).write_text(json.dumps(summary, indent=2))
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        files.replace_folder(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
