@@ -122,7 +122,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
     start = time.perf_counter()
     try:
-        writer = csv.DictWriter(f, fieldnames=columns(aus), restval="")
+        writer = csv.DictWriter(f, fieldnames=columns(aus, predictor.has_intensity), restval="")
         writer.writeheader()
         # A whole next batch decodes while this one is classified, or the next would wait for it.
         decoded = frames(sources, every, max_pixels, workers, predictor.detection_copy,

@@ -122,3 +122,55 @@ def test_occurrence_only_models_are_unchanged():
     assert off.net.intensity_head is None  # the ablation's row without the head
     with pytest.raises(ValueError, match="no intensity head"):
         AUNet(aus=[6], backbone="resnet10t", branches=["face"]).eval().predict_intensity(torch.zeros(1, 3, 32, 32))
+
+
+def _intensity_predictor(aus=(1, 2, 12), crop=48):
+    from datamodules.alignment.align import AlignmentSettings
+    from lightning_modules.serving.predictor import AUPredictor
+
+    torch.manual_seed(3)
+    net = AUNet(aus=list(aus), backbone="resnet18", branches=["face"], intensity=True).eval()
+    with torch.no_grad():
+        net.thresholds.copy_(torch.tensor([0.3, 0.5, 0.7])[:len(aus)])
+        net.head.bias.copy_(torch.tensor([0.5, 0.0, -0.5])[:len(aus)])  # some AUs on, some off
+    spec = {"aus": list(aus), "backbone": "resnet18", "branches": ["face"], "aux_heads": False, "intensity": True}
+    return AUPredictor(net, AlignmentSettings(crop_size=crop), spec, device="cpu")
+
+
+def test_predict_rows_carry_intensities_that_never_contradict_the_decisions(synthau, tmp_path):
+    """Every row of a predict run over SynthAU's test split: AU<n>_intensity is 0 exactly where
+    AU<n> is 0, and in [1, 5] where it is 1; the saved predictor reloads with its head."""
+    import csv as csv_module
+
+    from experiments.predict import run as run_predict
+    from lightning_modules.serving.predictor import AUPredictor, columns
+
+    predictor = _intensity_predictor()
+    assert predictor.has_intensity
+    out = tmp_path / "rows.csv"
+    run_predict(predictor, [str(synthau / "images" / "test")], str(out), progress=False)
+    with open(out, newline="") as f:
+        rows = list(csv_module.DictReader(f))
+    assert list(rows[0]) == columns(predictor.aus, intensity=True)
+    faces = [r for r in rows if r["status"] == "ok"]
+    assert len(faces) >= 10
+    seen = set()
+    for r in faces:
+        for au in ("AU1", "AU2", "AU12"):
+            level, decided = float(r[f"{au}_intensity"]), int(r[au])
+            assert (level == 0) if not decided else (1 <= level <= 5), (r["source"], au, level, decided)
+            seen.add(decided)
+    assert seen == {0, 1}  # both sides of the rule were exercised
+    reloaded = AUPredictor.from_dir(predictor.save(tmp_path / "saved"), device="cpu")
+    assert reloaded.has_intensity
+    crops = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    for a, b in zip(predictor.classify_intensity(crops), reloaded.classify_intensity(crops)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_pyfunc_signature_names_the_intensity_columns():
+    from lightning_modules.serving.pyfunc import signature
+
+    names = signature([1, 12], intensity=True).outputs.input_names()
+    assert names[-2:] == ["AU1_intensity", "AU12_intensity"]
+    assert "AU1_intensity" not in signature([1, 12]).outputs.input_names()

@@ -79,7 +79,14 @@ def test_folder_of_scenes_one_row_per_face_near_the_truth(synthau, truth, traine
     main(["predict", "--model", trained["ckpt"], "--input", str(folder), "--out", str(out), "--mlflow",
           trained["mlflow_yaml"]])
     rows = read_rows(out)
-    assert list(rows[0]) == columns(AUPredictor.load(trained["ckpt"], "cpu").aus)
+    loaded = AUPredictor.load(trained["ckpt"], "cpu")
+    assert loaded.has_intensity  # SynthAU's manifests carry intensities: the fit trained the head
+    assert list(rows[0]) == columns(loaded.aus, intensity=True)
+    for r in rows:  # intensity and occurrence never disagree
+        for au in loaded.aus:
+            if r["status"] == "ok":
+                level, decided = float(r[f"AU{au}_intensity"]), int(r[f"AU{au}"])
+                assert (level == 0) if not decided else 1 <= level <= 5
     by_source: dict[str, list[dict]] = {}
     for r in rows:
         by_source.setdefault(r["source"], []).append(r)

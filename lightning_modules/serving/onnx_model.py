@@ -214,6 +214,10 @@ class OnnxAUPredictor(AUPredictor):
     def thresholds(self) -> np.ndarray:
         return self._thresholds
 
+    @property
+    def has_intensity(self) -> bool:
+        return False  # the exported graph answers occurrence only
+
     def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k = len(self.aus)
         if not len(crops):

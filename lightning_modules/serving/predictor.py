@@ -57,6 +57,7 @@ class Face:
     confidence: float
     probs: np.ndarray  # (K,)
     decisions: np.ndarray  # (K,) bool, at the fitted thresholds
+    intensities: np.ndarray | None = None  # (K,) 0 where decided absent, else the expected FACS level 1-5
 
 
 class AUPredictor:
@@ -97,6 +98,11 @@ class AUPredictor:
     @property
     def aus(self) -> tuple[int, ...]:
         return self.net.aus
+
+    @property
+    def has_intensity(self) -> bool:
+        """Whether the network reports AU intensities beside occurrence (trained with an intensity head)."""
+        return self.net.intensity_head is not None
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -231,6 +237,25 @@ class AUPredictor:
             decisions.append(d.cpu().numpy())
         return np.concatenate(probs), np.concatenate(decisions)
 
+    @torch.inference_mode()
+    def classify_intensity(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`classify`, with each AU's intensity (N,K): 0 where decided absent, the
+        expected FACS level (1-5) given presence where decided present. Needs :attr:`has_intensity`."""
+        k = len(self.aus)
+        if not len(crops):
+            return np.zeros((0, k), np.float32), np.zeros((0, k), bool), np.zeros((0, k), np.float32)
+        out: list[list[np.ndarray]] = [[], [], []]
+        dtype = PRECISIONS[self.precision]
+        autocast = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        for i in range(0, len(crops), self.batch_size):
+            batch = np.require(crops[i:i + self.batch_size], np.uint8, ["C", "W"])
+            x = torch.from_numpy(batch).to(self.device)
+            with autocast:
+                answers = self._inference_net.predict_intensity(self.normalize(x.permute(0, 3, 1, 2)))
+            for part, value in zip(out, answers):
+                part.append(value.float().cpu().numpy() if value.dtype != torch.bool else value.cpu().numpy())
+        return tuple(np.concatenate(part) for part in out)
+
     def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None) -> list[list[Face]]:
         """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
         detection copies when made ahead, see :meth:`FaceDetector.detect`)."""
@@ -243,11 +268,15 @@ class AUPredictor:
                 crops.append(crop_face(frame, det.boxes[j], det.landmarks[j], self.alignment))
                 owners.append((f, int(j)))
         size = self.alignment.crop_size
-        probs, decisions = self.classify(np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8))
+        stacked = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        if self.has_intensity:
+            probs, decisions, intensities = self.classify_intensity(stacked)
+        else:
+            (probs, decisions), intensities = self.classify(stacked), [None] * len(owners)
         out: list[list[Face]] = [[] for _ in frames]
-        for (f, j), p, d in zip(owners, probs, decisions):
+        for (f, j), p, d, i in zip(owners, probs, decisions, intensities):
             det = detections[f]
-            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d))
+            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d, i))
         return out
 
 
@@ -443,10 +472,11 @@ BASE_COLUMNS = ["source", "frame", "time_s", "face", "status", "message", "x0", 
                 *[f"{p}_{c}" for p in LANDMARKS for c in "xy"], "confidence"]
 
 
-def columns(aus: Sequence[int]) -> list[str]:
-    """The CSV header: fixed columns, then each AU's probability, then each AU's decision."""
+def columns(aus: Sequence[int], intensity: bool = False) -> list[str]:
+    """The CSV header: fixed columns, then each AU's probability, then each AU's decision, then
+    with ``intensity`` each AU's intensity (``AU12_intensity``)."""
     names = [au_column_name(a) for a in aus]
-    return BASE_COLUMNS + [f"{n}_prob" for n in names] + names
+    return BASE_COLUMNS + [f"{n}_prob" for n in names] + names + ([f"{n}_intensity" for n in names] if intensity else [])
 
 
 def face_record(source: str, frame: int | None, time_s: float | None, index: int, face: Face,
@@ -462,6 +492,9 @@ def face_record(source: str, frame: int | None, time_s: float | None, index: int
         name = au_column_name(a)
         record[f"{name}_prob"] = round(float(p), 5)
         record[name] = int(d)
+    if face.intensities is not None:
+        for a, i in zip(aus, face.intensities):
+            record[f"{au_column_name(a)}_intensity"] = round(float(i), 3)
     return record
 
 

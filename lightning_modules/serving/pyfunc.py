@@ -119,7 +119,7 @@ class AUModel(mlflow.pyfunc.PythonModel):
                              decode_seconds=self.limits.decode_seconds)
             for frame, faces in self.predictor.predict_frames(decoded, batch_pixels=self.limits.batch_pixels):
                 records += frame_records(frame, faces, aus)
-        return pd.DataFrame.from_records(records, columns=columns(aus))
+        return pd.DataFrame.from_records(records, columns=columns(aus, self.predictor.has_intensity))
 
     def _sources(self, values: list) -> list[Source]:
         """One source per row, checked against the request limits before anything is decoded."""
@@ -165,13 +165,14 @@ def _source(row: int, value) -> Source:
     return Source(name, "image", InputError(UNREADABLE, f"{name}: {type(value).__name__} is not image bytes"), key=row)
 
 
-def signature(aus) -> ModelSignature:
+def signature(aus, intensity: bool = False) -> ModelSignature:
     numeric = ["frame", "time_s", "face", "x0", "y0", "x1", "y1", *[f"{p}_{c}" for p in LANDMARKS for c in "xy"],
                "confidence"]
     names = [au_column_name(a) for a in aus]
     outputs = [ColSpec("long", "source"), ColSpec("string", "status"), ColSpec("string", "message")]
     outputs += [ColSpec("double", c) for c in numeric + [f"{n}_prob" for n in names] + names]
-    order = {c: i for i, c in enumerate(columns(aus))}
+    outputs += [ColSpec("double", f"{n}_intensity") for n in names] if intensity else []
+    order = {c: i for i, c in enumerate(columns(aus, intensity))}
     return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                           outputs=Schema(sorted(outputs, key=lambda c: order[c.name])))
 
@@ -204,7 +205,7 @@ def log_model(predictor, name: str = "model", registered_model_name: str | None 
             export_onnx(predictor, folder)
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(MODEL_CODE), artifacts={"predictor": str(folder)},
-            code_paths=[str(p) for p in code], signature=signature(predictor.aus),
+            code_paths=[str(p) for p in code], signature=signature(predictor.aus, predictor.has_intensity),
             input_example=pd.DataFrame({"image": [_example_image()]}), pip_requirements=requirements(),
             model_config={**asdict(limits), "backend": "torch"}, registered_model_name=registered_model_name)
         record_model_code(mlflow.MlflowClient(), info.model_id)
