@@ -188,6 +188,7 @@ class AUDataModule(L.LightningDataModule):
         self.normalize = Normalize(mean, std)
         self._url_manifests: dict[str, bool] = {}
         self._au_priors: list[float] | None = None
+        self._level_counts: list[list[float]] | None = None  # with _au_priors (_training_label_facts)
         self._has_intensity: bool | None = None
         self.intensity_levels: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per split, with has_intensity
 
@@ -321,12 +322,21 @@ class AUDataModule(L.LightningDataModule):
         Read from the manifest's labels (so before any image is downloaded or aligned; SynthAU is
         generated first if it is the data). The CLI links it to ``model.au_priors``.
         """
+        return self._training_label_facts()[0]
+
+    def _training_label_facts(self) -> tuple[list[float], list[list[float]] | None]:
+        """``au_priors`` and ``intensity_level_counts`` from one reading of the training manifest
+        (the CLI asks for both at instantiation; a manifest of a million rows takes seconds)."""
         if self._au_priors is None:
             if self.synthetic:
                 self._generate()
             manifest = read_manifest(self.manifest_paths["train"], aus=self.aus, root=self.hparams.image_root)
             self._au_priors = [float(r) for r in manifest.positive_rate()]
-        return self._au_priors
+            if self.has_intensity:
+                levels, known = read_levels(manifest, self.aus)
+                self._level_counts = [[float(((levels[:, k] == level) & known[:, k]).sum())
+                                       for level in range(1, MAX_LEVEL + 1)] for k in range(len(self.aus))]
+        return self._au_priors, self._level_counts
 
     @property
     def has_intensity(self) -> bool:
@@ -351,12 +361,7 @@ class AUDataModule(L.LightningDataModule):
         """Per AU, the training manifest's labelled frames at FACS levels 1-5 (None without
         intensities): what weights rare high levels in the intensity loss. The CLI links it to
         ``model.intensity_level_counts``."""
-        if not self.has_intensity:
-            return None
-        manifest = read_manifest(self.manifest_paths["train"], aus=self.aus, root=self.hparams.image_root)
-        levels, known = read_levels(manifest, self.aus)
-        return [[float(((levels[:, k] == level) & known[:, k]).sum()) for level in range(1, MAX_LEVEL + 1)]
-                for k in range(len(self.aus))]
+        return self._training_label_facts()[1]
 
     def label_frequencies(self, stage: str = "train") -> np.ndarray:
         """Per-AU positive rate over labelled entries of a split (nan where none is labelled)."""

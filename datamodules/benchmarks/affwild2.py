@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from datamodules.benchmarks.report import (FrameRow, ImportReport, frame_images, image_fault, spans,
+from datamodules.benchmarks.report import (FrameRow, ImportReport, check_aus, frame_images, image_fault, spans,
                                            write_frames)
 from datamodules.io.manifest import UNLABELLED, au_column_name
 
@@ -52,9 +52,7 @@ def import_affwild2(root: str, out: str, aus: Sequence[int] = AFFWILD2_AUS) -> I
         FileNotFoundError: ``root`` is not a folder.
         ValueError: ``aus`` is empty or names an AU twice.
     """
-    aus = tuple(int(a) for a in aus)
-    if not aus or len(set(aus)) != len(aus):
-        raise ValueError(f"aus must name at least one AU, each once: {aus}")
+    aus = check_aus(aus)
     base = Path(root).expanduser()
     if not base.is_dir():
         raise FileNotFoundError(f"Aff-Wild2 root not found: {root}")

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from datamodules.benchmarks.report import (FrameRow, ImportReport, frame_images, image_fault, spans,
+from datamodules.benchmarks.report import (FrameRow, ImportReport, check_aus, frame_images, image_fault, spans,
                                            write_frames)
 from datamodules.io.manifest import BP4D_AUS, UNLABELLED, ManifestError, au_column_name, read_rows
 
@@ -49,7 +49,7 @@ def import_bp4d(root: str, out: str, aus: Sequence[int] = BP4D_AUS) -> ImportRep
         FileNotFoundError: ``root`` is not a folder.
         ValueError: ``aus`` is empty or names an AU twice.
     """
-    aus = _check_aus(aus)
+    aus = check_aus(aus)
     base = Path(root).expanduser()
     if not base.is_dir():
         raise FileNotFoundError(f"BP4D root not found: {root}")
@@ -100,15 +100,6 @@ def import_bp4d(root: str, out: str, aus: Sequence[int] = BP4D_AUS) -> ImportRep
         write_frames(Path(out) / MANIFEST_NAME, rows, aus, report)
     report.write(out)
     return report
-
-
-def _check_aus(aus: Sequence[int]) -> tuple[int, ...]:
-    aus = tuple(int(a) for a in aus)
-    if not aus:
-        raise ValueError("aus is empty: give at least one AU")
-    if len(set(aus)) != len(aus):
-        raise ValueError(f"aus names an AU twice: {aus}")
-    return aus
 
 
 def _find(base: Path, report: ImportReport) -> tuple[dict[tuple[str, str], Path],

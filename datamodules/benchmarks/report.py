@@ -27,6 +27,16 @@ REPORT_NAME = "import_report.json"
 FRAME_SUFFIXES = (".jpg", ".jpeg")  # the benchmarks' frames are JPEGs
 
 
+def check_aus(aus: Sequence[int]) -> tuple[int, ...]:
+    """The AUs an importer is asked for, as integers: at least one, none twice (a ``ValueError`` otherwise)."""
+    aus = tuple(int(a) for a in aus)
+    if not aus:
+        raise ValueError("aus is empty: give at least one AU")
+    if len(set(aus)) != len(aus):
+        raise ValueError(f"aus names an AU twice: {aus}")
+    return aus
+
+
 @dataclass
 class Skipped:
     """A row, file or frame left out of the manifest: where (``file``, ``line`` from 1 when the

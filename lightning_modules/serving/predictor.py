@@ -224,18 +224,8 @@ class AUPredictor:
         k = len(self.aus)
         if not len(crops):
             return np.zeros((0, k), np.float32), np.zeros((0, k), bool)
-        probs, decisions = [], []
-        dtype = PRECISIONS[self.precision]
-        autocast = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-        for i in range(0, len(crops), self.batch_size):
-            # a memory-mapped cache is read-only: copied only then (torch wants writable memory)
-            batch = np.require(crops[i:i + self.batch_size], np.uint8, ["C", "W"])
-            x = torch.from_numpy(batch).to(self.device)
-            with autocast:
-                p, d = self._inference_net.predict(self.normalize(x.permute(0, 3, 1, 2)))
-            probs.append(p.float().cpu().numpy())
-            decisions.append(d.cpu().numpy())
-        return np.concatenate(probs), np.concatenate(decisions)
+        probs, decisions = self._in_batches(crops, self._inference_net.predict)
+        return probs, decisions
 
     @torch.inference_mode()
     def classify_intensity(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -244,17 +234,25 @@ class AUPredictor:
         k = len(self.aus)
         if not len(crops):
             return np.zeros((0, k), np.float32), np.zeros((0, k), bool), np.zeros((0, k), np.float32)
-        out: list[list[np.ndarray]] = [[], [], []]
+        probs, decisions, intensities = self._in_batches(crops, self._inference_net.predict_intensity)
+        return probs, decisions, intensities
+
+    def _in_batches(self, crops: np.ndarray, answer) -> list[np.ndarray]:
+        """``answer`` (the inference net's ``predict`` or ``predict_intensity``) over the crops,
+        ``batch_size`` at a time under the predictor's precision: each of its outputs concatenated,
+        decisions as bool, the rest as float32."""
+        parts: list[list[np.ndarray]] = []
         dtype = PRECISIONS[self.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         for i in range(0, len(crops), self.batch_size):
+            # a memory-mapped cache is read-only: copied only then (torch wants writable memory)
             batch = np.require(crops[i:i + self.batch_size], np.uint8, ["C", "W"])
             x = torch.from_numpy(batch).to(self.device)
             with autocast:
-                answers = self._inference_net.predict_intensity(self.normalize(x.permute(0, 3, 1, 2)))
-            for part, value in zip(out, answers):
-                part.append(value.float().cpu().numpy() if value.dtype != torch.bool else value.cpu().numpy())
-        return tuple(np.concatenate(part) for part in out)
+                answers = answer(self.normalize(x.permute(0, 3, 1, 2)))
+            values = [a.cpu().numpy() if a.dtype == torch.bool else a.float().cpu().numpy() for a in answers]
+            parts = [[v] for v in values] if not parts else [part + [v] for part, v in zip(parts, values)]
+        return [np.concatenate(part) for part in parts]
 
     def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None) -> list[list[Face]]:
         """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
