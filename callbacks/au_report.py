@@ -1,11 +1,12 @@
 """The per-AU report of a validation: support, threshold (fitted, or the fallback and why), F1 and
-accuracy at 0.5 and at the threshold, as rows, CSV and Markdown; and the prior predictor's F1, the
+accuracy at 0.5 and at the threshold, and with an intensity head ICC(3,1), Pearson correlation and
+MAE of the reported intensities, as rows, CSV and Markdown; and the prior predictor's F1, the
 figure a model must beat."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -23,10 +24,17 @@ def prior_f1(labels: np.ndarray, mask: np.ndarray) -> float:
     return float(np.nanmean(2 * p / (1 + p)))
 
 
+INTENSITY_COLUMNS = ("icc", "pcc", "mae")
+
+
 def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.ndarray,
-              fallbacks: dict[str, str] | None = None) -> list[dict]:
+              fallbacks: dict[str, str] | None = None,
+              intensity: dict[str, dict[str, float]] | None = None) -> list[dict]:
     """One row per AU: what the model does at 0.5 and at its threshold; ``threshold_from`` says
-    ``fitted`` or, for an AU in ``fallbacks`` (AU name -> reason), why it was not fitted."""
+    ``fitted`` or, for an AU in ``fallbacks`` (AU name -> reason), why it was not fitted.
+
+    ``intensity`` (a model with an intensity head): per AU name and ``mean``, its ``icc``, ``pcc``
+    and ``mae``; they become three more columns (empty for an AU without labelled levels)."""
     fallbacks = fallbacks or {}
     rows = []
     for i, au in enumerate(aus):
@@ -43,7 +51,24 @@ def au_report(aus, scores_default: dict, scores_fitted: dict, thresholds: np.nda
                  "accuracy@0.5": _r(scores_default["mean_accuracy"]),
                  "accuracy@fitted": _r(scores_fitted["mean_accuracy"]),
                  "threshold_from": f"{len(fallbacks)} fell back" if fallbacks else None})
+    if intensity is not None:
+        for row in rows:
+            values = intensity.get(row["AU"], {})
+            row.update({key: _r(values.get(key, math.nan)) for key in INTENSITY_COLUMNS})
     return rows
+
+
+def logged_intensity(metrics: Mapping[str, Any], aus, stage: str = "val") -> dict[str, dict[str, float]] | None:
+    """The intensity figures a stage logged (``val/intensity_icc``, ``val/intensity_icc/AU12``, ...)
+    as :func:`au_report` takes them; None when it logged none (no intensity head, or no labelled levels)."""
+    if f"{stage}/intensity_icc" not in metrics:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for name in [au_column_name(a) for a in aus] + ["mean"]:
+        suffix = "" if name == "mean" else f"/{name}"
+        out[name] = {key: float(metrics[f"{stage}/intensity_{key}{suffix}"]) for key in INTENSITY_COLUMNS
+                     if f"{stage}/intensity_{key}{suffix}" in metrics}
+    return out
 
 
 def _r(x: Any) -> float | None:

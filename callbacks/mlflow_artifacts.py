@@ -41,7 +41,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.trainer.states import TrainerFn
 
-from callbacks.au_report import as_csv, as_markdown, au_report, prior_f1
+from callbacks.au_report import as_csv, as_markdown, au_report, logged_intensity, prior_f1
 from callbacks.tracking.dataset_lineage import datamodule_datasets, dataset_inputs
 from callbacks.tracking.mlflow_run import RUN_ID_KEY, mlflow_logger
 from callbacks.plots import label_frequency_figure, pr_curves_figure, sample_grid_figure
@@ -175,7 +175,8 @@ class MLflowArtifacts(L.Callback):
                         "fell_back": fit.fallback_reasons()}
         files: dict[str, str | bytes] = {"thresholds.json": json.dumps(payload, indent=1)}
         if fit is not None:
-            rows = au_report(pl_module.aus, fit.at_default, fit.fitted, thresholds, fit.fallback_reasons())
+            rows = au_report(pl_module.aus, fit.at_default, fit.fitted, thresholds, fit.fallback_reasons(),
+                             logged_intensity(trainer.callback_metrics, pl_module.aus))
             files["au_report.csv"] = as_csv(rows)
             files["au_report.md"] = f"Validation, epoch {epoch}\n\n" + as_markdown(rows)
             files["plots/pr_curves.png"] = _png(pr_curves_figure(pl_module.aus, fit.probs, fit.labels, fit.mask,

@@ -9,7 +9,9 @@ positives, the fitted threshold and F1 at 0.5 and at that threshold, for the bes
 command reads it from each run and writes, per AU, the support and positive share, and for every
 run its F1 at its fitted thresholds and the threshold, with each run's change of F1 against the
 baseline: ``au_comparison.csv``, ``au_comparison.md`` and the heat map ``au_comparison.png``
-(AUs x runs, F1 annotated; beside it the change against the baseline). Runs are labelled by their
+(AUs x runs, F1 annotated; beside it the change against the baseline). Runs trained with an
+intensity head report ICC(3,1) per AU too (``icc``): the table then also holds each run's ICC
+and its change against the baseline, and the heat map an ICC panel. Runs are labelled by their
 run names. The files are also logged to a new MLflow run in the same experiment, tagged
 ``au_detect.command = compare``, with the compared run ids in the tag ``au_detect.compared_runs``.
 """
@@ -271,7 +273,8 @@ def _label(reports: list[Report]) -> None:
 def build_table(reports: list[Report], order: str = "rarity") -> list[dict]:
     """One row per AU (the baseline's AUs first, then any only other runs have), ``mean`` last:
     support, positives and positive share (the baseline's, or the first run that has the AU),
-    then per run ``f1``, ``threshold`` and ``diff`` (F1 minus the baseline's), keyed by run id."""
+    then per run ``f1``, ``threshold``, ``diff`` (F1 minus the baseline's), ``icc`` (None for a
+    run without an intensity head, or an AU without labelled levels) and ``icc_diff``, keyed by run id."""
     aus = list(dict.fromkeys(au for r in reports for au in r.aus))
     base = reports[0]
     rows = []
@@ -281,15 +284,17 @@ def build_table(reports: list[Report], order: str = "rarity") -> list[dict]:
         supports = {r.rows[au].get("support") for r in reports if au in r.rows}
         row = {"AU": au, "support": _int(support), "positives": _int(positives),
                "positive_share": round(positives / support, 4) if support and positives is not None else None,
-               "support_differs": au != "mean" and len(supports) > 1, "f1": {}, "threshold": {}, "diff": {}}
-        base_f1 = base.rows.get(au, {}).get("f1@fitted")
+               "support_differs": au != "mean" and len(supports) > 1, "f1": {}, "threshold": {}, "diff": {},
+               "icc": {}, "icc_diff": {}}
+        base_f1, base_icc = (base.rows.get(au, {}).get(k) for k in ("f1@fitted", "icc"))
         for r in reports:
             values = r.rows.get(au, {})
-            f1 = values.get("f1@fitted")
-            row["f1"][r.run_id] = f1
+            f1, icc = values.get("f1@fitted"), values.get("icc")
+            row["f1"][r.run_id], row["icc"][r.run_id] = f1, icc
             row["threshold"][r.run_id] = values.get("threshold")
             if r is not base:
                 row["diff"][r.run_id] = None if f1 is None or base_f1 is None else round(f1 - base_f1, 4)
+                row["icc_diff"][r.run_id] = None if icc is None or base_icc is None else round(icc - base_icc, 4)
         rows.append(row)
     body, mean = rows[:-1], rows[-1]
     if order == "rarity":
@@ -299,6 +304,11 @@ def build_table(reports: list[Report], order: str = "rarity") -> list[dict]:
     elif order != "au":
         raise CompareError(f"au-detect compare: order {order!r}: expected rarity, support or au")
     return [*body, mean]
+
+
+def with_icc(table: list[dict], reports: list[Report]) -> list[Report]:
+    """The runs that report an ICC for some AU (trained with an intensity head), in table order."""
+    return [r for r in reports if any(row["icc"][r.run_id] is not None for row in table)]
 
 
 def _int(value: float | None) -> int | None:
@@ -317,11 +327,17 @@ def _csv_value(value) -> str:
 
 def table_csv(table: list[dict], reports: list[Report]) -> str:
     """Columns: AU, support, positives, positive_share, then per run ``<label>: f1``,
-    ``<label>: threshold`` and (not for the baseline) ``<label>: f1 - baseline``."""
+    ``<label>: threshold`` and (not for the baseline) ``<label>: f1 - baseline``; then, when some
+    run has an intensity head, per such run ``<label>: icc`` and ``<label>: icc - baseline``
+    (when the baseline has one too)."""
+    intensity = with_icc(table, reports)
+    base_icc = bool(intensity) and intensity[0] is reports[0]
     header = ["AU", "support", "positives", "positive_share"]
     for r in reports:
         header += [f"{r.label}: f1", f"{r.label}: threshold"]
     header += [f"{r.label}: f1 - baseline" for r in reports[1:]]
+    header += [f"{r.label}: icc" for r in intensity]
+    header += [f"{r.label}: icc - baseline" for r in intensity if base_icc and r is not reports[0]]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -330,6 +346,8 @@ def table_csv(table: list[dict], reports: list[Report]) -> str:
         for r in reports:
             line += [row["f1"][r.run_id], row["threshold"][r.run_id]]
         line += [row["diff"][r.run_id] for r in reports[1:]]
+        line += [row["icc"][r.run_id] for r in intensity]
+        line += [row["icc_diff"][r.run_id] for r in intensity if base_icc and r is not reports[0]]
         writer.writerow([_csv_value(v) for v in line])
     return buffer.getvalue()
 
@@ -353,6 +371,20 @@ def table_markdown(table: list[dict], reports: list[Report], skipped: list[dict]
                          else "–")
         cells += [_fmt(row["diff"][r.run_id], signed=True) or "–" for r in reports[1:]]
         lines.append("| " + " | ".join(cells) + " |")
+    intensity = with_icc(table, reports)
+    if intensity:
+        base_icc = intensity[0] is reports[0]
+        others = [r for r in intensity if base_icc and r is not reports[0]]
+        lines += ["", "## ICC(3,1) of the intensities per AU (runs with an intensity head)", "",
+                  "Cells: ICC(3,1) of the reported intensity against the labelled FACS level (0-5)"
+                  + ("; Δ: minus the baseline's." if others else "."), ""]
+        header = ["AU", *[cell(r.label) for r in intensity], *[f"Δ {cell(r.label)}" for r in others]]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in table:
+            cells = [f"**{row['AU']}**" if row["AU"] == "mean" else row["AU"]]
+            cells += [_fmt(row["icc"][r.run_id]) or "–" for r in intensity]
+            cells += [_fmt(row["icc_diff"][r.run_id], signed=True) or "–" for r in others]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Runs:", ""]
     lines += [f"- {cell(r.label)}: `{r.run_id}` ({r.status.lower()})" for r in reports]
     if skipped:
@@ -377,19 +409,27 @@ def heat_map(table: list[dict], reports: list[Report], order: str = "rarity"):
                    for row in table], float)
     diff = np.array([[np.nan if row["diff"][r.run_id] is None else row["diff"][r.run_id] for r in reports[1:]]
                      for row in table], float).reshape(len(table), len(reports) - 1)
-    n_runs, n_diff = len(reports), len(reports) - 1
-    cell_w = 0.62 if n_runs + n_diff <= 24 else 0.45
-    font = 7 if n_runs + n_diff <= 24 else 5
-    width = 3.2 + cell_w * (n_runs + n_diff) + (1.2 if n_diff else 0)
+    intensity = with_icc(table, reports)
+    icc = np.array([[np.nan if row["icc"][r.run_id] is None else row["icc"][r.run_id] for r in intensity]
+                    for row in table], float).reshape(len(table), len(intensity))
+    n_runs, n_diff, n_icc = len(reports), len(reports) - 1, len(intensity)
+    n_cells = n_runs + n_diff + n_icc
+    cell_w = 0.62 if n_cells <= 24 else 0.45
+    font = 7 if n_cells <= 24 else 5
+    width = 3.2 + cell_w * n_cells + (1.2 if n_diff else 0) + (1.2 if n_icc else 0)
     height = 2.2 + 0.28 * len(table) + 0.06 * max(len(s) for s in labels)
-    fig, axes = plt.subplots(1, 2 if n_diff else 1, figsize=(width, height), squeeze=False,
-                             gridspec_kw={"width_ratios": [n_runs, n_diff] if n_diff else [1]})
+    ratios = [n_runs] + ([n_diff] if n_diff else []) + ([n_icc] if n_icc else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(width, height), squeeze=False,
+                             gridspec_kw={"width_ratios": ratios})
     panels = [(axes[0][0], f1, labels, plt.get_cmap("viridis").with_extremes(bad="#dddddd"), 0.0, 1.0,
                "F1 at fitted thresholds", False)]
     if n_diff:
         span = max(0.05, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.05)
         panels.append((axes[0][1], diff, labels[1:], plt.get_cmap("RdBu").with_extremes(bad="#dddddd"), -span, span,
                        f"F1 minus baseline ({reports[0].label})", True))
+    if n_icc:
+        panels.append((axes[0][-1], icc, [r.label for r in intensity],
+                       plt.get_cmap("magma").with_extremes(bad="#dddddd"), 0.0, 1.0, "ICC(3,1) of intensities", False))
     for ax, values, columns, cmap, low, high, title, signed in panels:
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=high, aspect="auto")
         ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=font + 1)

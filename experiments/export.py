@@ -15,7 +15,8 @@ from typing import Literal
 import numpy as np
 
 from experiments.tracking import use_for_model_uri
-from lightning_modules.serving.onnx_model import CONFIG_FILE, ONNX_FILE, OPSET, OnnxAUPredictor, export_onnx, parity
+from lightning_modules.serving.onnx_model import (CONFIG_FILE, ONNX_FILE, OPSET, OnnxAUPredictor, export_onnx,
+                                                  outputs, parity)
 from lightning_modules.serving.predictor import AUPredictor
 
 # an export whose probabilities differ more than this from PyTorch's on the check crops is refused
@@ -42,10 +43,13 @@ def export(model: str, out: str, format: Literal["onnx"] = "onnx", opset: int = 
     size = predictor.alignment.crop_size
     crops = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
     check = parity(predictor, OnnxAUPredictor.from_dir(folder, "cpu"), crops)
-    if check["max_abs_prob"] > TOLERANCE or check["decisions_equal"] < 1.0:
-        raise RuntimeError(f"{folder / ONNX_FILE}: onnxruntime differs from PyTorch by {check['max_abs_prob']:.2e} "
+    gap = max(check["max_abs_prob"], check.get("max_abs_intensity", 0.0))
+    if gap > TOLERANCE or check["decisions_equal"] < 1.0:
+        raise RuntimeError(f"{folder / ONNX_FILE}: onnxruntime differs from PyTorch by {gap:.2e} "
                            f"(decisions equal: {check['decisions_equal']:.3f}); the export is not usable")
+    answers = ", ".join(f"'{name}'" for name in outputs(predictor))
+    intensity = f", max |d intensity| {check['max_abs_intensity']:.1e}" if predictor.has_intensity else ""
     print(f"Exported {model} -> {folder / ONNX_FILE} (opset {opset}; input 'crops' uint8 [batch, {size}, {size}, 3], "
-          f"outputs 'probabilities' and 'decisions' for {len(predictor.aus)} AUs) and {folder / CONFIG_FILE}; "
-          f"onnxruntime vs PyTorch on 8 crops: max |dp| {check['max_abs_prob']:.1e}, decisions equal")
+          f"outputs {answers} for {len(predictor.aus)} AUs) and {folder / CONFIG_FILE}; "
+          f"onnxruntime vs PyTorch on 8 crops: max |dp| {check['max_abs_prob']:.1e}{intensity}, decisions equal")
     return folder

@@ -26,6 +26,11 @@ POSITIVES = [10, 2, 19, 30, 6]  # shares .25, .05, .5, .75, .15: rarest first is
 
 def report_rows(seed: int, nan_au: int | None = None) -> list[dict]:
     """``au_report`` of made-up scores (what the soft-threshold callback would hand it)."""
+    return au_report(AUS, *report_scores(seed, nan_au))
+
+
+def report_scores(seed: int, nan_au: int | None = None) -> tuple[dict, dict, np.ndarray]:
+    """Made-up scores at 0.5 and at the fitted thresholds, and the thresholds."""
     rng = np.random.default_rng(seed)
     f1 = rng.uniform(0.1, 0.9, len(AUS))
     if nan_au is not None:
@@ -34,7 +39,7 @@ def report_rows(seed: int, nan_au: int | None = None) -> list[dict]:
     fitted = {"support": SUPPORT, "positives": POSITIVES, "f1": f1, "accuracy": accuracy,
               "mean_f1": float(np.nanmean(f1)), "mean_accuracy": float(accuracy.mean())}
     default = {**fitted, "f1": f1 * 0.9, "mean_f1": float(np.nanmean(f1 * 0.9))}
-    return au_report(AUS, default, fitted, rng.uniform(0.2, 0.8, len(AUS)))
+    return default, fitted, rng.uniform(0.2, 0.8, len(AUS))
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +186,41 @@ def test_the_ablations_rows_by_the_documented_filter(store, tmp_path):
     assert result["labels"] == ["table2 align seed0", "table2 balanced seed0"]
     client.get_run(parent)  # the summary run is untouched, and not compared
     assert parent not in result["runs"]
+
+
+def test_runs_with_an_intensity_head_side_by_side_with_their_icc(store, tmp_path):
+    """Two runs whose reports carry ICC (one AU without labelled levels), one without a head as
+    the baseline: ICC columns for the two, their change only against a baseline that has one."""
+    client = store["client"]
+    rng = np.random.default_rng(7)
+    runs, logged = [], {}
+    for name, head in (("occurrence only", False), ("joint a", True), ("joint b", True)):
+        rows = report_rows(3)
+        if head:
+            icc = dict(zip([f"AU{a}" for a in AUS], rng.uniform(0.1, 0.9, len(AUS)).round(4)))
+            icc["AU2"] = None  # no labelled levels: empty cell
+            known = [v for v in icc.values() if v is not None]
+            icc["mean"] = round(float(np.mean(known)), 4)
+            intensity = {au: ({} if v is None else {"icc": v, "pcc": 0.5, "mae": 0.4}) for au, v in icc.items()}
+            rows = au_report(AUS, *report_scores(3), intensity=intensity)
+            logged[name] = icc
+        run = client.create_run(store["experiment_id"], run_name=name, tags={"group": "icc"})
+        client.log_text(run.info.run_id, as_csv(rows), "au_report.csv")
+        client.set_terminated(run.info.run_id)
+        runs.append(run.info.run_id)
+    result = compare(runs=runs, log=False, out=str(tmp_path / "a"), mlflow=store["yaml"], order="au")
+    table = by_au(read_csv(result["files"]["csv"]))
+    assert "occurrence only: icc" not in table["AU1"] and "joint a: icc - baseline" not in table["AU1"]
+    for name, icc in logged.items():
+        for au, value in icc.items():
+            assert num(table[au][f"{name}: icc"]) == value
+    markdown = (tmp_path / "a" / "au_comparison.md").read_text()
+    assert "ICC(3,1)" in markdown and f"| AU12 | {logged['joint a']['AU12']:.4f} | {logged['joint b']['AU12']:.4f} |" \
+        in markdown
+    # with a joint run as the baseline, the other joint run's change in ICC
+    result = compare(runs=runs[1:], log=False, out=str(tmp_path / "b"), mlflow=store["yaml"])
+    table = by_au(read_csv(result["files"]["csv"]))
+    assert num(table["AU12"]["joint b: icc - baseline"]) == round(logged["joint b"]["AU12"] - logged["joint a"]["AU12"], 4)
+    assert table["AU2"]["joint b: icc - baseline"] == ""
+    with Image.open(tmp_path / "b" / "au_comparison.png") as png:
+        assert png.size[0] > 300

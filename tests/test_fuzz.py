@@ -79,8 +79,16 @@ def fuzz_folder(synthau, tmp_path_factory) -> tuple[Path, list[tuple[str, bytes]
 
 
 def _predictor() -> AUPredictor:
-    return AUPredictor(AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}),
-                       AlignmentSettings(crop_size=32), SPEC, device="cpu")
+    """With an intensity head, so that every row also shows whether intensity and occurrence agree;
+    thresholds apart, so that both decisions occur."""
+    import torch
+
+    torch.manual_seed(0)
+    net = AUNet(**{k: SPEC[k] for k in ("aus", "backbone", "branches")}, intensity=True).eval()
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.5, 0.0, -0.5]))
+        net.thresholds.copy_(torch.tensor([0.3, 0.5, 0.7]))
+    return AUPredictor(net, AlignmentSettings(crop_size=32), {**SPEC, "intensity": True}, device="cpu")
 
 
 def test_predict_gives_every_mutated_file_its_rows(fuzz_folder, tmp_path, monkeypatch):
@@ -109,6 +117,15 @@ def test_predict_gives_every_mutated_file_its_rows(fuzz_folder, tmp_path, monkey
     assert all(r["message"] for r in rows if r["status"] not in ("ok", "no_face"))
     faces = [r for r in rows if r["status"] == "ok"]
     assert len(faces) >= 20 and all(r["AU12_prob"] for r in faces)  # decoded mutants still show faces
+    # intensity never contradicts occurrence: 0 exactly where absent, a level in [1, 5] where present
+    decided = set()
+    for r in faces:
+        for au in ("AU1", "AU2", "AU12"):
+            level = float(r[f"{au}_intensity"])
+            assert (1 <= level <= 5) if r[au] == "1" else (r[au] == "0" and level == 0), (r["source"], au, level)
+            decided.add(r[au])
+    assert decided == {"0", "1"}
+    assert all(r["AU12_intensity"] == "" for r in rows if r["status"] != "ok")  # no face: no intensity
     print(f"\n{len(items)} files: {summary}")
 
 

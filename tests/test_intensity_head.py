@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from callbacks.au_report import au_report, logged_intensity
 from lightning_modules.au_detector import AUDetector, AUNet
 from lightning_modules.intensity import intensity_scores
 from lightning_modules.intensity_head import (OrdinalHead, expected_level, ordinal_loss, ordinal_pos_weight,
@@ -99,6 +100,17 @@ def test_a_detector_with_the_head_trains_and_logs_icc_pcc_mae():
     metrics = trainer.callback_metrics
     assert {"train/loss_intensity", "val/intensity_icc", "val/intensity_pcc", "val/intensity_mae",
             "val/intensity_icc/AU12"} <= set(metrics)
+    # the per-AU report of the epoch: the logged figures, in its icc, pcc and mae columns
+    scores = {"support": [48, 48], "positives": [20, 20], "f1": [0.5, 0.6], "accuracy": [0.7, 0.8],
+              "mean_f1": 0.55, "mean_accuracy": 0.75}
+    rows = au_report(model.aus, scores, scores, np.array([0.5, 0.5]),
+                     intensity=logged_intensity(metrics, model.aus))
+    assert list(rows[0])[-3:] == ["icc", "pcc", "mae"]
+    for row, suffix in zip(rows, ("/AU6", "/AU12", "")):
+        for key in ("icc", "pcc", "mae"):
+            assert row[key] == round(float(metrics[f"val/intensity_{key}{suffix}"]), 4), (row["AU"], key)
+    assert logged_intensity({"val/f1": 0.5}, model.aus) is None  # no head: no columns
+    assert "icc" not in au_report(model.aus, scores, scores, np.array([0.5, 0.5]))[0]
     trainer.test(model, val, verbose=False)
     # the logged test figures are those of the reported intensities, recomputed here
     data = _Levels(48, 1)

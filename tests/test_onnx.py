@@ -77,22 +77,69 @@ def test_export_matches_pytorch_on_the_test_split(predictor_folder, exported, te
                                        "shape": ["batch", 64, 64, 3]}
 
 
-def test_predict_with_onnxruntime_writes_the_rows_of_torch(synthau, truth, predictor_folder, exported, tmp_path):
+@pytest.fixture(scope="module")
+def intensity_export(test_crops, tmp_path_factory) -> tuple[Path, Path]:
+    """A predictor with an intensity head (thresholds at the medians, as above) and its export."""
+    torch.manual_seed(1)
+    spec = {**SPEC, "intensity": True}
+    predictor = AUPredictor(AUNet(SPEC["aus"], SPEC["backbone"], SPEC["branches"], intensity=True), SMALL_ALIGNMENT,
+                            spec, device="cpu")
+    probs, _ = predictor.classify(test_crops)
+    predictor.net.thresholds.copy_(torch.from_numpy(np.median(probs, axis=0)))
+    folder = predictor.save(tmp_path_factory.mktemp("intensity_predictor"))
+    out = tmp_path_factory.mktemp("intensity_exported") / "export"
+    main(["export", "--model", str(folder), "--out", str(out)])
+    return folder, out
+
+
+def test_export_with_an_intensity_head_answers_intensities_as_pytorch(intensity_export, test_crops, tmp_path):
+    folder, out = intensity_export
+    torch_predictor = AUPredictor.load(str(folder), "cpu")
+    onnx_predictor = load_predictor(str(out), "cpu", backend="onnxruntime")
+    assert torch_predictor.has_intensity and onnx_predictor.has_intensity
+    session = ort.InferenceSession(str(out / ONNX_FILE))
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "decisions", "intensities"]
+    onnx_predictor.batch_size = 7
+    p_t, d_t, i_t = torch_predictor.classify_intensity(test_crops)
+    p_o, d_o, i_o = onnx_predictor.classify_intensity(test_crops)
+    assert np.abs(p_t - p_o).max() <= 1e-4 and np.abs(i_t - i_o).max() <= 1e-4
+    np.testing.assert_array_equal(d_t, d_o)
+    assert 0.3 < d_o.mean() < 0.7
+    # never a contradiction: 0 exactly where absent, a level in [1, 5] where present
+    assert (i_o[~d_o] == 0).all() and ((i_o[d_o] >= 1) & (i_o[d_o] <= 5)).all()
+    assert i_o[d_o].std() > 0.01  # the head's answer, not a constant
+    config = json.loads((out / "predictor.json").read_text())
+    assert config["onnx"]["outputs"]["intensities"]["shape"] == ["batch", len(SPEC["aus"])]
+    # predictor.json saying "no intensity head" beside a graph that has one: refused, as other mismatches
+    shutil.copytree(out, tmp_path / "export")
+    config["net"]["intensity"] = False
+    (tmp_path / "export" / "predictor.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"outputs .*intensities.*not of one export"):
+        load_predictor(str(tmp_path / "export"), "cpu", backend="onnxruntime")
+
+
+def test_predict_with_onnxruntime_writes_the_rows_of_torch(synthau, truth, predictor_folder, exported,
+                                                           intensity_export, tmp_path):
     ref = next(ref for ref, r in truth.items() if len(r["faces"]) == 2)
     image = tmp_path / "scene.jpg"
     shutil.copy(synthau / ref, image)
-    rows = {}
-    for backend, model in (("torch", predictor_folder), ("onnxruntime", exported)):
-        main(["predict", "--model", str(model), "--backend", backend, "--input", str(image),
-              "--out", str(tmp_path / f"{backend}.csv")])
-        with open(tmp_path / f"{backend}.csv", newline="") as f:
-            rows[backend] = list(csv.DictReader(f))
-    assert len(rows["torch"]) == len(rows["onnxruntime"]) == 2
-    for a, b in zip(rows["torch"], rows["onnxruntime"]):
-        assert a["status"] == b["status"] == "ok" and a["x0"] == b["x0"]
-        for au in SPEC["aus"]:
-            assert abs(float(a[f"AU{au}_prob"]) - float(b[f"AU{au}_prob"])) <= 1e-4
-            assert a[f"AU{au}"] == b[f"AU{au}"]
+    for intensity, (torch_model, onnx_model) in ((False, (predictor_folder, exported)), (True, intensity_export)):
+        rows = {}
+        for backend, model in (("torch", torch_model), ("onnxruntime", onnx_model)):
+            out = tmp_path / f"{backend}_{intensity}.csv"
+            main(["predict", "--model", str(model), "--backend", backend, "--input", str(image), "--out", str(out)])
+            with open(out, newline="") as f:
+                rows[backend] = list(csv.DictReader(f))
+        assert len(rows["torch"]) == len(rows["onnxruntime"]) == 2
+        assert rows["torch"][0].keys() == rows["onnxruntime"][0].keys()
+        assert ("AU12_intensity" in rows["onnxruntime"][0]) == intensity
+        for a, b in zip(rows["torch"], rows["onnxruntime"]):
+            assert a["status"] == b["status"] == "ok" and a["x0"] == b["x0"]
+            for au in SPEC["aus"]:
+                assert abs(float(a[f"AU{au}_prob"]) - float(b[f"AU{au}_prob"])) <= 1e-4
+                assert a[f"AU{au}"] == b[f"AU{au}"]
+                if intensity:  # CSV values are rounded to 3 places
+                    assert abs(float(a[f"AU{au}_intensity"]) - float(b[f"AU{au}_intensity"])) <= 1.5e-3
 
 
 def test_readme_example_runs_without_this_project(exported, tmp_path, monkeypatch):

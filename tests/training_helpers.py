@@ -140,6 +140,12 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
     assert torch.equal(decisions, probs >= net.thresholds)
     report = Path(client.download_artifacts(run_id, "au_report.csv", tmp)).read_text().splitlines()
     assert report[0].startswith("AU,support,positives,threshold,f1@0.5,f1@fitted") and len(report) == 25
+    if "val/intensity_icc" in metrics:  # trained with the intensity head: its figures of the reported epoch
+        assert report[0].endswith(",icc,pcc,mae")
+        mean = dict(zip(report[0].split(","), report[-1].split(",")))
+        for key in ("icc", "pcc", "mae"):
+            logged = [round(m.value, 4) for m in client.get_metric_history(run_id, f"val/intensity_{key}")]
+            assert float(mean[key]) in logged, (key, mean[key], logged)
     return {"run_id": run_id, "metrics": metrics, "client": client}
 
 

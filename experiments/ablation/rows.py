@@ -51,6 +51,7 @@ class Row:
     pretrained: bool = True
     backbone: str | None = None  # None: the AU config's
     orthogonality: float = 0.0
+    intensity: bool | None = None  # the intensity head: None when the data has levels, False: occurrence only
 
     def overrides(self, weights: dict[str, str]) -> dict[str, Any]:
         """What this row changes in the AU config."""
@@ -66,6 +67,7 @@ class Row:
             # Without soft thresholds the run is judged, and its checkpoint chosen, at 0.5; with
             # them, by thresholds fitted on one half of validation and scored on the other.
             "checkpoint.monitor": "val/score_heldout" if self.thresholds else "val/score",
+            "model.intensity": self.intensity,
         }
         if self.backbone:
             changes["model.backbone"] = self.backbone
@@ -90,6 +92,12 @@ ROWS = (
     Row("scratch", "Align + dual + balancing, no transfer (random branches)", pretrained=False, **BALANCED),
     Row("decorrelated", "... + balancing + decorrelated branches (orthogonality 0.1)", orthogonality=0.1,
         **BALANCED),
+    # The main job's method (demo.yaml: sampling and soft thresholds, plain BCE) with and without the
+    # intensity head: what joint training with intensities does to occurrence F1 (data with levels).
+    Row("joint", "Align + dual + sampling + thresholds, intensity head (the demo's method)", sampling=True,
+        thresholds=True),
+    Row("occurrence", "... the same, occurrence only (no intensity head)", sampling=True, thresholds=True,
+        intensity=False),
     # The branch comparison again, aligned.
     Row("face_align", "Align + F_face", branches=("face",)),
     Row("emotion_align", "Align + F_emotion", branches=("emotion",)),
@@ -127,6 +135,7 @@ STRATEGIES = (
     ("all three balancing strategies", "align", "balanced"),
     ("transfer (pretrained branches)", "scratch", "balanced"),
     ("landmark alignment (vs the face box)", "dual", "align"),
+    ("intensity head, trained jointly", "occurrence", "joint"),
 )
 
 

@@ -2,10 +2,12 @@
 
 ``au-detect export --model CKPT --out DIR`` writes into ``DIR``:
 
-- ``au_net.onnx``: aligned crops in, probabilities and decisions out. The input is what the
-  alignment writes (uint8 RGB, ``(batch, S, S, 3)``, channels last); the normalisation, both
-  branches, the head, the sigmoid and the comparison with the fitted thresholds are inside the
-  graph, so a caller needs nothing but onnxruntime and numpy. AU names, thresholds, crop size and
+- ``au_net.onnx``: aligned crops in, probabilities and decisions out, and each AU's intensity
+  when the network has an intensity head (``intensities``: 0 where decided absent, the expected
+  FACS level 1-5 where present). The input is what the alignment writes (uint8 RGB,
+  ``(batch, S, S, 3)``, channels last); the normalisation, both branches, the heads, the sigmoid
+  and the comparison with the fitted thresholds are inside the graph, so a caller needs nothing
+  but onnxruntime and numpy. AU names, thresholds, crop size and
   normalisation are also in the file's metadata (``metadata_props``).
 - ``predictor.json``: the same file a predictor folder holds (network spec, alignment, mean,
   std, thresholds) plus an ``onnx`` section saying how to feed the file.
@@ -34,6 +36,7 @@ from torch import nn
 from datamodules.alignment.align import FaceDetector
 from datamodules.io.files import apply_umask, sync, write_text
 from datamodules.io.manifest import au_column_name
+from lightning_modules.intensity_head import reported_intensity
 from lightning_modules.serving.model_card import CARD_FILE
 from lightning_modules.serving.predictor import (CONFIG_FILE, AUPredictor, ModelConfigError, inference_copy,
                                                  read_config, saved_alignment)
@@ -43,11 +46,14 @@ Backend = Literal["torch", "onnxruntime"]  # what runs the AU network
 # opset 18 is what torch's exporter writes natively and onnxruntime has run since 1.14
 OPSET = 18
 INPUT, OUTPUTS = "crops", ("probabilities", "decisions")
+INTENSITIES = "intensities"  # the third output, of a network with an intensity head
 
 
 class CropClassifier(nn.Module):
     """uint8 crops ``(N, S, S, 3)`` -> probabilities ``(N, K)`` float32 and decisions ``(N, K)``
-    bool, as :meth:`AUPredictor.classify` computes them (the graph that is exported)."""
+    bool, as :meth:`AUPredictor.classify` computes them, and intensities ``(N, K)`` float32 as
+    :meth:`AUPredictor.classify_intensity` does when the network has an intensity head (the graph
+    that is exported)."""
 
     def __init__(self, predictor: AUPredictor):
         super().__init__()
@@ -55,11 +61,17 @@ class CropClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(predictor.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(predictor.std).view(1, 3, 1, 1) * 255)
         self.register_buffer("thresholds", predictor.net.thresholds.detach().cpu().clone())
+        self.intensity = predictor.has_intensity
 
-    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (crops.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        probs = torch.sigmoid(self.net(x))
-        return probs, probs >= self.thresholds
+        logits, _, feats = self.net.forward_all(x)
+        probs = torch.sigmoid(logits)
+        decisions = probs >= self.thresholds
+        if not self.intensity:
+            return probs, decisions
+        # intensity from the same decisions: 0 where absent, >= 1 where present, as in PyTorch
+        return probs, decisions, reported_intensity(self.net.intensity_logits(feats), decisions)
 
 
 # The exporter's optimiser passes log each rewrite at INFO (about 25 lines a model): detail for
@@ -105,13 +117,14 @@ def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) 
     os.close(fd)
     try:
         with quiet_exporter():
-            torch.onnx.export(module, (example,), tmp, input_names=[INPUT], output_names=list(OUTPUTS),
+            torch.onnx.export(module, (example,), tmp, input_names=[INPUT], output_names=outputs(predictor),
                               dynamic_shapes={"crops": {0: torch.export.Dim("batch")}}, opset_version=opset,
                               dynamo=True, external_data=False, verbose=False)
         graph = onnx.load(tmp)
         for key, value in metadata(predictor).items():
             graph.metadata_props.add(key=key, value=value)
-        graph.doc_string = "au-detect: aligned uint8 RGB crops (N,S,S,3) -> AU probabilities and decisions"
+        graph.doc_string = ("au-detect: aligned uint8 RGB crops (N,S,S,3) -> AU probabilities and decisions"
+                            + (" and intensities (0, or FACS level 1-5)" if predictor.has_intensity else ""))
         onnx.save(graph, tmp)
         sync(tmp)
         apply_umask(tmp)  # mkstemp made it owner-only; a serving account must read it like its neighbours
@@ -127,6 +140,11 @@ def export_onnx(predictor: AUPredictor, folder: str | Path, opset: int = OPSET) 
     return folder
 
 
+def outputs(predictor: AUPredictor) -> list[str]:
+    """The graph's output names: probabilities and decisions, and intensities with an intensity head."""
+    return list(OUTPUTS) + ([INTENSITIES] if predictor.has_intensity else [])
+
+
 def metadata(predictor: AUPredictor) -> dict[str, str]:
     """What a caller of the bare ONNX file needs, as its ``metadata_props`` (strings)."""
     return {"aus": json.dumps([au_column_name(a) for a in predictor.aus]),
@@ -138,15 +156,18 @@ def metadata(predictor: AUPredictor) -> dict[str, str]:
 
 def feeding(predictor: AUPredictor, opset: int) -> dict:
     """The ``onnx`` section of ``predictor.json``: how to feed the file and read its answer."""
-    size = predictor.alignment.crop_size
+    size, k = predictor.alignment.crop_size, len(predictor.aus)
+    answers = {"probabilities": {"dtype": "float32", "shape": ["batch", k]},
+               "decisions": {"dtype": "bool", "shape": ["batch", k], "what": "probabilities >= the fitted thresholds"}}
+    if predictor.has_intensity:
+        answers[INTENSITIES] = {"dtype": "float32", "shape": ["batch", k],
+                                "what": "0 where decided absent; where present, the expected FACS level given "
+                                        "presence, 1 (A) to 5 (E)"}
     return {"file": ONNX_FILE, "opset": opset,
             "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", size, size, 3],
                       "what": "RGB faces aligned as 'alignment' says (MTCNN landmarks onto the template), "
                               "channels last; normalisation is inside the graph"},
-            "outputs": {"probabilities": {"dtype": "float32", "shape": ["batch", len(predictor.aus)]},
-                        "decisions": {"dtype": "bool", "shape": ["batch", len(predictor.aus)],
-                                      "what": "probabilities >= the fitted thresholds"}},
-            "aus": [au_column_name(a) for a in predictor.aus]}
+            "outputs": answers, "aus": [au_column_name(a) for a in predictor.aus]}
 
 
 def onnx_session(path: str | Path):
@@ -183,6 +204,7 @@ class OnnxAUPredictor(AUPredictor):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size, self.precision = batch_size, "32-true"
         self.detector = FaceDetector(self.alignment, self.device)
+        self._intensity = INTENSITIES in {o.name for o in session.get_outputs()}
 
     @classmethod
     def from_dir(cls, folder: str | Path, device: str | None = None, **detection) -> "OnnxAUPredictor":
@@ -201,6 +223,11 @@ class OnnxAUPredictor(AUPredictor):
         if session.get_inputs()[0].name != INPUT or shape != expected:
             raise ValueError(f"{model_path}: input {session.get_inputs()[0].name} {shape}, expected {INPUT} "
                              f"{expected} (predictor.json and the ONNX file are not of one export)")
+        answers = [o.name for o in session.get_outputs()]
+        wanted = list(OUTPUTS) + ([INTENSITIES] if config["net"].get("intensity") else [])
+        if answers != wanted:
+            raise ValueError(f"{model_path}: outputs {answers}, expected {wanted} from {config_path}'s net "
+                             f"(predictor.json and the ONNX file are not of one export)")
         predictor = cls(session, config, device, source=config_path, **detection)
         card = folder / CARD_FILE
         predictor.card = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
@@ -216,19 +243,29 @@ class OnnxAUPredictor(AUPredictor):
 
     @property
     def has_intensity(self) -> bool:
-        return False  # the exported graph answers occurrence only
+        return self._intensity  # the graph has an intensities output
 
     def classify(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, decisions = self._run(crops, list(OUTPUTS))
+        return probs, decisions
+
+    def classify_intensity(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.has_intensity:
+            raise ValueError("this export has no intensities output (its network has no intensity head)")
+        probs, decisions, intensities = self._run(crops, [*OUTPUTS, INTENSITIES])
+        return probs, decisions, intensities
+
+    def _run(self, crops: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The graph's ``names`` outputs over the crops, ``batch_size`` at a time, concatenated."""
         k = len(self.aus)
         if not len(crops):
-            return np.zeros((0, k), np.float32), np.zeros((0, k), bool)
-        probs, decisions = [], []
+            return [np.zeros((0, k), bool if n == "decisions" else np.float32) for n in names]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
         for i in range(0, len(crops), self.batch_size):
             batch = np.ascontiguousarray(crops[i:i + self.batch_size], np.uint8)
-            p, d = self.session.run(list(OUTPUTS), {INPUT: batch})
-            probs.append(p)
-            decisions.append(d)
-        return np.concatenate(probs), np.concatenate(decisions)
+            for part, answer in zip(parts, self.session.run(names, {INPUT: batch})):
+                part.append(answer)
+        return [np.concatenate(part) for part in parts]
 
     def save(self, folder: str | Path) -> Path:
         raise TypeError("an onnxruntime predictor has no torch weights to save: its export folder is the model")
@@ -247,9 +284,19 @@ def load_predictor(model: str, device: str | None = None, backend: Backend = "to
 def parity(predictor: AUPredictor, onnx_predictor: OnnxAUPredictor, crops: Sequence[np.ndarray] | np.ndarray
            ) -> dict[str, float]:
     """Largest probability difference and the share of equal decisions, torch vs onnxruntime, on
-    the same uint8 crops."""
+    the same uint8 crops; with an intensity head also the largest intensity difference where both
+    decide alike (``max_abs_intensity``)."""
     crops = np.asarray(crops, np.uint8)
-    p_torch, d_torch = predictor.classify(crops)
-    p_onnx, d_onnx = onnx_predictor.classify(crops)
-    return {"max_abs_prob": float(np.abs(p_torch - p_onnx).max(initial=0.0)),
-            "decisions_equal": float((d_torch == d_onnx).mean()) if d_torch.size else 1.0}
+    if predictor.has_intensity:
+        p_torch, d_torch, i_torch = predictor.classify_intensity(crops)
+        p_onnx, d_onnx, i_onnx = onnx_predictor.classify_intensity(crops)
+    else:
+        (p_torch, d_torch), (p_onnx, d_onnx) = predictor.classify(crops), onnx_predictor.classify(crops)
+    check = {"max_abs_prob": float(np.abs(p_torch - p_onnx).max(initial=0.0)),
+             "decisions_equal": float((d_torch == d_onnx).mean()) if d_torch.size else 1.0}
+    if predictor.has_intensity:
+        # a decision flipped by float noise at the threshold moves the intensity by a whole level:
+        # that is the decisions' difference, counted above, not the intensity head's
+        same = d_torch == d_onnx
+        check["max_abs_intensity"] = float(np.abs(i_torch - i_onnx)[same].max(initial=0.0))
+    return check
