@@ -4,7 +4,8 @@
     au-detect predict --model runs:/<run id>/model --input "shots/**/*.jpg" --every 5
 
 One CSV row per face per frame: the source, frame index and time (videos), face index (largest
-first), box, five landmarks, detection confidence, then per AU its probability (``AU12_prob``)
+first), in videos the person (an id that follows someone across frames, through crossings and
+exits: :mod:`lightning_modules.serving.people`), box, five landmarks, detection confidence, then per AU its probability (``AU12_prob``)
 and its decision at the fitted threshold (``AU12``: 0/1). A frame without a face gets one row
 with status ``no_face``; an input that cannot be read gets one row with its status (``missing``,
 ``empty``, ``unreadable``, ``too_large``, ``too_costly``, ``broken_video``) and a message, and the run goes on.
@@ -37,12 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+import numpy as np
 from datamodules.io.images import DEFAULT_MAX_PIXELS
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, expand, frames
 from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
+from lightning_modules.serving.people import PeopleTracker, TrackerSettings
 from lightning_modules.serving.predictor import AUPredictor, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
@@ -106,11 +109,33 @@ class PredictionSummary:
                 f"({self.frames_per_second:.1f} frames/s); rows by status: {counts}; written to {self.out}")
 
 
+class VideoPeople:
+    """Person ids for the faces of video frames: a :class:`PeopleTracker` per video, only the
+    current one kept (a video's frames come one after another, so memory does not grow with the
+    number of videos)."""
+
+    def __init__(self, settings: TrackerSettings = TrackerSettings()):
+        self.settings = settings
+        self.source = None
+        self.tracker: PeopleTracker | None = None
+
+    def ids(self, frame, faces) -> list[int | None] | None:
+        """The person id of each face of ``frame``; None for a photo (no ``person`` there)."""
+        if frame.frame is None or not faces:
+            return None
+        if frame.source is not self.source:
+            self.source, self.tracker = frame.source, PeopleTracker(self.settings)
+        boxes = np.stack([f.box for f in faces])
+        embedded = all(f.embedding is not None for f in faces)
+        return self.tracker.update(frame.time_s, boxes, np.stack([f.embedding for f in faces]) if embedded else None)
+
+
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
-        progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape"
-        ) -> PredictionSummary:
-    """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring)."""
+        progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape",
+        people: TrackerSettings = TrackerSettings()) -> PredictionSummary:
+    """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring);
+    ``people``: how faces are followed across a video's frames (the ``person`` column)."""
     if csv_formulas not in ("escape", "keep"):
         raise ValueError(f"--csv_formulas {csv_formulas!r}: expected 'escape' or 'keep'")
     sources = expand(inputs)
@@ -122,14 +147,15 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
     start = time.perf_counter()
     try:
-        writer = csv.DictWriter(f, fieldnames=columns(aus, predictor.has_intensity), restval="")
+        writer = csv.DictWriter(f, fieldnames=columns(aus, predictor.has_intensity, person=True), restval="")
         writer.writeheader()
         # A whole next batch decodes while this one is classified, or the next would wait for it.
         decoded = frames(sources, every, max_pixels, workers, predictor.detection_copy,
                          ahead=batch_frames + 2 * max(1, workers), budget=batch_pixels)
         done = 0
-        for frame, faces in predictor.predict_frames(decoded, batch_frames, batch_pixels):
-            rows = frame_records(frame, faces, aus)
+        video_people = VideoPeople(people)
+        for frame, faces in predictor.predict_frames(decoded, batch_frames, batch_pixels, embed=True):
+            rows = frame_records(frame, faces, aus, video_people.ids(frame, faces))
             if frame.error is not None:
                 log.warning("%s", frame.error)
             else:
@@ -165,7 +191,7 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, device: str | None = None,
             precision: Precision = "32-true", min_face_size: int | None = None, detect_max_side: int | None = None,
             batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch",
-            describe: bool = False, csv_formulas: CsvFormulas = "escape") -> None:
+            describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -202,6 +228,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             or ``message`` starting with ``=``, ``+``, ``-``, ``@``, tab or CR, from a file's name)
             gets a ``'`` in front (OWASP's advice on CSV injection); ``keep``: written as it is,
             for programs that read the CSV as data.
+        people: in videos, how many people there are, when known: the ``person`` ids never
+            exceed it (a face that matches no one goes to the most similar person not in the frame).
     """
     if not describe and not input:
         raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
@@ -219,5 +247,5 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")
     summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
-                  batch_pixels=batch_pixels, csv_formulas=csv_formulas)
+                  batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people))
     print(summary)

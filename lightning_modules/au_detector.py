@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
@@ -81,19 +82,36 @@ class AUNet(nn.Module):
         return self.intensity_head(self.dropout(torch.cat(list(feats.values()), 1)))
 
     @torch.no_grad()
+    def answer(self, x: torch.Tensor, intensity: bool = False, embedding: bool = False) -> tuple[torch.Tensor, ...]:
+        """One forward pass, what a prediction reports: probabilities and decisions at the stored
+        thresholds; with ``intensity`` the intensities (0 where an AU is decided absent, its
+        expected FACS level 1-5 given presence where present); with ``embedding`` the face's
+        identity embedding (:meth:`embedding`)."""
+        logits, _, feats = self.forward_all(x)
+        probs = torch.sigmoid(logits.float())  # float32 even under autocast: thresholds are fine-grained
+        decisions = probs >= self.thresholds
+        out = [probs, decisions]
+        if intensity:
+            out.append(reported_intensity(self.intensity_logits(feats), decisions))
+        if embedding:
+            out.append(self.embedding(feats))
+        return tuple(out)
+
+    def embedding(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Who the face is, as a unit vector (B, D): the face branch's pooled features (trained to
+        tell identities apart, with an ArcFace margin, when it was pretrained), or every branch's
+        when the network has no face branch. Cosine similarity compares two faces."""
+        features = feats["face"] if "face" in feats else torch.cat(list(feats.values()), 1)
+        return F.normalize(features.float(), dim=1)
+
     def predict_intensity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Probabilities, decisions at the stored thresholds, and intensities: 0 where an AU is
         decided absent, its expected FACS level (1-5) given presence where decided present."""
-        logits, _, feats = self.forward_all(x)
-        probs = torch.sigmoid(logits.float())
-        decisions = probs >= self.thresholds
-        return probs, decisions, reported_intensity(self.intensity_logits(feats), decisions)
+        return self.answer(x, intensity=True)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities and decisions at the stored thresholds."""
-        probs = torch.sigmoid(self(x).float())  # float32 even under autocast: thresholds are fine-grained
-        return probs, probs >= self.thresholds
+        return self.answer(x)
 
 
 def decorrelation_penalty(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -163,7 +163,7 @@ def test_predict_rows_carry_intensities_that_never_contradict_the_decisions(synt
     run_predict(predictor, [str(synthau / "images" / "test")], str(out), progress=False)
     with open(out, newline="") as f:
         rows = list(csv_module.DictReader(f))
-    assert list(rows[0]) == columns(predictor.aus, intensity=True)
+    assert list(rows[0]) == columns(predictor.aus, intensity=True, person=True)
     faces = [r for r in rows if r["status"] == "ok"]
     assert len(faces) >= 10
     seen = set()

@@ -81,7 +81,8 @@ def test_folder_of_scenes_one_row_per_face_near_the_truth(synthau, truth, traine
     rows = read_rows(out)
     loaded = AUPredictor.load(trained["ckpt"], "cpu")
     assert loaded.has_intensity  # SynthAU's manifests carry intensities: the fit trained the head
-    assert list(rows[0]) == columns(loaded.aus, intensity=True)
+    assert list(rows[0]) == columns(loaded.aus, intensity=True, person=True)
+    assert all(r["person"] == "" for r in rows)  # photos: no person across frames
     for r in rows:  # intensity and occurrence never disagree
         for au in loaded.aus:
             if r["status"] == "ok":
@@ -164,6 +165,9 @@ def test_video_frames_times_and_bounded_memory(synthau, truth, trained, tmp_path
         assert float(r["time_s"]) == pytest.approx(int(r["frame"]) / 10, abs=1e-3)
     assert {r["status"] for r in rows} <= {"ok", "no_face"}
     assert sum(r["status"] == "ok" for r in rows) >= 36  # every sampled frame shows a face
+    # every face of a video has a person id (counted from 0 in order of appearance)
+    people = [int(r["person"]) for r in rows if r["status"] == "ok"]
+    assert people[0] == 0 and all(r["person"] == "" for r in rows if r["status"] != "ok")
     # Four times the frames, the same peak: frames stream through a batch at a time.
     assert peaks["long"] < 1.5 * peaks["short"], peaks
 
@@ -265,7 +269,7 @@ def test_large_photos_are_held_by_pixels_not_only_by_count(tmp_path, monkeypatch
                             AlignmentSettings(crop_size=32), spec, device="cpu")
     sizes = []
     detect = predictor.predict
-    monkeypatch.setattr(predictor, "predict", lambda frames, copies: (sizes.append(len(frames)), detect(frames, copies))[1])
+    monkeypatch.setattr(predictor, "predict", lambda frames, copies, embed=False: (sizes.append(len(frames)), detect(frames, copies))[1])
     tracemalloc.start()
     try:
         summary = run(predictor, [str(folder)], str(tmp_path / "out.csv"), batch_frames=16, progress=False,
@@ -383,8 +387,8 @@ def test_a_box_model_classifies_box_crops_and_a_center_model_is_refused(synthau,
         return
     predictor = AUPredictor(AUNet(aus=[1, 12], backbone="resnet18", branches=["face"]), settings, spec, device="cpu")
     seen = []
-    classify = predictor.classify
-    predictor.classify = lambda crops: (seen.append(crops), classify(crops))[1]
+    classify = predictor.classify_faces
+    predictor.classify_faces = lambda crops, embed=False: (seen.append(crops), classify(crops, embed))[1]
     frame = read_image(synthau / "images" / "val" / sorted(os.listdir(synthau / "images" / "val"))[0])
     (faces,) = predictor.predict([frame])
     assert faces and len(seen[0]) == len(faces)

@@ -255,6 +255,16 @@ class OnnxAUPredictor(AUPredictor):
         probs, decisions, intensities = self._run(crops, [*OUTPUTS, INTENSITIES])
         return probs, decisions, intensities
 
+    def classify_faces(self, crops: np.ndarray, embed: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, None]:
+        """As :meth:`AUPredictor.classify_faces`, without embeddings: the exported graph answers
+        AUs only, so people are followed across frames by their boxes alone."""
+        if self.has_intensity:
+            probs, decisions, intensities = self.classify_intensity(crops)
+            return probs, decisions, intensities, None
+        probs, decisions = self.classify(crops)
+        return probs, decisions, None, None
+
     def _run(self, crops: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """The graph's ``names`` outputs over the crops, ``batch_size`` at a time, concatenated."""
         k = len(self.aus)

@@ -58,6 +58,7 @@ class Face:
     probs: np.ndarray  # (K,)
     decisions: np.ndarray  # (K,) bool, at the fitted thresholds
     intensities: np.ndarray | None = None  # (K,) 0 where decided absent, else the expected FACS level 1-5
+    embedding: np.ndarray | None = None  # (D,) unit vector of who the face is (AUNet.embedding), when asked
 
 
 class AUPredictor:
@@ -231,11 +232,24 @@ class AUPredictor:
     def classify_intensity(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`classify`, with each AU's intensity (N,K): 0 where decided absent, the
         expected FACS level (1-5) given presence where decided present. Needs :attr:`has_intensity`."""
-        k = len(self.aus)
-        if not len(crops):
-            return np.zeros((0, k), np.float32), np.zeros((0, k), bool), np.zeros((0, k), np.float32)
-        probs, decisions, intensities = self._in_batches(crops, self._inference_net.predict_intensity)
+        probs, decisions, intensities, _ = self.classify_faces(crops)
+        if intensities is None:
+            raise ValueError("this network has no intensity head (trained without AU<n>_intensity columns)")
         return probs, decisions, intensities
+
+    @torch.inference_mode()
+    def classify_faces(self, crops: np.ndarray, embed: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Everything a face's row holds, in one pass: probabilities, decisions, intensities (None
+        without an intensity head) and, with ``embed``, identity embeddings (N,D) (None otherwise)."""
+        k, intensity = len(self.aus), self.has_intensity
+        if not len(crops):
+            return (np.zeros((0, k), np.float32), np.zeros((0, k), bool),
+                    np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if embed else None)
+        answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, embed))
+        probs, decisions, rest = answers[0], answers[1], answers[2:]
+        intensities = rest.pop(0) if intensity else None
+        return probs, decisions, intensities, (rest[0] if embed else None)
 
     def _in_batches(self, crops: np.ndarray, answer) -> list[np.ndarray]:
         """``answer`` (the inference net's ``predict`` or ``predict_intensity``) over the crops,
@@ -254,9 +268,11 @@ class AUPredictor:
             parts = [[v] for v in values] if not parts else [part + [v] for part, v in zip(parts, values)]
         return [np.concatenate(part) for part in parts]
 
-    def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None) -> list[list[Face]]:
+    def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None,
+                embed: bool = False) -> list[list[Face]]:
         """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
-        detection copies when made ahead, see :meth:`FaceDetector.detect`)."""
+        detection copies when made ahead, see :meth:`FaceDetector.detect`); with ``embed`` each
+        face carries its identity embedding, for following people across frames."""
         detections = self.detector.detect(frames, copies)
         crops, owners = [], []
         for f, (frame, det) in enumerate(zip(frames, detections)):
@@ -267,28 +283,29 @@ class AUPredictor:
                 owners.append((f, int(j)))
         size = self.alignment.crop_size
         stacked = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
-        if self.has_intensity:
-            probs, decisions, intensities = self.classify_intensity(stacked)
-        else:
-            (probs, decisions), intensities = self.classify(stacked), [None] * len(owners)
+        probs, decisions, intensities, embeddings = self.classify_faces(stacked, embed)
+        none = [None] * len(owners)
         out: list[list[Face]] = [[] for _ in frames]
-        for (f, j), p, d, i in zip(owners, probs, decisions, intensities):
+        for (f, j), p, d, i, e in zip(owners, probs, decisions, none if intensities is None else intensities,
+                                      none if embeddings is None else embeddings):
             det = detections[f]
-            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d, i))
+            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d, i, e))
         return out
 
 
-    def predict_frames(self, frames: Iterable[Frame], batch_frames: int = 32,
-                       batch_pixels: int = BATCH_PIXELS) -> Iterator[tuple[Frame, list[Face] | None]]:
+    def predict_frames(self, frames: Iterable[Frame], batch_frames: int = 32, batch_pixels: int = BATCH_PIXELS,
+                       embed: bool = False) -> Iterator[tuple[Frame, list[Face] | None]]:
         """Each frame with its faces (None for an input that yielded no pixels), in order; frames
-        are detected in batches of ``batch_frames``, fewer when they hold ``batch_pixels``.
+        are detected in batches of ``batch_frames``, fewer when they hold ``batch_pixels``; with
+        ``embed`` the faces of video frames carry identity embeddings.
 
         A frame's pixels are released when the next frame is asked for (the next batch decodes
         meanwhile, and memory must not hold both): copy them to keep them.
         """
         for batch in batches(frames, batch_frames, batch_pixels):
             found = self.predict([f.pixels for f in batch if f.pixels is not None],
-                                 [f.copy for f in batch if f.pixels is not None])
+                                 [f.copy for f in batch if f.pixels is not None],
+                                 embed and any(f.frame is not None for f in batch))
             faces = iter(found)
             for f in batch:
                 yield f, (next(faces) if f.pixels is not None else None)
@@ -470,11 +487,13 @@ BASE_COLUMNS = ["source", "frame", "time_s", "face", "status", "message", "x0", 
                 *[f"{p}_{c}" for p in LANDMARKS for c in "xy"], "confidence"]
 
 
-def columns(aus: Sequence[int], intensity: bool = False) -> list[str]:
-    """The CSV header: fixed columns, then each AU's probability, then each AU's decision, then
-    with ``intensity`` each AU's intensity (``AU12_intensity``)."""
+def columns(aus: Sequence[int], intensity: bool = False, person: bool = False) -> list[str]:
+    """The CSV header: fixed columns (with ``person``, the person's id across a video's frames
+    after ``face``), then each AU's probability, then each AU's decision, then with ``intensity``
+    each AU's intensity (``AU12_intensity``)."""
     names = [au_column_name(a) for a in aus]
-    return BASE_COLUMNS + [f"{n}_prob" for n in names] + names + ([f"{n}_intensity" for n in names] if intensity else [])
+    base = BASE_COLUMNS if not person else [*BASE_COLUMNS[:4], "person", *BASE_COLUMNS[4:]]
+    return base + [f"{n}_prob" for n in names] + names + ([f"{n}_intensity" for n in names] if intensity else [])
 
 
 def face_record(source: str, frame: int | None, time_s: float | None, index: int, face: Face,
@@ -501,11 +520,17 @@ def status_record(source: str, status: str, message: str, frame: int | None = No
     return {"source": source, "frame": frame, "time_s": time_s, "face": None, "status": status, "message": message}
 
 
-def frame_records(frame: Frame, faces: list[Face] | None, aus: Sequence[int]) -> list[dict]:
-    """The rows of one frame: one per face, or one saying why there is none."""
+def frame_records(frame: Frame, faces: list[Face] | None, aus: Sequence[int],
+                  people: Sequence[int | None] | None = None) -> list[dict]:
+    """The rows of one frame: one per face (with ``people``, each face's person id), or one
+    saying why there is none."""
     source = frame.source.label
     if frame.error is not None:
         return [status_record(source, frame.error.status, str(frame.error), frame.frame, frame.time_s)]
     if not faces:
         return [status_record(source, NO_FACE, "no face detected", frame.frame, frame.time_s)]
-    return [face_record(source, frame.frame, frame.time_s, i, f, aus) for i, f in enumerate(faces)]
+    rows = [face_record(source, frame.frame, frame.time_s, i, f, aus) for i, f in enumerate(faces)]
+    if people is not None:
+        for row, person in zip(rows, people):
+            row["person"] = person
+    return rows
