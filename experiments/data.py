@@ -2,6 +2,7 @@
 
     au-detect synth    --root data/synthau --num_images 2000
     au-detect synth    --layout bp4d --root data/synthau_bp4d     (SynthAU as BP4D, DISFA or Aff-Wild2 ship)
+    au-detect synth    --video true --root data/synthau_video     (clips of people who cross, leave and return)
     au-detect download --manifest train.tsv val.tsv --out data/emotionet
     au-detect align    --manifests '[data/synthau/train.tsv]'
     torchrun --nproc_per_node 8 --no-python au-detect align --manifests ...   (the images shared by 8 processes)
@@ -21,24 +22,28 @@ from datamodules.io.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.alignment.ranks import Ranks
 from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 from datamodules.synthau.layouts import LAYOUTS, LayoutSettings, render_layout
+from datamodules.synthau.video import VideoSettings, render_videos
 from experiments.lightning_cli import AUDetectCLI
 
 
 def synth(root: str | None = None, num_images: int = 2000, seed: int = 0, num_identities: int = 120,
           width: int | None = None, height: int | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
           workers: int | None = None, force: bool = False, layout: str | None = None, subjects: int | None = None,
-          sequences: int | None = None, frames: int | None = None, fps: float = 20.0, crop: int = 112) -> None:
-    """Render the SynthAU data set, or SynthAU in the folders and label files of BP4D, DISFA or Aff-Wild2.
+          sequences: int | None = None, frames: int | None = None, fps: float | None = None, crop: int = 112,
+          video: bool = False, clips: int = 3, seconds: float = 12.0, people: str = "2-4") -> None:
+    """Render the SynthAU data set, SynthAU in the folders and label files of BP4D, DISFA or Aff-Wild2,
+    or SynthAU video clips with per-frame ground truth.
 
     Args:
-        root: output folder (default ``data/synthau``, or ``data/synthau_<layout>`` with ``layout``).
-            SynthAU: images/, train.tsv, val.tsv, test.tsv, faces.jsonl, contact_sheet.png; a layout:
-            the data set's own tree, truth.jsonl and synthau_layout.json.
+        root: output folder (default ``data/synthau``, ``data/synthau_<layout>`` with ``layout``,
+            ``data/synthau_video`` with ``video``). SynthAU: images/, train.tsv, val.tsv, test.tsv,
+            faces.jsonl, contact_sheet.png; a layout: the data set's own tree, truth.jsonl and
+            synthau_layout.json; video: clip_000.avi, clip_000.truth.jsonl... and videos.json.
         num_images: scenes in all splits together (SynthAU).
         seed: the data set is a pure function of its settings and this seed.
         num_identities: synthetic people (SynthAU).
-        width: scene width in pixels (default 640; 320 for a layout).
-        height: scene height in pixels (default 480; 240 for a layout).
+        width: scene width in pixels (default 640; 320 for a layout; 480 for video).
+        height: scene height in pixels (default 480; 240 for a layout; 360 for video).
         val_fraction: share of scenes in the validation split (SynthAU).
         test_fraction: share of scenes in the test split (SynthAU).
         workers: rendering processes (default: up to 4).
@@ -51,12 +56,21 @@ def synth(root: str | None = None, num_images: int = 2000, seed: int = 0, num_id
         sequences: BP4D tasks per subject (default 2, at most 8), Aff-Wild2 videos per person
             (default 1); DISFA has one video per subject.
         frames: labelled frames per sequence (default: BP4D 10, DISFA 20, Aff-Wild2 30).
-        fps: frame rate of DISFA's videos.
+        fps: frame rate of DISFA's videos (default 20) or of the video clips (default 10).
         crop: side of Aff-Wild2's face crops in pixels.
+        video: true to render video clips in which 2-4 people walk, cross, leave the frame and come
+            back, each frame's faces, person ids and AUs in a truth file (see datamodules.synthau.video).
+        clips: how many video clips.
+        seconds: length of each video clip (at least 3).
+        people: people per video clip, a range ``2-4`` or a number ``3`` (2 to 6).
     """
+    if video:
+        _synth_video(root or "data/synthau_video", seed, width or 480, height or 360, 10.0 if fps is None else fps,
+                     clips, seconds, people, workers, force)
+        return
     if layout is not None:
         _synth_layout(layout, root or f"data/synthau_{layout}", seed, width or 320, height or 240, workers, force,
-                      subjects, sequences, frames, fps, crop)
+                      subjects, sequences, frames, 20.0 if fps is None else fps, crop)
         return
     root = root or "data/synthau"
     settings = SynthAUSettings(num_images=num_images, seed=seed, num_identities=num_identities, width=width or 640,
@@ -91,6 +105,27 @@ def _synth_layout(layout: str, root: str, seed: int, width: int, height: int, wo
     print(f"  ground truth: {Path(root) / 'truth.jsonl'}")
     out = Path(root).with_name(f"{Path(root).name}_manifest")
     print(f"  next: au-detect import {layout} --root {root} --out {out}")
+
+
+def _synth_video(root: str, seed: int, width: int, height: int, fps: float, clips: int, seconds: float, people: str,
+                 workers: int | None, force: bool) -> None:
+    low, _, high = str(people).partition("-")
+    if not (low.strip().isdigit() and (high.strip().isdigit() or not high)):
+        raise SystemExit(f"au-detect synth: --people {people!r}: a range such as 2-4, or a number")
+    try:
+        settings = VideoSettings(clips=clips, people=(int(low), int(high or low)), seconds=seconds, fps=fps,
+                                 width=width, height=height, seed=seed).checked()
+    except ValueError as e:
+        raise SystemExit(f"au-detect synth: {e}") from None
+    started = time.monotonic()
+    try:
+        summary = render_videos(root, settings, workers=workers, force=force)
+    except FileExistsError as e:
+        raise SystemExit(f"au-detect synth: {e}") from None
+    total = summary["totals"]
+    print(f"SynthAU video in {root} ({time.monotonic() - started:.1f} s): {total['clips']} clips, "
+          f"{total['people']} people, {total['frames']} frames, {total['crossings']} frames with crossing faces, "
+          f"{total['exits']} exits, {total['returns']} returns")
 
 
 def align(manifests: list[str], cache_dir: str = "data/cache", image_root: str | None = None,

@@ -46,6 +46,7 @@ from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
 from lightning_modules.serving.people import PeopleTracker, TrackerSettings
+from lightning_modules.serving.signals import SmoothingSettings, VideoSignals, smooth_columns
 from lightning_modules.serving.predictor import AUPredictor, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class PredictionSummary:
     faces: int = 0
     frames: int = 0
     seconds: float = 0.0
+    events: int | None = None  # AU events of the videos (None: not smoothed)
 
     @property
     def frames_per_second(self) -> float:
@@ -105,37 +107,100 @@ class PredictionSummary:
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+        events = "" if self.events is None else (f"; {self.events} AU events in "
+                                                 f"{events_path(Path(self.out)).name}, {people_path(Path(self.out)).name}")
         return (f"{self.frames} frames, {self.faces} faces in {self.seconds:.1f} s "
-                f"({self.frames_per_second:.1f} frames/s); rows by status: {counts}; written to {self.out}")
+                f"({self.frames_per_second:.1f} frames/s); rows by status: {counts}; written to {self.out}{events}")
 
 
-class VideoPeople:
-    """Person ids for the faces of video frames: a :class:`PeopleTracker` per video, only the
-    current one kept (a video's frames come one after another, so memory does not grow with the
-    number of videos)."""
+class Videos:
+    """What a video adds to its rows, one video at a time (frames of a video come one after another,
+    so memory does not grow with the number of videos): person ids (:class:`PeopleTracker`) and,
+    with ``smoothing``, each person's smoothed AU signals and events (:class:`VideoSignals`).
+    Closed videos' events and per-person summaries wait in ``events`` and ``people``."""
 
-    def __init__(self, settings: TrackerSettings = TrackerSettings()):
-        self.settings = settings
+    def __init__(self, aus: list[str], thresholds: np.ndarray, people: TrackerSettings = TrackerSettings(),
+                 smoothing: SmoothingSettings | None = SmoothingSettings()):
+        self.aus, self.thresholds, self.people_settings, self.smoothing = aus, thresholds, people, smoothing
         self.source = None
         self.tracker: PeopleTracker | None = None
+        self.signals: VideoSignals | None = None
+        self.events: list[dict] = []
+        self.people: list[dict] = []
 
-    def ids(self, frame, faces) -> list[int | None] | None:
+    def begin(self, frame) -> list[dict]:
+        """Called first for each frame: when it starts another input, the previous video is over
+        (its held rows are returned, to be written before this frame's) and a new one may begin."""
+        if frame.source is self.source:
+            return []
+        held = self.finish()
+        if frame.frame is not None:
+            self.source, self.tracker = frame.source, PeopleTracker(self.people_settings)
+            if self.smoothing is not None:
+                self.signals = VideoSignals(self.aus, self.thresholds, self.smoothing)
+        return held
+
+    def person_ids(self, frame, faces) -> list[int | None] | None:
         """The person id of each face of ``frame``; None for a photo (no ``person`` there)."""
-        if frame.frame is None or not faces:
+        if frame.frame is None or not faces or self.tracker is None:
             return None
-        if frame.source is not self.source:
-            self.source, self.tracker = frame.source, PeopleTracker(self.settings)
         boxes = np.stack([f.box for f in faces])
         embedded = all(f.embedding is not None for f in faces)
         return self.tracker.update(frame.time_s, boxes, np.stack([f.embedding for f in faces]) if embedded else None)
+
+    def rows(self, frame, rows: list[dict]) -> list[dict]:
+        """The rows ready to write once ``frame``'s rows are in: a video's rows are held until
+        their smoothed values are known (half the window)."""
+        if frame.frame is None or self.signals is None:
+            return rows
+        return self.signals.add(rows)
+
+    def finish(self) -> list[dict]:
+        """The current video's held rows; its events and summaries move to ``events``/``people``."""
+        out = []
+        if self.signals is not None:
+            out = self.signals.finish()
+            label = self.source.label
+            self.events += [{"source": label, **e} for e in self.signals.events()]
+            self.people += [{"source": label, **p} for p in self.signals.summary()]
+        self.source, self.tracker, self.signals = None, None, None
+        return out
+
+
+EVENT_COLUMNS = ["source", "person", "au", "onset_s", "apex_s", "offset_s", "duration_s", "peak_prob"]
+
+
+def events_path(out: Path) -> Path:
+    """Where the AU events of a run's videos go: ``aus.csv`` -> ``aus.events.csv``."""
+    return out.with_name(f"{out.stem}.events.csv")
+
+
+def people_path(out: Path) -> Path:
+    """Where each video person's share of time per AU goes: ``aus.csv`` -> ``aus.people.csv``."""
+    return out.with_name(f"{out.stem}.people.csv")
+
+
+def write_table(path: Path, header: list[str], rows: list[dict], csv_formulas: CsvFormulas) -> int:
+    """A small CSV written whole (temporary name beside it, then renamed); returns its rows."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(rows)
 
 
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
         progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape",
-        people: TrackerSettings = TrackerSettings()) -> PredictionSummary:
+        people: TrackerSettings = TrackerSettings(), smoothing: SmoothingSettings | None = SmoothingSettings()
+        ) -> PredictionSummary:
     """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring);
-    ``people``: how faces are followed across a video's frames (the ``person`` column)."""
+    ``people``: how faces are followed across a video's frames (the ``person`` column);
+    ``smoothing``: how each person's AU signals are smoothed (None: not at all)."""
     if csv_formulas not in ("escape", "keep"):
         raise ValueError(f"--csv_formulas {csv_formulas!r}: expected 'escape' or 'keep'")
     sources = expand(inputs)
@@ -146,16 +211,25 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     partial, f = open_partial(out_path)
     annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
     start = time.perf_counter()
+    names = [au_column_name(a) for a in aus]
+    has_video = any(src.kind == "video" for src in sources)
+    smoothing = smoothing if smoothing is not None and smoothing.window_s > 0 and has_video else None
+    videos = Videos(names, predictor.thresholds, people, smoothing)
+    header = columns(aus, predictor.has_intensity, person=True) + (smooth_columns(names) if smoothing else [])
     try:
-        writer = csv.DictWriter(f, fieldnames=columns(aus, predictor.has_intensity, person=True), restval="")
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
+
+        def write(rows: list[dict]) -> None:
+            writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
+
         # A whole next batch decodes while this one is classified, or the next would wait for it.
         decoded = frames(sources, every, max_pixels, workers, predictor.detection_copy,
                          ahead=batch_frames + 2 * max(1, workers), budget=batch_pixels)
         done = 0
-        video_people = VideoPeople(people)
-        for frame, faces in predictor.predict_frames(decoded, batch_frames, batch_pixels, embed=True):
-            rows = frame_records(frame, faces, aus, video_people.ids(frame, faces))
+        for frame, faces in predictor.predict_frames(decoded, batch_frames, batch_pixels, embed=has_video):
+            write(videos.begin(frame))
+            rows = frame_records(frame, faces, aus, videos.person_ids(frame, faces))
             if frame.error is not None:
                 log.warning("%s", frame.error)
             else:
@@ -165,13 +239,18 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
                     annotator.add(frame, faces, aus)
             for row in rows:
                 summary.statuses[row["status"]] += 1
-            writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
+            write(videos.rows(frame, rows))
             if summary.frames >= done + batch_frames:  # a batch went through: rows to disk, progress
                 done = summary.frames
                 f.flush()
                 if progress:
                     rate = summary.frames / max(time.perf_counter() - start, 1e-9)
                     print(f"  {summary.frames} frames, {summary.faces} faces ({rate:.1f} frames/s)", flush=True)
+        write(videos.finish())
+        if smoothing is not None:  # beside the CSV, before it: a whole --out comes with its events
+            summary.events = write_table(events_path(out_path), EVENT_COLUMNS, videos.events, csv_formulas)
+            write_table(people_path(out_path), ["source", "person", "seen_s", *[f"{n}_active_share" for n in names]],
+                        videos.people, csv_formulas)
         f.flush()
         os.fsync(f.fileno())
         os.replace(partial, out_path)  # under the lock: the next writer waits for a whole file
@@ -191,7 +270,9 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, device: str | None = None,
             precision: Precision = "32-true", min_face_size: int | None = None, detect_max_side: int | None = None,
             batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch",
-            describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None) -> None:
+            describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None,
+            smooth_s: float = 0.5, smoothing: Literal["zero_phase", "causal"] = "zero_phase",
+            hysteresis: float = 0.3, identity_weights: str | None = None) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -230,6 +311,19 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             for programs that read the CSV as data.
         people: in videos, how many people there are, when known: the ``person`` ids never
             exceed it (a face that matches no one goes to the most similar person not in the frame).
+        smooth_s: in videos, each person's AU probabilities smoothed over this many seconds
+            (``AU12_smooth_prob``, decided with hysteresis as ``AU12_smooth``; raw values stay),
+            and AU events written to ``<out stem>.events.csv`` (person, AU, onset, apex, offset,
+            duration, peak) and each person's share of time per AU to ``<out stem>.people.csv``;
+            0: none of these.
+        smoothing: ``zero_phase`` (files: no delay, rows held half a window) or ``causal``
+            (streams: an exponential average, answers at once with a lag).
+        hysteresis: an AU switches on at its threshold and, once on, off only below ``(1 -
+            hysteresis)`` times it: an event needs clear evidence to end.
+        identity_weights: in videos, tell people apart with this face-recognition backbone (the
+            checkpoint ``au-detect pretrain-face`` wrote, e.g. checkpoints/face_resnet18.pt)
+            rather than the model's face branch, which the AU fit tuned for AUs and which tells
+            people apart less well; the ONNX backend follows boxes only.
     """
     if not describe and not input:
         raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
@@ -244,8 +338,13 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
               + ", ".join(au_column_name(a) for a in predictor.aus))
         return
     predictor.batch_size, predictor.precision = batch_size, precision
+    if identity_weights:
+        if backend == "onnxruntime":
+            raise ValueError("--identity_weights: the onnxruntime backend has no embeddings (it follows boxes only)")
+        print(f"People told apart by {identity_weights}: {predictor.use_identity_weights(identity_weights)}")
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")
     summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
-                  batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people))
+                  batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people),
+                  smoothing=SmoothingSettings(window_s=smooth_s, mode=smoothing, hysteresis=hysteresis))
     print(summary)

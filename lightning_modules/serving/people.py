@@ -14,8 +14,9 @@ frame's faces are assigned to the people seen so far in one optimal assignment
   features all point into one orthant, so raw cosines between any two faces are high, while the
   centred ones are near 0 for different people and near 1 for the same one.
 
-A face where a person is expected continues that person unless its embedding says it is someone
-else (``link_similarity``); a face away from everyone's expected place is re-identified by its
+A face where a person is expected continues that person (the embedding only ranks candidates
+there, unless ``link_similarity`` is raised above -1 to let it veto: a weak embedding then breaks
+tracks more often than it saves them); a face away from everyone's expected place is re-identified by its
 embedding alone, at a stricter ``reid_similarity`` (after leaving the frame, or being lost);
 otherwise it is a new person. Position and identity together outrank identity alone, so a face
 is not taken from the person standing there by someone similar who left. With ``people`` known,
@@ -44,6 +45,8 @@ from scipy.optimize import linear_sum_assignment
 FORBIDDEN = -1e6
 # Below this norm a centred embedding says nothing (one face seen so far: it is the mean itself).
 MIN_CENTRED_NORM = 1e-3
+# The video's mean face is too unsteady to centre on before this many faces: boxes alone decide.
+MIN_FACES_TO_CENTRE = 10
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class TrackerSettings:
             can bring them back.
         min_iou: the least overlap with a person's expected box that counts as "where they are".
         link_similarity: where a face is where a person is expected, the least centred cosine
-            similarity that still lets it continue them (lower: boxes decide more).
+            similarity that still lets it continue them (-1: the boxes' say).
         reid_similarity: the least centred cosine similarity that re-identifies a face away from
             everyone's expected place.
         momentum: weight of a person's running embedding against the new face's.
@@ -64,7 +67,7 @@ class TrackerSettings:
 
     link_s: float = 1.0
     min_iou: float = 0.2
-    link_similarity: float = 0.0
+    link_similarity: float = -1.0
     reid_similarity: float = 0.4
     momentum: float = 0.9
     people: int | None = None
@@ -147,7 +150,7 @@ class PeopleTracker:
     # -- evidence ------------------------------------------------------------------------------
     def _centred(self, e: np.ndarray) -> np.ndarray | None:
         """``e`` minus the video's mean face, as a unit vector (rows); None where it says nothing."""
-        if self.mean is None or self.faces_seen < 2:
+        if self.mean is None or self.faces_seen < MIN_FACES_TO_CENTRE:
             return None
         c = np.atleast_2d(e) - self.mean
         norm = np.linalg.norm(c, axis=1, keepdims=True)

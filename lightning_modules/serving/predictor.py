@@ -95,6 +95,18 @@ class AUPredictor:
                              "prediction detects faces, so it needs a model trained on detected faces")
         self.detector = FaceDetector(self.alignment, self.device)
         self.card: str | None = None  # MODEL_CARD.md (lightning_modules.serving.model_card), when it has one
+        self.identity_net: torch.nn.Module | None = None  # embeds faces for tracking (None: the face branch)
+
+    def use_identity_weights(self, weights: str, backbone: str | None = None) -> str:
+        """Embed faces for following people with a face-recognition backbone (a checkpoint of
+        ``au-detect pretrain-face``, the face branch before the AU fit tuned it for AUs) instead of
+        the model's face branch; returns what was loaded. ``backbone``: its architecture (default:
+        the model's)."""
+        from lightning_modules.backbones import create_backbone
+
+        net, report = create_backbone(backbone or self.spec["backbone"], weights)
+        self.identity_net = inference_copy_of_backbone(net).to(self.device)
+        return str(report)
 
     @property
     def aus(self) -> tuple[int, ...]:
@@ -246,7 +258,12 @@ class AUPredictor:
         if not len(crops):
             return (np.zeros((0, k), np.float32), np.zeros((0, k), bool),
                     np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if embed else None)
-        answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, embed))
+        if embed and self.identity_net is not None:
+            identity = self.identity_net
+            answers = self._in_batches(crops, lambda x: (*self._inference_net.answer(x, intensity),
+                                                         torch.nn.functional.normalize(identity(x).float(), dim=1)))
+        else:
+            answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, embed))
         probs, decisions, rest = answers[0], answers[1], answers[2:]
         intensities = rest.pop(0) if intensity else None
         return probs, decisions, intensities, (rest[0] if embed else None)
@@ -314,6 +331,19 @@ class AUPredictor:
     def detection_copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """The downscaled copy MTCNN runs on (made ahead, in decoding threads, by :func:`frames`)."""
         return detection_copy(image, self.alignment.detect_max_side)
+
+
+def inference_copy_of_backbone(net: torch.nn.Module) -> torch.nn.Module:
+    """A backbone for inference: eval mode, batch norms folded where torch.fx can trace it,
+    channels-last weights (as :func:`inference_copy` does for each branch)."""
+    from torch.fx.experimental.optimization import fuse
+
+    net = net.eval()
+    try:
+        net = fuse(net)
+    except Exception as e:  # noqa: BLE001 - a backbone torch.fx cannot trace runs unfolded
+        log.debug("identity backbone not folded (%s: %s)", type(e).__name__, e)
+    return net.to(memory_format=torch.channels_last)
 
 
 def inference_copy(net: AUNet) -> AUNet:
