@@ -1,4 +1,5 @@
-"""Figures a run shows in MLflow: label frequencies, PR curves per AU, sample grids."""
+"""Figures a run shows in MLflow (label frequencies, PR curves per AU, sample grids) and the AU
+curves of the people of a video that ``au-detect predict`` draws."""
 
 from __future__ import annotations
 
@@ -83,5 +84,41 @@ def sample_grid_figure(images: np.ndarray, labels: np.ndarray, mask: np.ndarray,
         pos = [str(a) for a, y, m in zip(aus, labels[i], mask[i]) if m and y > 0.5]
         ax.set_title((",".join(pos) or "-") + f"  ?{int((~mask[i].astype(bool)).sum())}", fontsize=6)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def au_curves_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], events: Sequence[dict], aus: Sequence[str],
+                     thresholds: np.ndarray, title: str, most: int = 6, gap_s: float = 1.0):
+    """One panel per person: the smoothed probability over time of the AUs that were active
+    longest (at most ``most``; the others are in the CSV), each with its threshold dashed and its
+    events shaded; the lines break where the person was unseen for over ``gap_s``. ``events``:
+    rows of ``<out stem>.events.csv`` (person, au, onset_s, offset_s)."""
+    people = [p for p, (t, _) in curves.items() if len(t)]
+    fig, axes = plt.subplots(max(1, len(people)), 1, figsize=(11, 2.4 * max(1, len(people))), squeeze=False,
+                             sharex=True)
+    colours = plt.get_cmap("tab10")
+    for ax, person in zip(axes[:, 0], people):
+        t, v = curves[person]
+        breaks = np.nonzero(np.diff(t) > gap_s)[0] + 1  # no line across an absence
+        t, v = np.insert(t, breaks, np.nan), np.insert(v.astype(float), breaks, np.nan, axis=0)
+        mine = [e for e in events if e["person"] == person]
+        active = {a: sum(e["offset_s"] - e["onset_s"] for e in mine if e["au"] == a) for a in aus}
+        shown = [a for a in sorted(aus, key=lambda a: -active[a]) if active[a] > 0][:most] or \
+            [aus[k] for k in np.argsort(-np.nanmax(v, 0))[:min(most, 3)]]
+        for n, a in enumerate(shown):
+            k = aus.index(a)
+            colour = colours(n % 10)
+            ax.plot(t, v[:, k], color=colour, linewidth=1.2, label=a)
+            ax.axhline(thresholds[k], color=colour, linewidth=0.6, linestyle="--")
+            for e in (e for e in mine if e["au"] == a):
+                ax.axvspan(e["onset_s"], max(e["offset_s"], e["onset_s"] + 1e-3), color=colour, alpha=0.12, linewidth=0)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"person {person}")
+        ax.legend(loc="upper right", fontsize=7, ncol=min(len(shown), 6), frameon=False)
+    if not people:
+        axes[0, 0].text(0.5, 0.5, "no person seen", ha="center", va="center")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.suptitle(f"{title}: smoothed AU probability per person (dashed: threshold; shaded: events)", fontsize=9)
     fig.tight_layout()
     return fig

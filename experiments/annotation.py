@@ -164,30 +164,38 @@ class Label:
     lines: list[tuple[str, bool]]
 
 
-def labels(shape: tuple[int, ...], faces: Sequence[Face], aus: Sequence[int]) -> list[Label]:
-    """The panels of a frame of this shape (``height, width[, channels]``), one per face, placed."""
+def labels(shape: tuple[int, ...], faces: Sequence[Face], aus: Sequence[int],
+           people: Sequence[int | None] | None = None) -> list[Label]:
+    """The panels of a frame of this shape (``height, width[, channels]``), one per face, placed;
+    with ``people`` (a video's person ids) each panel starts with its face's person."""
     height, width = shape[:2]
     style = Style.for_frame(height, width)
     lines = [panel_lines(f, aus) for f in faces]
+    if people is not None:
+        lines = [([(f"person {p}", True)] if p is not None and p != "" else []) + ls for ls, p in zip(lines, people)]
     sizes = [panel_size(ls, style, height) for ls in lines]
     rects = place_panels([f.box for f in faces], sizes, (width, height), style.gap)
     return [Label(r, ls) for r, ls in zip(rects, lines)]
 
 
-def annotate(frame: np.ndarray, faces: list[Face], aus: Sequence[int]) -> np.ndarray:
-    """BGR copy of an RGB frame with each face's box, landmarks and AU panel drawn."""
+def annotate(frame: np.ndarray, faces: list[Face], aus: Sequence[int],
+             people: Sequence[int | None] | None = None) -> np.ndarray:
+    """BGR copy of an RGB frame with each face's box, landmarks and AU panel drawn; with
+    ``people``, each face in its person's colour (the same from frame to frame) and its id."""
     image = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
     style = Style.for_frame(*image.shape[:2])
-    for k, face in enumerate(faces):  # every box first: a panel pushed onto a face stays readable
-        colour = PALETTE[k % len(PALETTE)]
+    keys = [p if people is not None and p is not None and p != "" else k
+            for k, p in enumerate(people if people is not None else [None] * len(faces))]
+    for k, face in zip(keys, faces):  # every box first: a panel pushed onto a face stays readable
+        colour = PALETTE[int(k) % len(PALETTE)]
         x0, y0, x1, y1 = (int(round(v)) for v in face.box)
         cv2.rectangle(image, (x0, y0), (x1, y1), colour, style.line)
         for x, y in face.landmarks:
             cv2.circle(image, (int(round(x)), int(round(y))), style.line + 1, colour, -1)
-    for k, label in enumerate(labels(image.shape, faces, aus)):
+    for k, label in zip(keys, labels(image.shape, faces, aus, people)):
         x0, y0, x1, y1 = label.rect
         cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), PANEL_FILL, -1)
-        cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), PALETTE[k % len(PALETTE)], max(1, style.line // 2))
+        cv2.rectangle(image, (x0, y0), (x1 - 1, y1 - 1), PALETTE[int(k) % len(PALETTE)], max(1, style.line // 2))
         rows, col_w, _ = _columns(label.lines, style, image.shape[0])
         for n, (text, on) in enumerate(label.lines):
             col, row = divmod(n, rows)
@@ -332,8 +340,8 @@ class Annotator:
                     source, target, codec.name, *size)
         return None
 
-    def add(self, frame: Frame, faces: list[Face], aus) -> None:
-        image = annotate(frame.pixels, faces, aus)
+    def add(self, frame: Frame, faces: list[Face], aus, people: Sequence[int | None] | None = None) -> None:
+        image = annotate(frame.pixels, faces, aus, people)
         source = frame.source.path
         if frame.frame is None:
             target = self._target(source, ".jpg")

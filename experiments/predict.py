@@ -120,13 +120,36 @@ class Videos:
     Closed videos' events and per-person summaries wait in ``events`` and ``people``."""
 
     def __init__(self, aus: list[str], thresholds: np.ndarray, people: TrackerSettings = TrackerSettings(),
-                 smoothing: SmoothingSettings | None = SmoothingSettings()):
+                 smoothing: SmoothingSettings | None = SmoothingSettings(), curves: Path | None = None):
         self.aus, self.thresholds, self.people_settings, self.smoothing = aus, thresholds, people, smoothing
+        self.curves, self.pictures = curves, set()  # a PNG of AU curves per video, when smoothed
         self.source = None
         self.tracker: PeopleTracker | None = None
         self.signals: VideoSignals | None = None
         self.events: list[dict] = []
         self.people: list[dict] = []
+
+    def _draw(self, label: str, events: list[dict]) -> None:
+        """The video's AU curves per person as ``<curves>/<video name>.png`` (numbered when two
+        videos share a name), written whole."""
+        import matplotlib.pyplot as plt
+
+        from callbacks.plots import au_curves_figure
+
+        name, n = f"{Path(label).name}.png", 2
+        while name.casefold() in self.pictures:
+            name, n = f"{Path(label).name}-{n}.png", n + 1
+        self.pictures.add(name.casefold())
+        self.curves.mkdir(parents=True, exist_ok=True)
+        fig = au_curves_figure(self.signals.curves(), events, self.aus, self.thresholds, Path(label).name,
+                               gap_s=self.smoothing.max_gap_s)
+        tmp = self.curves / f".{name}.partial.png"
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, self.curves / name)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
 
     def begin(self, frame) -> list[dict]:
         """Called first for each frame: when it starts another input, the previous video is over
@@ -161,8 +184,11 @@ class Videos:
         if self.signals is not None:
             out = self.signals.finish()
             label = self.source.label
-            self.events += [{"source": label, **e} for e in self.signals.events()]
+            events = self.signals.events()
+            self.events += [{"source": label, **e} for e in events]
             self.people += [{"source": label, **p} for p in self.signals.summary()]
+            if self.curves is not None:
+                self._draw(str(label), events)
         self.source, self.tracker, self.signals = None, None, None
         return out
 
@@ -178,6 +204,11 @@ def events_path(out: Path) -> Path:
 def people_path(out: Path) -> Path:
     """Where each video person's share of time per AU goes: ``aus.csv`` -> ``aus.people.csv``."""
     return out.with_name(f"{out.stem}.people.csv")
+
+
+def curves_path(out: Path) -> Path:
+    """Where each video's picture of AU curves per person goes: ``aus.csv`` -> ``aus.curves/``."""
+    return out.with_name(f"{out.stem}.curves")
 
 
 def write_table(path: Path, header: list[str], rows: list[dict], csv_formulas: CsvFormulas) -> int:
@@ -214,7 +245,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     names = [au_column_name(a) for a in aus]
     has_video = any(src.kind == "video" for src in sources)
     smoothing = smoothing if smoothing is not None and smoothing.window_s > 0 and has_video else None
-    videos = Videos(names, predictor.thresholds, people, smoothing)
+    videos = Videos(names, predictor.thresholds, people, smoothing, curves_path(out_path) if smoothing else None)
     header = columns(aus, predictor.has_intensity, person=True) + (smooth_columns(names) if smoothing else [])
     try:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
@@ -236,7 +267,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
                 summary.frames += 1
                 summary.faces += len(faces)
                 if annotator is not None:
-                    annotator.add(frame, faces, aus)
+                    annotator.add(frame, faces, aus, [r.get("person") for r in rows] if faces else None)
             for row in rows:
                 summary.statuses[row["status"]] += 1
             write(videos.rows(frame, rows))
@@ -314,7 +345,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         smooth_s: in videos, each person's AU probabilities smoothed over this many seconds
             (``AU12_smooth_prob``, decided with hysteresis as ``AU12_smooth``; raw values stay),
             and AU events written to ``<out stem>.events.csv`` (person, AU, onset, apex, offset,
-            duration, peak) and each person's share of time per AU to ``<out stem>.people.csv``;
+            duration, peak), each person's share of time per AU to ``<out stem>.people.csv`` and
+            a picture of each video's AU curves per person to ``<out stem>.curves/<video>.png``;
             0: none of these.
         smoothing: ``zero_phase`` (files: no delay, rows held half a window) or ``causal``
             (streams: an exponential average, answers at once with a lag).

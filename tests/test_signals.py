@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_modules.serving.signals import (PersonSignal, SmoothingSettings, VideoSignals, hann_weights,
+from lightning_modules.serving.signals import (Curve, PersonSignal, SmoothingSettings, VideoSignals, hann_weights,
                                                hysteresis_decisions, smooth_series)
 
 
@@ -138,3 +138,16 @@ def test_bad_settings_are_named():
         SmoothingSettings(hysteresis=1.5)
     with pytest.raises(ValueError, match="'median'"):
         SmoothingSettings(mode="median")
+
+
+def test_a_curve_keeps_bounded_points_that_average_what_they_replace():
+    curve = Curve(max_points=100)
+    t = np.arange(1000) / 10
+    for ti in t:
+        curve.add(ti, np.array([ti, 1.0]))
+    times, values = curve.arrays()
+    assert 50 <= len(times) <= 100 and np.all(np.diff(times) > 0)
+    np.testing.assert_allclose(values[:, 0], times, atol=1e-9)  # a linear signal: each point its span's mean
+    assert sum(curve.counts) == len(t) and np.all(values[:, 1] == 1.0)
+    ends = np.cumsum(curve.counts)
+    np.testing.assert_allclose(times, [t[e - c:e].mean() for e, c in zip(ends, curve.counts)], atol=1e-9)

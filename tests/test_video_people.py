@@ -15,7 +15,7 @@ import torch
 from benchmarks.video_people import f1, score_clip
 from datamodules.alignment.align import AlignmentSettings
 from datamodules.synthau.video import VideoSettings, clip_names, read_truth, render_videos
-from experiments.predict import events_path, people_path, run
+from experiments.predict import curves_path, events_path, people_path, run
 from lightning_modules.au_detector import AUNet
 from lightning_modules.serving.people import TrackerSettings
 from lightning_modules.serving.predictor import AUPredictor
@@ -54,8 +54,16 @@ def test_people_follow_the_truth_and_signals_are_smoothed_per_person(clip, predi
     video, truth_file = clip
     out = tmp_path / "rows.csv"
     settings = SmoothingSettings(window_s=0.5, hysteresis=0.3)
-    summary = run(predictor, [str(video)], str(out), progress=False, smoothing=settings)
+    summary = run(predictor, [str(video)], str(out), progress=False, smoothing=settings,
+                  annotate_dir=str(tmp_path / "annotated"))
     rows = _rows(out)
+    # the pictures: AU curves per person, and the annotated video
+    from PIL import Image
+
+    with Image.open(curves_path(out) / f"{video.name}.png") as png:
+        assert png.format == "PNG" and png.size[1] > 200
+    annotated = list((tmp_path / "annotated").iterdir())
+    assert len(annotated) == 1 and annotated[0].stat().st_size > 10_000
     truth = read_truth(truth_file)
     assert {int(r["frame"]) for r in rows} == {line["frame"] for line in truth}
     ok = [r for r in rows if r["status"] == "ok"]

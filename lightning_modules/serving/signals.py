@@ -148,6 +148,33 @@ class Event:
 
 
 @dataclass
+class Curve:
+    """A person's smoothed probabilities over time for a picture, in bounded memory: past
+    ``max_points`` neighbouring points are averaged in pairs, so a two-hour video keeps as many
+    points as a two-minute one, each the mean of a longer span."""
+
+    max_points: int = 2000
+    times: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    counts: list = field(default_factory=list)  # frames each point stands for
+
+    def add(self, time_s: float, values: np.ndarray) -> None:
+        self.times.append(float(time_s))
+        self.values.append(np.asarray(values, np.float64))
+        self.counts.append(1)
+        if len(self.times) > self.max_points:  # pairs merged, each the mean of the frames it stands for
+            n = len(self.times) // 2 * 2
+            t, v, c = np.asarray(self.times[:n]), np.stack(self.values[:n]), np.asarray(self.counts[:n], float)
+            w = c[0::2] + c[1::2]
+            self.times = list((t[0::2] * c[0::2] + t[1::2] * c[1::2]) / w) + self.times[n:]
+            self.values = list((v[0::2] * c[0::2, None] + v[1::2] * c[1::2, None]) / w[:, None]) + self.values[n:]
+            self.counts = list(w.astype(int)) + self.counts[n:]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.times), (np.stack(self.values) if self.values else np.zeros((0, 0), np.float32))
+
+
+@dataclass
 class _Pending:
     time_s: float
     raw: np.ndarray
@@ -173,6 +200,7 @@ class PersonSignal:
     active_s: np.ndarray | None = None  # seconds each AU was on
     seen_s: float = 0.0  # seconds the person was seen (sum of frame spans)
     _decided_s: float = 0.0
+    curve: Curve = field(default_factory=Curve)
 
     def push(self, time_s: float, probs: np.ndarray, key) -> list[tuple[object, np.ndarray, np.ndarray]]:
         """Add a frame; returns the frames now ready: (key, smoothed probabilities, decisions)."""
@@ -242,6 +270,7 @@ class PersonSignal:
         for i in [i for i in self.open_events if not on[i]]:
             self.events.append(self.open_events.pop(i))
         self.state, self._decided_s = on, time_s
+        self.curve.add(time_s, smoothed)
         return key, smoothed, on
 
     def take_events(self) -> Iterator[Event]:
@@ -310,6 +339,10 @@ class VideoSignals:
         """Every event of the video so far (all of them after ``finish``), by person and onset."""
         found = [e.record() for s in self.people.values() for e in s.take_events()]
         return sorted(found, key=lambda e: (e["person"], e["onset_s"], e["au"]))
+
+    def curves(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per person, times and smoothed probabilities (T,K) for a picture (:class:`Curve`)."""
+        return {person: s.curve.arrays() for person, s in sorted(self.people.items())}
 
     def summary(self) -> list[dict]:
         """Per person: seconds seen and the share of them each AU was active."""
