@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -41,7 +42,7 @@ from typing import IO, Literal
 import numpy as np
 from datamodules.io.images import DEFAULT_MAX_PIXELS
 from datamodules.io.manifest import au_column_name
-from datamodules.io.sources import BATCH_PIXELS, expand, frames
+from datamodules.io.sources import BATCH_PIXELS, InputError, expand, frames, open_video
 from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
@@ -193,6 +194,45 @@ class Videos:
         return out
 
 
+def expected_frames(sources, every: int, start_s: float | None, end_s: float | None) -> int | None:
+    """How many frames a run will see, from the images and the videos' declared frame counts and
+    rates (None when a video declares none): what the progress line's time left rests on."""
+    total = 0
+    for src in sources:
+        if src.error is not None:
+            continue
+        if src.kind != "video":
+            total += 1
+            continue
+        try:
+            cap, info = open_video(src.path)
+            cap.release()
+        except InputError:
+            continue
+        if info.frames <= 0 or info.fps <= 0:
+            return None
+        first = 0 if start_s is None else math.ceil(start_s * info.fps - 1e-9)
+        last = info.frames if end_s is None else min(info.frames, math.ceil(end_s * info.fps - 1e-9))
+        total += max(0, math.ceil((last - first) / every))
+    return total
+
+
+def progress_line(done: int, expected: int | None, faces: int, seconds: float) -> str:
+    """``1200/7200 frames (16.7%), 2410 faces, 9.8 frames/s, about 10 min 12 s left``.
+
+    >>> progress_line(300, 1200, 310, 30.0)
+    '300/1200 frames (25.0%), 310 faces, 10.0 frames/s, about 1 min 30 s left'
+    """
+    rate = done / max(seconds, 1e-9)
+    if not expected:
+        return f"{done} frames, {faces} faces, {rate:.1f} frames/s"
+    left = max(expected - done, 0) / max(rate, 1e-9)
+    minutes, secs = divmod(int(round(left)), 60)
+    when = f"{minutes} min {secs} s" if minutes else f"{secs} s"
+    return (f"{done}/{expected} frames ({100 * done / expected:.1f}%), {faces} faces, {rate:.1f} frames/s, "
+            f"about {when} left")
+
+
 EVENT_COLUMNS = ["source", "person", "au", "onset_s", "apex_s", "offset_s", "duration_s", "peak_prob"]
 
 
@@ -227,14 +267,20 @@ def write_table(path: Path, header: list[str], rows: list[dict], csv_formulas: C
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
         progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape",
-        people: TrackerSettings = TrackerSettings(), smoothing: SmoothingSettings | None = SmoothingSettings()
-        ) -> PredictionSummary:
+        people: TrackerSettings = TrackerSettings(), smoothing: SmoothingSettings | None = SmoothingSettings(),
+        start_s: float | None = None, end_s: float | None = None) -> PredictionSummary:
     """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring);
     ``people``: how faces are followed across a video's frames (the ``person`` column);
     ``smoothing``: how each person's AU signals are smoothed (None: not at all)."""
     if csv_formulas not in ("escape", "keep"):
         raise ValueError(f"--csv_formulas {csv_formulas!r}: expected 'escape' or 'keep'")
+    for name, value in (("--start", start_s), ("--end", end_s)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} {value}: expected seconds >= 0")
+    if start_s is not None and end_s is not None and end_s <= start_s:
+        raise ValueError(f"--end {end_s} is not after --start {start_s}")
     sources = expand(inputs)
+    expected = expected_frames(sources, every, start_s, end_s) if progress else None
     aus = predictor.aus
     summary = PredictionSummary(out)
     out_path = Path(out)
@@ -256,7 +302,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
 
         # A whole next batch decodes while this one is classified, or the next would wait for it.
         decoded = frames(sources, every, max_pixels, workers, predictor.detection_copy,
-                         ahead=batch_frames + 2 * max(1, workers), budget=batch_pixels)
+                         ahead=batch_frames + 2 * max(1, workers), budget=batch_pixels, start_s=start_s, end_s=end_s)
         done = 0
         for frame, faces in predictor.predict_frames(decoded, batch_frames, batch_pixels, embed=has_video):
             write(videos.begin(frame))
@@ -275,8 +321,8 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
                 done = summary.frames
                 f.flush()
                 if progress:
-                    rate = summary.frames / max(time.perf_counter() - start, 1e-9)
-                    print(f"  {summary.frames} frames, {summary.faces} faces ({rate:.1f} frames/s)", flush=True)
+                    print("  " + progress_line(summary.frames, expected, summary.faces, time.perf_counter() - start),
+                          flush=True)
         write(videos.finish())
         if smoothing is not None:  # beside the CSV, before it: a whole --out comes with its events
             summary.events = write_table(events_path(out_path), EVENT_COLUMNS, videos.events, csv_formulas)
@@ -303,7 +349,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             batch_pixels: int = BATCH_PIXELS, mlflow: str = "mlflow.yaml", backend: Backend = "torch",
             describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None,
             smooth_s: float = 0.5, smoothing: Literal["zero_phase", "causal"] = "zero_phase",
-            hysteresis: float = 0.3, identity_weights: str | None = None) -> None:
+            hysteresis: float = 0.3, identity_weights: str | None = None, start: float | None = None,
+            end: float | None = None) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -356,6 +403,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             checkpoint ``au-detect pretrain-face`` wrote, e.g. checkpoints/face_resnet18.pt)
             rather than the model's face branch, which the AU fit tuned for AUs and which tells
             people apart less well; the ONNX backend follows boxes only.
+        start: in videos, begin at this time (seconds; frame numbers and times stay the video's).
+        end: in videos, stop before this time (seconds).
     """
     if not describe and not input:
         raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
@@ -378,5 +427,6 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")
     summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
                   batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people),
-                  smoothing=SmoothingSettings(window_s=smooth_s, mode=smoothing, hysteresis=hysteresis))
+                  smoothing=SmoothingSettings(window_s=smooth_s, mode=smoothing, hysteresis=hysteresis),
+                  start_s=start, end_s=end)
     print(summary)

@@ -125,3 +125,23 @@ def test_no_smoothing_no_smoothed_columns(clip, predictor, tmp_path):
     out = tmp_path / "rows.csv"
     summary = run(predictor, [str(video)], str(out), progress=False, smoothing=SmoothingSettings(window_s=0.0))
     assert "AU1_smooth" not in _rows(out)[0] and summary.events is None and not events_path(out).exists()
+
+
+def test_start_and_end_take_a_stretch_of_the_video(clip, predictor, tmp_path, capsys):
+    from experiments.predict import expected_frames
+    from datamodules.io.sources import expand
+
+    video, _ = clip
+    out = tmp_path / "rows.csv"
+    summary = run(predictor, [str(video)], str(out), progress=True, batch_frames=4, every=2, start_s=1.0, end_s=2.5)
+    rows = _rows(out)
+    # 8 fps: frames 8..19 lie in [1.0, 2.5); every 2nd from the first taken
+    assert sorted({int(r["frame"]) for r in rows}) == [8, 10, 12, 14, 16, 18] and summary.frames == 6
+    assert all(1.0 <= float(r["time_s"]) < 2.5 for r in rows)
+    assert expected_frames(expand([str(video)]), 2, 1.0, 2.5) == 6
+    printed = capsys.readouterr().out
+    assert "4/6 frames (66.7%)" in printed and "s left" in printed
+    with pytest.raises(ValueError, match="--end 1.0 is not after --start 2.0"):
+        run(predictor, [str(video)], str(out), start_s=2.0, end_s=1.0)
+    with pytest.raises(ValueError, match="--start -1"):
+        run(predictor, [str(video)], str(out), start_s=-1.0)

@@ -255,9 +255,11 @@ def _frame_pixels(path: str, index: int, cap: cv2.VideoCapture, info: VideoInfo,
     return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
-def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> Iterator[tuple[int, float, np.ndarray]]:
-    """``(frame index, time in seconds, RGB frame)`` of every ``every``-th frame, streamed.
+def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, start_s: float | None = None,
+                 end_s: float | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+    """``(frame index, time in seconds, RGB frame)`` of every ``every``-th frame, streamed;
+    with ``start_s``/``end_s`` only the frames from that time and before that one (indices and
+    times stay the video's own; ``every`` counts from the first frame taken).
 
     Skipped frames are only grabbed (demuxed; a Motion-JPEG frame is not even decoded). Raises
     :class:`InputError` when the video cannot be opened (see :func:`open_video`) or yields no
@@ -269,17 +271,27 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
         raise ValueError(f"every must be at least 1, got {every}")
     cap, info = open_video(path, max_pixels)
     fps = info.fps if info.fps > 0 else 0.0
-    index = 0
+    index, first = 0, None  # first: the index of the first frame taken
     try:
         while True:
-            if index % every:
+            t = index / fps if fps else cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
+            if end_s is not None and t >= end_s:
+                break
+            if start_s is not None and t < start_s:  # before the start: demuxed only, never decoded
+                if not cap.grab():
+                    break
+                index += 1
+                continue
+            first = index if first is None else first
+            if (index - first) % every:
                 if not cap.grab():
                     break
             else:
                 rgb = _frame_pixels(path, index, cap, info, max_pixels)
                 if rgb is None:
                     break
-                t = index / fps if fps else cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
+                if not fps:  # no declared rate: the decoder's position of the frame just read
+                    t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
                 yield index, round(float(t), 4), rgb
             index += 1
     finally:
@@ -290,7 +302,8 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
 
 def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2,
            prepare: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None, ahead: int = 16,
-           budget: int = BATCH_PIXELS, decode_seconds: float | None = None) -> Iterator[Frame]:
+           budget: int = BATCH_PIXELS, decode_seconds: float | None = None, start_s: float | None = None,
+           end_s: float | None = None) -> Iterator[Frame]:
     """Every frame of the sources, in order; image files and bytes decoded ahead in ``workers``
     threads (with ``prepare``, e.g. the detection copy, made there too) while the caller works
     (``workers=0``: decoded in the caller's thread, when asked for).
@@ -304,6 +317,8 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
     began gets a ``too_costly`` frame and the rest go on. A thread cannot be stopped, so the
     abandoned decode still runs to its end on its own (its memory bounded by ``max_pixels``);
     what the budget bounds is how long the caller, a server's request, waits for it.
+
+    ``start_s``/``end_s``: of each video, only the frames between these times (images whole).
     """
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     pending: deque[tuple[Source, Future | InputError, int, list[float]]] = deque()  # in order, with their pixels
@@ -357,7 +372,7 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
             elif src.kind == "video":
                 yield from drain(0)
                 try:
-                    for index, t, rgb in video_frames(src.path, every, max_pixels):
+                    for index, t, rgb in video_frames(src.path, every, max_pixels, start_s, end_s):
                         yield Frame(src, index, t, rgb)
                 except InputError as e:
                     yield Frame(src, error=e)
