@@ -15,8 +15,9 @@ threads while the previous batch is being classified.
 
 The CSV is written whole or not at all. Rows go, as batches finish, to ``<out>.partial`` beside
 ``--out``, which is renamed onto ``--out`` when the run ends: a reader of ``--out`` never sees half
-a run. An interrupted run leaves ``<out>.partial`` holding the rows it did, for inspection (the
-next run on the same ``--out`` starts it again). A second ``au-detect predict`` on the same ``--out``
+a run. An interrupted run leaves ``<out>.partial`` holding the rows it did and, saved every few
+seconds, ``<out>.resume.json`` saying where it stood (:class:`Standing`): the same command run
+again goes on from there and ends with the rows of an uninterrupted run. A second ``au-detect predict`` on the same ``--out``
 while one runs is refused, with a one-line message: the file lock on ``<out>.partial`` is the
 operating system's, so it goes with the process that held it, killed or not.
 
@@ -30,12 +31,13 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import logging
 import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
@@ -47,7 +49,8 @@ from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
 from lightning_modules.serving.people import PeopleTracker, TrackerSettings
-from lightning_modules.serving.signals import SmoothingSettings, VideoSignals, smooth_columns
+from lightning_modules.serving.signals import (SmoothingSettings, VideoSignals, restore_video_signals, smooth_columns,
+                                               video_signals_state)
 from lightning_modules.serving.predictor import AUPredictor, Precision, columns, frame_records
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,9 @@ def neutralise(row: dict) -> dict:
     return {k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for k, v in row.items()}
 
 
-def open_partial(out: Path) -> tuple[Path, IO[str]]:
-    """``<out>.partial``, created or emptied, with an exclusive lock held on it for as long as the
+def open_partial(out: Path, keep: int | None = None) -> tuple[Path, IO[str]]:
+    """``<out>.partial``, created or emptied (or, with ``keep``, cut to its first ``keep`` bytes
+    and opened to append: a run going on), with an exclusive lock held on it for as long as the
     returned file is open. Raises :class:`OutputBusy` when another process holds the lock."""
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     while True:
@@ -87,8 +91,9 @@ def open_partial(out: Path) -> tuple[Path, IO[str]]:
         if same:  # not a file the run before us has just renamed onto --out
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    return partial, os.fdopen(fd, "w", newline="")
+    os.ftruncate(fd, keep or 0)
+    os.lseek(fd, 0, os.SEEK_END)
+    return partial, os.fdopen(fd, "a" if keep else "w", newline="")
 
 
 @dataclass
@@ -124,11 +129,26 @@ class Videos:
                  smoothing: SmoothingSettings | None = SmoothingSettings(), curves: Path | None = None):
         self.aus, self.thresholds, self.people_settings, self.smoothing = aus, thresholds, people, smoothing
         self.curves, self.pictures = curves, set()  # a PNG of AU curves per video, when smoothed
-        self.source = None
+        self.source, self.source_index = None, None
         self.tracker: PeopleTracker | None = None
         self.signals: VideoSignals | None = None
         self.events: list[dict] = []
         self.people: list[dict] = []
+
+    def state(self) -> dict:
+        """The open video's people and held rows, and what closed videos left, JSON-ready."""
+        return {"source": self.source_index, "tracker": self.tracker.state() if self.tracker else None,
+                "signals": video_signals_state(self.signals) if self.signals is not None else None,
+                "events": self.events, "people": self.people, "pictures": sorted(self.pictures)}
+
+    def restore(self, state: dict, sources: list) -> None:
+        """Go on from :meth:`state` (``sources``: the run's inputs, expanded as before)."""
+        self.events, self.people, self.pictures = list(state["events"]), list(state["people"]), set(state["pictures"])
+        if state["source"] is not None:
+            self.source, self.source_index = sources[state["source"]], state["source"]
+            self.tracker = PeopleTracker.from_state(state["tracker"])
+            if state["signals"] is not None:
+                self.signals = restore_video_signals(state["signals"], self.aus, self.thresholds, self.smoothing)
 
     def _draw(self, label: str, events: list[dict]) -> None:
         """The video's AU curves per person as ``<curves>/<video name>.png`` (numbered when two
@@ -152,14 +172,16 @@ class Videos:
             plt.close(fig)
             tmp.unlink(missing_ok=True)
 
-    def begin(self, frame) -> list[dict]:
-        """Called first for each frame: when it starts another input, the previous video is over
-        (its held rows are returned, to be written before this frame's) and a new one may begin."""
+    def begin(self, frame, index: int | None = None) -> list[dict]:
+        """Called first for each frame (``index``: its input's place among the run's): when it
+        starts another input, the previous video is over (its held rows are returned, to be
+        written before this frame's) and a new one may begin."""
         if frame.source is self.source:
             return []
         held = self.finish()
         if frame.frame is not None:
-            self.source, self.tracker = frame.source, PeopleTracker(self.people_settings)
+            self.source, self.source_index = frame.source, index
+            self.tracker = PeopleTracker(self.people_settings)
             if self.smoothing is not None:
                 self.signals = VideoSignals(self.aus, self.thresholds, self.smoothing)
         return held
@@ -190,7 +212,7 @@ class Videos:
             self.people += [{"source": label, **p} for p in self.signals.summary()]
             if self.curves is not None:
                 self._draw(str(label), events)
-        self.source, self.tracker, self.signals = None, None, None
+        self.source, self.source_index, self.tracker, self.signals = None, None, None, None
         return out
 
 
@@ -217,13 +239,14 @@ def expected_frames(sources, every: int, start_s: float | None, end_s: float | N
     return total
 
 
-def progress_line(done: int, expected: int | None, faces: int, seconds: float) -> str:
-    """``1200/7200 frames (16.7%), 2410 faces, 9.8 frames/s, about 10 min 12 s left``.
+def progress_line(done: int, expected: int | None, faces: int, seconds: float, fresh: int | None = None) -> str:
+    """``1200/7200 frames (16.7%), 2410 faces, 9.8 frames/s, about 10 min 12 s left``; ``fresh``:
+    the frames this process did in ``seconds`` (after a resume, fewer than ``done``).
 
     >>> progress_line(300, 1200, 310, 30.0)
     '300/1200 frames (25.0%), 310 faces, 10.0 frames/s, about 1 min 30 s left'
     """
-    rate = done / max(seconds, 1e-9)
+    rate = (done if fresh is None else fresh) / max(seconds, 1e-9)
     if not expected:
         return f"{done} frames, {faces} faces, {rate:.1f} frames/s"
     left = max(expected - done, 0) / max(rate, 1e-9)
@@ -231,6 +254,57 @@ def progress_line(done: int, expected: int | None, faces: int, seconds: float) -
     when = f"{minutes} min {secs} s" if minutes else f"{secs} s"
     return (f"{done}/{expected} frames ({100 * done / expected:.1f}%), {faces} faces, {rate:.1f} frames/s, "
             f"about {when} left")
+
+
+# How often a run saves where it stands: redoing up to this much after a kill, for a small file.
+CHECKPOINT_S = 5.0
+RESUME_SUFFIX = ".resume.json"
+
+
+def resume_path(out: Path) -> Path:
+    """Where a run saves where it stands: ``aus.csv`` -> ``aus.csv.resume.json``."""
+    return out.with_name(out.name + RESUME_SUFFIX)
+
+
+class Standing:
+    """Where a run stands, saved beside ``<out>.partial`` (whole or not at all, after the rows it
+    counts are on disk): the partial file's length, the next input and video frame, the counts,
+    and each open video's people and held rows. A run that finds one written by the same inputs
+    and options (``signature``) goes on from it; any other is set aside and the run starts over."""
+
+    def __init__(self, path: Path, signature: dict):
+        self.path, self.signature = path, json.loads(json.dumps(signature))
+
+    def read(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        partial = self.path.with_name(self.path.name.removesuffix(RESUME_SUFFIX) + PARTIAL_SUFFIX)
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            fits = (saved.get("version") == 1 and saved.get("signature") == self.signature and partial.is_file()
+                    and partial.stat().st_size >= saved["offset"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: unreadable (%s); starting over", self.path, e)
+            return None
+        if not fits:
+            log.warning("%s: written by a run with other inputs or options (or its rows are gone); starting over",
+                        self.path)
+            return None
+        return saved
+
+    def write(self, offset: int, source: int, frame: int, summary: PredictionSummary, videos: "Videos") -> None:
+        state = {"version": 1, "signature": self.signature, "offset": offset, "source": source, "frame": frame,
+                 "frames": summary.frames, "faces": summary.faces, "statuses": dict(summary.statuses),
+                 "videos": videos.state()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 EVENT_COLUMNS = ["source", "person", "au", "onset_s", "apex_s", "offset_s", "duration_s", "peak_prob"]
@@ -268,10 +342,13 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
         progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape",
         people: TrackerSettings = TrackerSettings(), smoothing: SmoothingSettings | None = SmoothingSettings(),
-        start_s: float | None = None, end_s: float | None = None) -> PredictionSummary:
+        start_s: float | None = None, end_s: float | None = None, checkpoint_s: float = CHECKPOINT_S
+        ) -> PredictionSummary:
     """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring);
     ``people``: how faces are followed across a video's frames (the ``person`` column);
-    ``smoothing``: how each person's AU signals are smoothed (None: not at all)."""
+    ``smoothing``: how each person's AU signals are smoothed (None: not at all); ``checkpoint_s``:
+    how often (seconds) where the run stands is saved beside ``<out>.partial``, so that a run
+    stopped midway and started again with the same inputs and options goes on from there."""
     if csv_formulas not in ("escape", "keep"):
         raise ValueError(f"--csv_formulas {csv_formulas!r}: expected 'escape' or 'keep'")
     for name, value in (("--start", start_s), ("--end", end_s)):
@@ -285,44 +362,71 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     summary = PredictionSummary(out)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial, f = open_partial(out_path)
-    annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
-    start = time.perf_counter()
     names = [au_column_name(a) for a in aus]
     has_video = any(src.kind == "video" for src in sources)
     smoothing = smoothing if smoothing is not None and smoothing.window_s > 0 and has_video else None
     videos = Videos(names, predictor.thresholds, people, smoothing, curves_path(out_path) if smoothing else None)
     header = columns(aus, predictor.has_intensity, person=True) + (smooth_columns(names) if smoothing else [])
+    stand = Standing(resume_path(out_path), {
+        "inputs": list(inputs), "sources": [src.path for src in sources], "every": every, "start_s": start_s,
+        "end_s": end_s, "header": header, "thresholds": [float(t) for t in predictor.thresholds],
+        "net": predictor.spec, "people": asdict(people), "smoothing": None if smoothing is None else asdict(smoothing)})
+    # an annotated video cannot be appended to: with --annotate a run starts over
+    saved = stand.read() if annotate_dir is None else None
+    partial, f = open_partial(out_path, keep=saved["offset"] if saved else None)
+    if saved:
+        summary.frames, summary.faces = saved["frames"], saved["faces"]
+        summary.statuses.update(saved["statuses"])
+        videos.restore(saved["videos"], sources)
+        print(f"Resuming {partial}: {summary.frames} frames done before; going on from input "
+              f"{saved['source'] + 1} of {len(sources)}" + (f", frame {saved['frame']}" if saved["frame"] else ""))
+    first_source, resume_at = (saved["source"], saved["frame"]) if saved else (0, 0)
+    annotator = Annotator(annotate_dir, inputs, sources, every) if annotate_dir else None
+    start = time.perf_counter()
+    place = {id(src): i for i, src in enumerate(sources)}
     try:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
+        if not saved:
+            writer.writeheader()
 
         def write(rows: list[dict]) -> None:
             writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
 
         # A whole next batch decodes while this one is classified, or the next would wait for it.
-        decoded = frames(sources, every, max_pixels, workers, predictor.detection_copy,
-                         ahead=batch_frames + 2 * max(1, workers), budget=batch_pixels, start_s=start_s, end_s=end_s)
-        done = 0
-        for frame, faces in predictor.predict_frames(decoded, batch_frames, batch_pixels, embed=has_video):
-            write(videos.begin(frame))
-            rows = frame_records(frame, faces, aus, videos.person_ids(frame, faces))
-            if frame.error is not None:
-                log.warning("%s", frame.error)
+        decoded = frames(sources[first_source:], every, max_pixels, workers, predictor.detection_copy,
+                         ahead=batch_frames + 2 * max(1, workers), budget=batch_pixels, start_s=start_s, end_s=end_s,
+                         resume_at=resume_at)
+        done, fresh, saved_at = summary.frames, summary.frames, time.monotonic()
+        for batch in predictor.predict_batches(decoded, batch_frames, batch_pixels, embed=has_video):
+            for frame, faces in batch:
+                write(videos.begin(frame, place[id(frame.source)]))
+                rows = frame_records(frame, faces, aus, videos.person_ids(frame, faces))
+                if frame.error is not None:
+                    log.warning("%s", frame.error)
+                else:
+                    summary.frames += 1
+                    summary.faces += len(faces)
+                    if annotator is not None:
+                        annotator.add(frame, faces, aus, [r.get("person") for r in rows] if faces else None)
+                for row in rows:
+                    summary.statuses[row["status"]] += 1
+                write(videos.rows(frame, rows))
+            last = batch[-1][0]
+            if last.frame is not None and last.error is None:  # inside a video: on from its next frame
+                first_source, resume_at = place[id(last.source)], last.frame + 1
             else:
-                summary.frames += 1
-                summary.faces += len(faces)
-                if annotator is not None:
-                    annotator.add(frame, faces, aus, [r.get("person") for r in rows] if faces else None)
-            for row in rows:
-                summary.statuses[row["status"]] += 1
-            write(videos.rows(frame, rows))
+                first_source, resume_at = place[id(last.source)] + 1, 0
+            if checkpoint_s is not None and time.monotonic() - saved_at >= checkpoint_s:
+                f.flush()
+                os.fsync(f.fileno())  # the rows first: the standing never points past them
+                stand.write(f.tell(), first_source, resume_at, summary, videos)
+                saved_at = time.monotonic()
             if summary.frames >= done + batch_frames:  # a batch went through: rows to disk, progress
                 done = summary.frames
                 f.flush()
                 if progress:
-                    print("  " + progress_line(summary.frames, expected, summary.faces, time.perf_counter() - start),
-                          flush=True)
+                    print("  " + progress_line(summary.frames, expected, summary.faces, time.perf_counter() - start,
+                                               summary.frames - fresh), flush=True)
         write(videos.finish())
         if smoothing is not None:  # beside the CSV, before it: a whole --out comes with its events
             summary.events = write_table(events_path(out_path), EVENT_COLUMNS, videos.events, csv_formulas)
@@ -331,8 +435,10 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
         f.flush()
         os.fsync(f.fileno())
         os.replace(partial, out_path)  # under the lock: the next writer waits for a whole file
+        stand.remove()
     except BaseException:
-        log.warning("prediction stopped: the rows written so far are in %s", partial)
+        log.warning("prediction stopped: the rows written so far are in %s; the same command goes on from "
+                    "where it last saved its place", partial)
         raise
     finally:
         f.close()

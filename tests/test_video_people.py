@@ -145,3 +145,72 @@ def test_start_and_end_take_a_stretch_of_the_video(clip, predictor, tmp_path, ca
         run(predictor, [str(video)], str(out), start_s=2.0, end_s=1.0)
     with pytest.raises(ValueError, match="--start -1"):
         run(predictor, [str(video)], str(out), start_s=-1.0)
+
+
+@pytest.mark.slow
+def test_a_killed_run_goes_on_to_the_rows_of_an_uninterrupted_one(predictor, tmp_path):
+    """predict killed (SIGKILL) midway through a clip, then run again: the CSV and the events equal
+    an uninterrupted run's, rows in order, none twice, the same person ids."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from experiments.predict import resume_path
+
+    root = tmp_path / "clips"
+    render_videos(root, VideoSettings(clips=1, people=(3, 3), seconds=12.0, fps=8.0, width=320, height=240, seed=4))
+    video = root / clip_names(0)[0]
+    model = predictor.save(tmp_path / "model")
+    reference = tmp_path / "whole.csv"
+    run(AUPredictor.load(str(model), "cpu"), [str(video)], str(reference), batch_frames=4, progress=False)
+    out = tmp_path / "rows.csv"
+    command = [sys.executable, "-m", "experiments.cli", "predict", "--model", str(model), "--input", str(video),
+               "--out", str(out), "--batch_frames", "4", "--device", "cpu"]
+    root_dir = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(command, cwd=root_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # killed once it has saved its place a few batches in
+            standing = resume_path(out)
+            if standing.is_file() and json.loads(standing.read_text())["frames"] >= 24:
+                break
+            assert child.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    saved = json.loads(resume_path(out).read_text())
+    assert not out.exists() and saved["frame"] > 0 and saved["videos"]["tracker"]["people"]
+    done = subprocess.run(command, cwd=root_dir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Resuming" in done.stdout and f"{saved['frames']} frames done before" in done.stdout
+    assert out.read_text() == reference.read_text()
+    assert events_path(out).read_text() == events_path(reference).read_text()
+    assert not resume_path(out).exists()
+    rows = _rows(out)
+    keys = [(r["frame"], r["face"]) for r in rows]
+    assert len(keys) == len(set(keys)) and [int(k[0]) for k in keys] == sorted(int(k[0]) for k in keys)
+
+
+def test_a_standing_from_other_options_or_damaged_is_set_aside(clip, predictor, tmp_path, caplog):
+    from experiments.predict import resume_path
+
+    video, _ = clip
+    out = tmp_path / "rows.csv"
+    reference = tmp_path / "ref.csv"
+    run(predictor, [str(video)], str(reference), progress=False)
+    for content in ("{not json", json_standing(every=3)):
+        resume_path(out).write_text(content)
+        out.with_name(out.name + ".partial").write_text("x" * 10)
+        run(predictor, [str(video)], str(out), progress=False)
+        assert out.read_text() == reference.read_text() and not resume_path(out).exists()
+    assert "starting over" in caplog.text
+
+
+def json_standing(**changes) -> str:
+    import json
+
+    return json.dumps({"version": 1, "signature": {"every": 1, **changes}, "offset": 3, "source": 0, "frame": 5})

@@ -256,10 +256,11 @@ def _frame_pixels(path: str, index: int, cap: cv2.VideoCapture, info: VideoInfo,
 
 
 def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, start_s: float | None = None,
-                 end_s: float | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+                 end_s: float | None = None, resume_at: int = 0) -> Iterator[tuple[int, float, np.ndarray]]:
     """``(frame index, time in seconds, RGB frame)`` of every ``every``-th frame, streamed;
     with ``start_s``/``end_s`` only the frames from that time and before that one (indices and
-    times stay the video's own; ``every`` counts from the first frame taken).
+    times stay the video's own; ``every`` counts from the first frame taken); ``resume_at``: the
+    frames before this index are passed over undecoded, as a run stopped there would go on.
 
     Skipped frames are only grabbed (demuxed; a Motion-JPEG frame is not even decoded). Raises
     :class:`InputError` when the video cannot be opened (see :func:`open_video`) or yields no
@@ -283,6 +284,11 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
                 index += 1
                 continue
             first = index if first is None else first
+            if index < resume_at:  # done by the run this one resumes
+                if not cap.grab():
+                    break
+                index += 1
+                continue
             if (index - first) % every:
                 if not cap.grab():
                     break
@@ -303,7 +309,7 @@ def video_frames(path: str, every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
 def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2,
            prepare: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None, ahead: int = 16,
            budget: int = BATCH_PIXELS, decode_seconds: float | None = None, start_s: float | None = None,
-           end_s: float | None = None) -> Iterator[Frame]:
+           end_s: float | None = None, resume_at: int = 0) -> Iterator[Frame]:
     """Every frame of the sources, in order; image files and bytes decoded ahead in ``workers``
     threads (with ``prepare``, e.g. the detection copy, made there too) while the caller works
     (``workers=0``: decoded in the caller's thread, when asked for).
@@ -319,6 +325,7 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
     what the budget bounds is how long the caller, a server's request, waits for it.
 
     ``start_s``/``end_s``: of each video, only the frames between these times (images whole).
+    ``resume_at``: the first source is a video to go on with from this frame index.
     """
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     pending: deque[tuple[Source, Future | InputError, int, list[float]]] = deque()  # in order, with their pixels
@@ -366,13 +373,14 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
                 yield Frame(src, error=e)
 
     try:
-        for src in sources:
+        for n, src in enumerate(sources):
             if src.error is not None:
                 pending.append((src, src.error, 0, []))  # a row in its place, without waiting
             elif src.kind == "video":
                 yield from drain(0)
                 try:
-                    for index, t, rgb in video_frames(src.path, every, max_pixels, start_s, end_s):
+                    for index, t, rgb in video_frames(src.path, every, max_pixels, start_s, end_s,
+                                                      resume_at if n == 0 else 0):
                         yield Frame(src, index, t, rgb)
                 except InputError as e:
                     yield Frame(src, error=e)

@@ -316,16 +316,22 @@ class AUPredictor:
         are detected in batches of ``batch_frames``, fewer when they hold ``batch_pixels``; with
         ``embed`` the faces of video frames carry identity embeddings.
 
-        A frame's pixels are released when the next frame is asked for (the next batch decodes
-        meanwhile, and memory must not hold both): copy them to keep them.
+        A batch's pixels are released when the next batch is asked for (it decodes meanwhile,
+        and memory must not hold both): copy them to keep them.
         """
+        for batch in self.predict_batches(frames, batch_frames, batch_pixels, embed):
+            yield from batch
+
+    def predict_batches(self, frames: Iterable[Frame], batch_frames: int = 32, batch_pixels: int = BATCH_PIXELS,
+                        embed: bool = False) -> Iterator[list[tuple[Frame, list[Face] | None]]]:
+        """:meth:`predict_frames` a batch at a time: what a run that saves where it stands counts in."""
         for batch in batches(frames, batch_frames, batch_pixels):
             found = self.predict([f.pixels for f in batch if f.pixels is not None],
                                  [f.copy for f in batch if f.pixels is not None],
                                  embed and any(f.frame is not None for f in batch))
             faces = iter(found)
+            yield [(f, next(faces) if f.pixels is not None else None) for f in batch]
             for f in batch:
-                yield f, (next(faces) if f.pixels is not None else None)
                 f.pixels = f.copy = None
 
     def detection_copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:

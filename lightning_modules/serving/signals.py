@@ -168,7 +168,7 @@ class Curve:
             w = c[0::2] + c[1::2]
             self.times = list((t[0::2] * c[0::2] + t[1::2] * c[1::2]) / w) + self.times[n:]
             self.values = list((v[0::2] * c[0::2, None] + v[1::2] * c[1::2, None]) / w[:, None]) + self.values[n:]
-            self.counts = list(w.astype(int)) + self.counts[n:]
+            self.counts = [int(x) for x in w] + self.counts[n:]
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.times), (np.stack(self.values) if self.values else np.zeros((0, 0), np.float32))
@@ -354,3 +354,55 @@ class VideoSignals:
                 row[f"{a}_active_share"] = round(float(active / seen), 4) if seen > 0 else None
             out.append(row)
         return out
+
+
+# -- resuming: the whole state of a video's signals as JSON-ready values ------------------------
+
+def _array(values) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, np.float64)
+
+
+def signal_state(signal: PersonSignal, rows: dict[int, int]) -> dict:
+    """A :class:`PersonSignal` as JSON-ready values; ``rows`` maps ``id()`` of each held row to
+    its place in the video's queue (held rows are saved once, with the queue)."""
+    return {"person": signal.person,
+            "history": [[t, v.tolist()] for t, v in signal.history],
+            "pending": [[p.time_s, p.raw.tolist(), rows[id(p.key)]] for p in signal.pending],
+            "ema": None if signal.ema is None else signal.ema.tolist(), "last_s": signal.last_s,
+            "state": None if signal.state is None else signal.state.tolist(),
+            "open_events": [[int(i), vars(e)] for i, e in signal.open_events.items()],
+            "events": [vars(e) for e in signal.events],
+            "active_s": None if signal.active_s is None else signal.active_s.tolist(),
+            "seen_s": signal.seen_s, "decided_s": signal._decided_s,
+            "curve": {"max_points": signal.curve.max_points, "times": list(signal.curve.times),
+                      "values": [v.tolist() for v in signal.curve.values], "counts": list(signal.curve.counts)}}
+
+
+def video_signals_state(video: VideoSignals) -> dict:
+    """Everything a :class:`VideoSignals` holds (rows waiting included), for :func:`restore_video_signals`."""
+    rows = {id(r): i for i, r in enumerate(video.queue)}
+    return {"queue": list(video.queue), "waiting": sorted(rows[i] for i in video.waiting),
+            "people": [signal_state(s, rows) for s in video.people.values()]}
+
+
+def restore_video_signals(state: dict, aus: Sequence[str], thresholds: np.ndarray,
+                          settings: SmoothingSettings) -> VideoSignals:
+    """The :class:`VideoSignals` that :func:`video_signals_state` saved, held rows and all."""
+    video = VideoSignals(aus, thresholds, settings)
+    video.queue = deque(dict(r) for r in state["queue"])
+    rows = list(video.queue)
+    video.waiting = {id(rows[i]) for i in state["waiting"]}
+    for s in state["people"]:
+        signal = PersonSignal(video.aus, video.thresholds, settings, s["person"])
+        signal.history = deque((t, np.asarray(v, np.float64)) for t, v in s["history"])
+        signal.pending = deque(_Pending(t, np.asarray(v, np.float64), rows[i]) for t, v, i in s["pending"])
+        signal.ema, signal.last_s = _array(s["ema"]), s["last_s"]
+        signal.state = None if s["state"] is None else np.asarray(s["state"], bool)
+        signal.open_events = {i: Event(**e) for i, e in s["open_events"]}
+        signal.events = [Event(**e) for e in s["events"]]
+        signal.active_s, signal.seen_s, signal._decided_s = _array(s["active_s"]), s["seen_s"], s["decided_s"]
+        c = s["curve"]
+        signal.curve = Curve(c["max_points"], list(c["times"]), [np.asarray(v, np.float64) for v in c["values"]],
+                             list(c["counts"]))
+        video.people[s["person"]] = signal
+    return video
