@@ -168,6 +168,9 @@ class AUDetector(L.LightningModule):
         intensity_weight: weight of the intensity loss beside the occurrence loss.
         intensity_level_counts: per AU, training frames at levels 1-5, for the balancing weights
             of rare high levels (linked from ``AUDataModule.intensity_level_counts``); null: unweighted.
+        intensity_detach: train the intensity head on the branches' features without letting its
+            loss change them: occurrence trains exactly as without the head (true), or both heads
+            shape the shared features (false).
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class AUDetector(L.LightningModule):
         intensity_data: bool = False,
         intensity_weight: float = 1.0,
         intensity_level_counts: list[list[float]] | None = None,
+        intensity_detach: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -278,7 +282,9 @@ class AUDetector(L.LightningModule):
         labels, mask = batch["labels"], batch["mask"]
         parts = {"main": self.criterion(logits, labels, mask)}
         if self.with_intensity and "intensity" in batch:
-            cumulative = self.net.intensity_logits(feats)
+            # detached: the head learns on the occurrence features and changes nothing upstream
+            cumulative = self.net.intensity_logits({k: v.detach() for k, v in feats.items()}
+                                                   if self.hparams.intensity_detach else feats)
             parts["intensity"] = self.hparams.intensity_weight * ordinal_loss(
                 cumulative, batch["intensity"], batch["intensity_mask"], self.intensity_pos_weight)
         for name, aux_logits in aux.items():

@@ -186,3 +186,27 @@ def test_the_pyfunc_signature_names_the_intensity_columns():
     names = signature([1, 12], intensity=True).outputs.input_names()
     assert names[-2:] == ["AU1_intensity", "AU12_intensity"]
     assert "AU1_intensity" not in signature([1, 12]).outputs.input_names()
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_detached_head_leaves_occurrence_training_as_without_it(detach):
+    """Same start, same batches, plain SGD: with ``intensity_detach`` the branches and the
+    occurrence head end where an occurrence-only model ends (the head changes nothing upstream);
+    trained jointly, they do not."""
+    torch.manual_seed(0)
+    joint = AUDetector(aus=[6, 12], backbone="resnet10t", branches=["face"], loss="bce", intensity_data=True,
+                       intensity_detach=detach)
+    alone = AUDetector(aus=[6, 12], backbone="resnet10t", branches=["face"], loss="bce", intensity=False,
+                       intensity_data=True)
+    alone.load_state_dict({k: v for k, v in joint.state_dict().items() if "intensity" not in k})
+    batches = list(DataLoader(_Levels(48, 2), batch_size=16))
+    for model in (joint, alone):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for batch in batches:
+            optimizer.zero_grad()
+            model.model_step(batch)[0].backward()
+            optimizer.step()
+    shared = {k: v for k, v in alone.state_dict().items() if "intensity" not in k and v.is_floating_point()}
+    gap = max((joint.state_dict()[k] - v).abs().max().item() for k, v in shared.items())
+    assert (gap < 1e-6) if detach else (gap > 1e-4), gap

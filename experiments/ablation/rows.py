@@ -52,6 +52,7 @@ class Row:
     backbone: str | None = None  # None: the AU config's
     orthogonality: float = 0.0
     intensity: bool | None = None  # the intensity head: None when the data has levels, False: occurrence only
+    intensity_detach: bool = False  # the head trained on the features without changing them
 
     def overrides(self, weights: dict[str, str]) -> dict[str, Any]:
         """What this row changes in the AU config."""
@@ -68,6 +69,7 @@ class Row:
             # them, by thresholds fitted on one half of validation and scored on the other.
             "checkpoint.monitor": "val/score_heldout" if self.thresholds else "val/score",
             "model.intensity": self.intensity,
+            "model.intensity_detach": self.intensity_detach,
         }
         if self.backbone:
             changes["model.backbone"] = self.backbone
@@ -98,6 +100,8 @@ ROWS = (
         thresholds=True),
     Row("occurrence", "... the same, occurrence only (no intensity head)", sampling=True, thresholds=True,
         intensity=False),
+    Row("detached", "... the same, intensity head on detached features", sampling=True, thresholds=True,
+        intensity_detach=True),
     # The branch comparison again, aligned.
     Row("face_align", "Align + F_face", branches=("face",)),
     Row("emotion_align", "Align + F_emotion", branches=("emotion",)),
@@ -136,6 +140,7 @@ STRATEGIES = (
     ("transfer (pretrained branches)", "scratch", "balanced"),
     ("landmark alignment (vs the face box)", "dual", "align"),
     ("intensity head, trained jointly", "occurrence", "joint"),
+    ("intensity head on detached features", "occurrence", "detached"),
 )
 
 
