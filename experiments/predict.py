@@ -456,7 +456,7 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None,
             smooth_s: float = 0.5, smoothing: Literal["zero_phase", "causal"] = "zero_phase",
             hysteresis: float = 0.3, identity_weights: str | None = None, start: float | None = None,
-            end: float | None = None) -> None:
+            end: float | None = None, checkpoint_s: float = CHECKPOINT_S) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -511,6 +511,9 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             people apart less well; the ONNX backend follows boxes only.
         start: in videos, begin at this time (seconds; frame numbers and times stay the video's).
         end: in videos, stop before this time (seconds).
+        checkpoint_s: how often (seconds) the run saves where it stands in ``<out>.resume.json``,
+            so that the same command run again after a kill goes on from there (0: after every
+            batch of frames).
     """
     if not describe and not input:
         raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
@@ -534,5 +537,5 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
     summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
                   batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people),
                   smoothing=SmoothingSettings(window_s=smooth_s, mode=smoothing, hysteresis=hysteresis),
-                  start_s=start, end_s=end)
+                  start_s=start, end_s=end, checkpoint_s=checkpoint_s)
     print(summary)

@@ -259,7 +259,7 @@ def test_an_interrupted_run_leaves_out_untouched_and_its_rows_in_partial(predict
     names = write_images(tmp_path, [f"{i}.png" for i in range(4)])
     out = tmp_path / "out.csv"
     out.write_text("the previous run's whole file\n")
-    real = predictor.predict_frames
+    real = predictor.predict_batches
 
     def interrupted(frames, *args, **kwargs):
         for n, item in enumerate(real(frames, *args, **kwargs)):
@@ -267,7 +267,7 @@ def test_an_interrupted_run_leaves_out_untouched_and_its_rows_in_partial(predict
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(predictor, "predict_frames", interrupted)
+    monkeypatch.setattr(predictor, "predict_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(predictor, [str(tmp_path / n) for n in names], str(out), batch_frames=1, progress=False)
     assert out.read_text() == "the previous run's whole file\n"
