@@ -86,7 +86,7 @@ from datamodules.io.folds import PROTOCOLS
 from datamodules.io.manifest import BP4D_AUS, DISFA_AUS, au_column_name
 from datamodules.synthau.face import FaceSpec, Identity, sample_identity
 from datamodules.synthau.labels import EXCLUSIVE, sample_aus
-from datamodules.synthau.scene import PlacedFace, background, render_posed_scene
+from datamodules.synthau.scene import PlacedFace, Shot, background, expose, light_from, render_posed_scene
 
 LAYOUTS = ("bp4d", "disfa", "affwild2")
 LAYOUT_VERSION = 1
@@ -341,25 +341,14 @@ def _identity(settings: LayoutSettings, track: _Track) -> Identity:
     return replace(ident, beard=0.0) if track.subject.startswith("F") and settings.layout == "bp4d" else ident
 
 
-@dataclass
-class _Scene:
-    """What stays fixed over a sequence's frames: backdrop, light, camera."""
-
-    backdrop: np.ndarray
-    light: np.ndarray
-    ambient: float
-    gain: np.ndarray
-    noise: float
-
-
-def _scene(rng: np.random.Generator, settings: LayoutSettings, wild: bool) -> _Scene:
+def _scene(rng: np.random.Generator, settings: LayoutSettings, wild: bool) -> Shot:
     backdrop = background(rng, settings.height, settings.width)
     az = rng.uniform(-1.1, 1.1) if wild else rng.uniform(-0.4, 0.4)
     el = rng.uniform(-0.3, 0.9) if wild else rng.uniform(0.1, 0.5)
-    light = np.array([math.sin(az) * math.cos(el), -math.sin(el), math.cos(az) * math.cos(el)])
+    light = light_from(az, el)
     ambient = rng.uniform(0.3, 0.7) if wild else rng.uniform(0.45, 0.65)
     gain = rng.uniform(0.7, 1.2) * rng.uniform(0.9, 1.1, 3) if wild else np.ones(3)
-    return _Scene(backdrop, light, ambient, gain, rng.uniform(1.0, 5.0) if wild else 1.5)
+    return Shot(backdrop, light, ambient, gain, rng.uniform(1.0, 5.0) if wild else 1.5)
 
 
 @dataclass
@@ -409,13 +398,6 @@ def _placed(settings: LayoutSettings, track: _Track, plan: _Plan, t: int,
     return PlacedFace(spec, center, plan.head, seed), drawn, unilateral
 
 
-def _camera(scene_img: np.ndarray, scene: _Scene, rng: np.random.Generator) -> np.ndarray:
-    """The camera's gain and sensor noise on a rendered RGB frame; returns BGR for OpenCV."""
-    noise = rng.standard_normal(scene_img.shape, dtype=np.float32) * np.float32(scene.noise)
-    img = scene_img.astype(np.float32) * scene.gain.astype(np.float32) + noise
-    return np.clip(img, 0, 255).astype(np.uint8)[..., ::-1]
-
-
 def _imwrite(path: Path, bgr: np.ndarray, quality: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, quality]):
@@ -453,7 +435,7 @@ def _render_bp4d(job: _Job) -> dict:
         img, faces = render_posed_scene(scene.backdrop, [placed], scene.light, scene.ambient)
         frame = first - before + t
         name = f"{frame:04d}.jpg"
-        _imwrite(folder / name, _camera(img, scene, _rng(s, track.identity, track.index, 1000 + t)), 92)
+        _imwrite(folder / name, expose(img, scene, _rng(s, track.identity, track.index, 1000 + t)), 92)
         k = t - before
         if 0 <= k < s.frames:
             levels = _levels(s.layout, drawn, unilateral)
@@ -491,10 +473,10 @@ def _render_disfa(job: _Job) -> dict:
         for t in range(s.frames):
             placed, drawn, unilateral = _placed(s, track, plan, t, yaw=-DISFA_CAMERA_YAW)
             img, faces = render_posed_scene(scene.backdrop, [placed], scene.light, scene.ambient)
-            left.write(_camera(img, scene, _rng(s, track.identity, track.index, 1000 + t)))
+            left.write(expose(img, scene, _rng(s, track.identity, track.index, 1000 + t)))
             placed_r, _, _ = _placed(s, track, plan, t, yaw=DISFA_CAMERA_YAW, dx=-shift)
             img_r, _ = render_posed_scene(right_backdrop, [placed_r], scene.light, scene.ambient)
-            right.write(_camera(img_r, right_scene, _rng(s, track.identity, track.index, 2000 + t)))
+            right.write(expose(img_r, right_scene, _rng(s, track.identity, track.index, 2000 + t)))
             if t < lines:
                 levels = _levels(s.layout, drawn, unilateral)
                 row = _row(track, t + 1, None, levels, levels, drawn, unilateral, placed, faces[0])
@@ -540,7 +522,7 @@ def _render_affwild2(job: _Job) -> dict:
     for t in range(s.frames):
         frame = [_placed(s, tr, plan, t) for tr, plan in zip(job.tracks, plans)]
         img, faces = render_posed_scene(scene.backdrop, [f[0] for f in frame], scene.light, scene.ambient)
-        bgr = _camera(img, scene, _rng(s, lead.identity, lead.index, 1000 + t))
+        bgr = expose(img, scene, _rng(s, lead.identity, lead.index, 1000 + t))
         for i, (track, (placed, drawn, unilateral)) in enumerate(zip(job.tracks, frame)):
             name = f"{AFFWILD2_IMAGES}/{track.subject}/{t + 1:05d}.jpg"
             if t not in missing[i]:

@@ -120,6 +120,31 @@ def face_canvas(head: float) -> int:
     return int(min(256, max(64, 16 * math.ceil(head / 0.68 / 16))))
 
 
+@dataclass
+class Shot:
+    """What stays fixed over a sequence's frames: backdrop, light (a unit vector and the ambient
+    share), and the camera's colour gain and sensor noise (:func:`expose`)."""
+
+    backdrop: np.ndarray
+    light: np.ndarray
+    ambient: float
+    gain: np.ndarray
+    noise: float
+
+
+def light_from(azimuth: float, elevation: float) -> np.ndarray:
+    """The unit vector of light from ``azimuth`` (left-right) and ``elevation`` (up), in radians."""
+    return np.array([math.sin(azimuth) * math.cos(elevation), -math.sin(elevation),
+                     math.cos(azimuth) * math.cos(elevation)])
+
+
+def expose(img: np.ndarray, shot: Shot, rng: np.random.Generator) -> np.ndarray:
+    """The camera's gain and sensor noise on a rendered RGB frame; returns BGR for OpenCV."""
+    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(shot.noise)
+    out = img.astype(np.float32) * shot.gain.astype(np.float32) + noise
+    return np.clip(out, 0, 255).astype(np.uint8)[..., ::-1]
+
+
 def render_posed_scene(backdrop: np.ndarray, faces: Sequence[PlacedFace], light: np.ndarray,
                        ambient: float) -> tuple[np.ndarray, list[dict]]:
     """The faces drawn, in order, onto a copy of ``backdrop`` (RGB uint8), lit by ``light`` (a unit

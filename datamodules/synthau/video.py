@@ -74,7 +74,7 @@ from datamodules.io import files
 from datamodules.io.manifest import EMOTIONET_AUS, au_column_name
 from datamodules.synthau.face import FaceSpec, Identity, sample_identity
 from datamodules.synthau.layouts import AUEvent, facs_level, frame_aus, label_intensity, sample_events
-from datamodules.synthau.scene import PlacedFace, background, render_posed_scene
+from datamodules.synthau.scene import PlacedFace, Shot, background, expose, light_from, render_posed_scene
 
 VIDEO_VERSION = 1  # bump when a change to the plan or the renderer changes the clips
 SUMMARY = "videos.json"
@@ -159,17 +159,6 @@ def _rng(settings: VideoSettings, *key: int) -> np.random.Generator:
 
 
 @dataclass
-class _Scene:
-    """What stays fixed over a clip: backdrop, light, camera."""
-
-    backdrop: np.ndarray
-    light: np.ndarray
-    ambient: float
-    gain: np.ndarray
-    noise: float
-
-
-@dataclass
 class _Walker:
     """One person of a clip, planned over all its frames (also those it spends out of the frame)."""
 
@@ -183,13 +172,13 @@ class _Walker:
     head: np.ndarray  # (frames,): head height in px
 
 
-def _clip_scene(rng: np.random.Generator, s: VideoSettings) -> _Scene:
+def _clip_scene(rng: np.random.Generator, s: VideoSettings) -> Shot:
     """Moderately wild: light from the side or above, a camera's colour cast and sensor noise."""
     backdrop = background(rng, s.height, s.width)
     az, el = rng.uniform(-0.8, 0.8), rng.uniform(-0.2, 0.7)
-    light = np.array([math.sin(az) * math.cos(el), -math.sin(el), math.cos(az) * math.cos(el)])
+    light = light_from(az, el)
     gain = rng.uniform(0.8, 1.15) * rng.uniform(0.93, 1.07, 3)
-    return _Scene(backdrop, light, rng.uniform(0.4, 0.7), gain, rng.uniform(1.0, 3.5))
+    return Shot(backdrop, light, rng.uniform(0.4, 0.7), gain, rng.uniform(1.0, 3.5))
 
 
 def _head(s: VideoSettings, depth: float | np.ndarray) -> float | np.ndarray:
@@ -387,7 +376,7 @@ def _aus(drawn: dict[int, float], unilateral: bool) -> dict:
             "labels": {au: int(level >= 1) for au, level in levels.items()}}
 
 
-def _frame(s: VideoSettings, job: _Job, scene: _Scene, walkers: list[_Walker], t: int) -> tuple[np.ndarray, dict]:
+def _frame(s: VideoSettings, job: _Job, scene: Shot, walkers: list[_Walker], t: int) -> tuple[np.ndarray, dict]:
     """One frame (BGR) and its truth line."""
     drawn_people = sorted((w for w in walkers if _on_canvas(s, w, t)), key=lambda w: (w.head[t], w.person))
     placed, shown = [], []
@@ -413,14 +402,7 @@ def _frame(s: VideoSettings, job: _Job, scene: _Scene, walkers: list[_Walker], t
                        "unilateral": unilateral, **_aus(drawn, unilateral)})
     people.sort(key=lambda row: row["person"])
     line = {"frame": t, "time_s": round(t / s.fps, 4), "people": people}
-    return _expose(img, scene, _rng(s, job.clip, 1_000_000 + t)), line
-
-
-def _expose(img: np.ndarray, scene: _Scene, rng: np.random.Generator) -> np.ndarray:
-    """The camera's gain and sensor noise on a rendered RGB frame; returns BGR for OpenCV."""
-    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(scene.noise)
-    out = img.astype(np.float32) * scene.gain.astype(np.float32) + noise
-    return np.clip(out, 0, 255).astype(np.uint8)[..., ::-1]
+    return expose(img, scene, _rng(s, job.clip, 1_000_000 + t)), line
 
 
 def _temp(path: Path) -> Path:

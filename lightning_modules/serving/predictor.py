@@ -339,17 +339,22 @@ class AUPredictor:
         return detection_copy(image, self.alignment.detect_max_side)
 
 
+def folded(backbone: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``backbone`` (in eval mode) with its batch norms folded into the convolutions before them
+    (same outputs to ~1e-6), or as it is where torch.fx cannot trace it."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(backbone)
+    except Exception as e:  # noqa: BLE001 - a backbone torch.fx cannot trace runs unfolded, as trained
+        log.debug("%s not folded (%s: %s)", name, type(e).__name__, e)
+        return backbone
+
+
 def inference_copy_of_backbone(net: torch.nn.Module) -> torch.nn.Module:
     """A backbone for inference: eval mode, batch norms folded where torch.fx can trace it,
     channels-last weights (as :func:`inference_copy` does for each branch)."""
-    from torch.fx.experimental.optimization import fuse
-
-    net = net.eval()
-    try:
-        net = fuse(net)
-    except Exception as e:  # noqa: BLE001 - a backbone torch.fx cannot trace runs unfolded
-        log.debug("identity backbone not folded (%s: %s)", type(e).__name__, e)
-    return net.to(memory_format=torch.channels_last)
+    return folded(net.eval(), "identity backbone").to(memory_format=torch.channels_last)
 
 
 def inference_copy(net: AUNet) -> AUNet:
@@ -359,14 +364,9 @@ def inference_copy(net: AUNet) -> AUNet:
     saving; the copy decides at ``net``'s own thresholds tensor (shared, not copied)."""
     import copy
 
-    from torch.fx.experimental.optimization import fuse
-
     fused = copy.deepcopy(net).eval()
     for name, branch in fused.branches.items():
-        try:
-            fused.branches[name] = fuse(branch)
-        except Exception as e:  # noqa: BLE001 - a backbone torch.fx cannot trace runs unfolded, as trained
-            log.debug("branch %s not folded (%s: %s)", name, type(e).__name__, e)
+        fused.branches[name] = folded(branch, f"branch {name}")
     fused = fused.to(memory_format=torch.channels_last)
     fused.thresholds = net.thresholds
     return fused
