@@ -89,11 +89,13 @@ def sample_grid_figure(images: np.ndarray, labels: np.ndarray, mask: np.ndarray,
 
 
 def au_curves_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], events: Sequence[dict], aus: Sequence[str],
-                     thresholds: np.ndarray, title: str, most: int = 6, gap_s: float = 1.0):
+                     thresholds: np.ndarray, title: str, most: int = 6, gap_s: float = 1.0,
+                     people_total: int | None = None):
     """One panel per person: the smoothed probability over time of the AUs that were active
     longest (at most ``most``; the others are in the CSV), each with its threshold dashed and its
     events shaded; the lines break where the person was unseen for over ``gap_s``. ``events``:
-    rows of ``<out stem>.events.csv`` (person, au, onset_s, offset_s)."""
+    rows of ``<out stem>.events.csv`` (person, au, onset_s, offset_s). ``people_total``: how many
+    people the video had, when ``curves`` holds only some of them (said in the title)."""
     people = [p for p, (t, _) in curves.items() if len(t)]
     fig, axes = plt.subplots(max(1, len(people)), 1, figsize=(11, 2.4 * max(1, len(people))), squeeze=False,
                              sharex=True)
@@ -119,6 +121,8 @@ def au_curves_figure(curves: dict[int, tuple[np.ndarray, np.ndarray]], events: S
     if not people:
         axes[0, 0].text(0.5, 0.5, "no person seen", ha="center", va="center")
     axes[-1, 0].set_xlabel("time (s)")
-    fig.suptitle(f"{title}: smoothed AU probability per person (dashed: threshold; shaded: events)", fontsize=9)
+    some = f", the {len(people)} of {people_total} people seen longest" \
+        if people_total is not None and people_total > len(people) else ""
+    fig.suptitle(f"{title}: smoothed AU probability per person{some} (dashed: threshold; shaded: events)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -65,6 +65,12 @@ class OutputBusy(RuntimeError):
     """Another run is writing the same output."""
 
 
+# People drawn in a video's AU-curve picture at most (those seen longest; every one is in the
+# CSVs): a panel each, so a long video with many people would otherwise draw a picture of
+# unbounded height (130 MB of canvas for 100 people).
+CURVES_DRAWN = 12
+
+
 def neutralise(row: dict) -> dict:
     """``row`` with each text cell that a spreadsheet would run as a formula prefixed by ``'``
     (numbers, even negative ones, are not text and stay as they are)."""
@@ -162,8 +168,8 @@ class Videos:
             name, n = f"{Path(label).name}-{n}.png", n + 1
         self.pictures.add(name.casefold())
         self.curves.mkdir(parents=True, exist_ok=True)
-        fig = au_curves_figure(self.signals.curves(), events, self.aus, self.thresholds, Path(label).name,
-                               gap_s=self.smoothing.max_gap_s)
+        fig = au_curves_figure(self.signals.curves(CURVES_DRAWN), events, self.aus, self.thresholds, Path(label).name,
+                               gap_s=self.smoothing.max_gap_s, people_total=len(self.signals.people))
         tmp = self.curves / f".{name}.partial.png"
         try:
             fig.savefig(tmp, dpi=110)
@@ -370,7 +376,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     stand = Standing(resume_path(out_path), {
         "inputs": list(inputs), "sources": [src.path for src in sources], "every": every, "start_s": start_s,
         "end_s": end_s, "header": header, "thresholds": [float(t) for t in predictor.thresholds],
-        "net": predictor.spec, "people": asdict(people), "smoothing": None if smoothing is None else asdict(smoothing)})
+        "net": predictor.spec, "detect_every": predictor.detector.every, "people": asdict(people), "smoothing": None if smoothing is None else asdict(smoothing)})
     # an annotated video cannot be appended to: with --annotate a run starts over
     saved = stand.read() if annotate_dir is None else None
     partial, f = open_partial(out_path, keep=saved["offset"] if saved else None)
@@ -456,7 +462,7 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None,
             smooth_s: float = 0.5, smoothing: Literal["zero_phase", "causal"] = "zero_phase",
             hysteresis: float = 0.3, identity_weights: str | None = None, start: float | None = None,
-            end: float | None = None, checkpoint_s: float = CHECKPOINT_S) -> None:
+            end: float | None = None, checkpoint_s: float = CHECKPOINT_S, detect_every: int = 10) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -514,7 +520,14 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         checkpoint_s: how often (seconds) the run saves where it stands in ``<out>.resume.json``,
             so that the same command run again after a kill goes on from there (0: after every
             batch of frames).
+        detect_every: in videos, detect faces in the whole frame on every N-th frame (and on
+            the first of each batch of frames, and where a face is lost); on the frames between,
+            look only around the faces of the frame before (MTCNN's R- and O-net without P-net's
+            pyramid, most of detection's cost). A face entering the shot is found at most N - 1
+            frames late. 1: the whole frame every time.
     """
+    if detect_every < 1:
+        raise ValueError(f"--detect_every must be at least 1 (1: detect in every whole frame), got {detect_every}")
     if not describe and not input:
         raise ValueError("--input: give images, folders, globs, manifests or videos to predict on "
                          "(or --describe to read the model's card)")
@@ -528,6 +541,7 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
               + ", ".join(au_column_name(a) for a in predictor.aus))
         return
     predictor.batch_size, predictor.precision = batch_size, precision
+    predictor.detector.every = detect_every
     if identity_weights:
         if backend == "onnxruntime":
             raise ValueError("--identity_weights: the onnxruntime backend has no embeddings (it follows boxes only)")

@@ -269,7 +269,7 @@ def test_large_photos_are_held_by_pixels_not_only_by_count(tmp_path, monkeypatch
                             AlignmentSettings(crop_size=32), spec, device="cpu")
     sizes = []
     detect = predictor.predict
-    monkeypatch.setattr(predictor, "predict", lambda frames, copies, embed=False: (sizes.append(len(frames)), detect(frames, copies))[1])
+    monkeypatch.setattr(predictor, "predict", lambda frames, copies, *rest: (sizes.append(len(frames)), detect(frames, copies, *rest))[1])
     tracemalloc.start()
     try:
         summary = run(predictor, [str(folder)], str(tmp_path / "out.csv"), batch_frames=16, progress=False,

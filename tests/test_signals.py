@@ -151,3 +151,19 @@ def test_a_curve_keeps_bounded_points_that_average_what_they_replace():
     assert sum(curve.counts) == len(t) and np.all(values[:, 1] == 1.0)
     ends = np.cumsum(curve.counts)
     np.testing.assert_allclose(times, [t[e - c:e].mean() for e, c in zip(ends, curve.counts)], atol=1e-9)
+
+
+def test_the_picture_draws_the_people_seen_longest(tmp_path):
+    """A video with 20 people (person p seen for p + 1 frames): the curves for the picture are the
+    12 seen longest, in id order, and the picture's height does not grow with the people."""
+    from callbacks.plots import au_curves_figure
+
+    video = VideoSignals(["AU12"], np.array([0.5]), SmoothingSettings(window_s=0.0))
+    for k in range(20):
+        video.add([{"time_s": k / 10, "person": p, "status": "ok", "AU12_prob": 0.2} for p in range(20) if p >= 19 - k])
+    video.finish()
+    curves = video.curves(most=12)
+    assert list(curves) == list(range(8, 20))
+    assert len(video.curves()) == 20
+    fig = au_curves_figure(curves, [], ["AU12"], np.array([0.5]), "clip", people_total=20)
+    assert len(fig.axes) == 12 and "the 12 of 20 people seen longest" in fig._suptitle.get_text()

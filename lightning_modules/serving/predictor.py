@@ -286,11 +286,12 @@ class AUPredictor:
         return [np.concatenate(part) for part in parts]
 
     def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None,
-                embed: bool = False) -> list[list[Face]]:
+                embed: bool = False, follows: Sequence[bool] | None = None) -> list[list[Face]]:
         """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
-        detection copies when made ahead, see :meth:`FaceDetector.detect`); with ``embed`` each
-        face carries its identity embedding, for following people across frames."""
-        detections = self.detector.detect(frames, copies)
+        detection copies when made ahead; ``follows``: which frames come right after the one
+        before in a video, see :meth:`FaceDetector.detect`); with ``embed`` each face carries its
+        identity embedding, for following people across frames."""
+        detections = self.detector.detect(frames, copies, follows)
         crops, owners = [], []
         for f, (frame, det) in enumerate(zip(frames, detections)):
             order = np.argsort(-(det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])) \
@@ -326,9 +327,12 @@ class AUPredictor:
                         embed: bool = False) -> Iterator[list[tuple[Frame, list[Face] | None]]]:
         """:meth:`predict_frames` a batch at a time: what a run that saves where it stands counts in."""
         for batch in batches(frames, batch_frames, batch_pixels):
-            found = self.predict([f.pixels for f in batch if f.pixels is not None],
-                                 [f.copy for f in batch if f.pixels is not None],
-                                 embed and any(f.frame is not None for f in batch))
+            decoded = [f for f in batch if f.pixels is not None]
+            # A batch starts afresh (whole detection): a run resumed at a batch finds the same faces.
+            follows = [i > 0 and f.frame is not None and f.source is decoded[i - 1].source
+                       and decoded[i - 1].frame is not None for i, f in enumerate(decoded)]
+            found = self.predict([f.pixels for f in decoded], [f.copy for f in decoded],
+                                 embed and any(f.frame is not None for f in batch), follows)
             faces = iter(found)
             yield [(f, next(faces) if f.pixels is not None else None) for f in batch]
             for f in batch:

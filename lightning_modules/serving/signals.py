@@ -340,9 +340,14 @@ class VideoSignals:
         found = [e.record() for s in self.people.values() for e in s.take_events()]
         return sorted(found, key=lambda e: (e["person"], e["onset_s"], e["au"]))
 
-    def curves(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Per person, times and smoothed probabilities (T,K) for a picture (:class:`Curve`)."""
-        return {person: s.curve.arrays() for person, s in sorted(self.people.items())}
+    def curves(self, most: int | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per person, times and smoothed probabilities (T,K) for a picture (:class:`Curve`);
+        with ``most``, only that many people, those seen longest (by id)."""
+        people = sorted(self.people.items())
+        if most is not None and len(people) > most:
+            longest = {p for p, _ in sorted(people, key=lambda item: -item[1].seen_s)[:most]}
+            people = [(p, s) for p, s in people if p in longest]
+        return {person: s.curve.arrays() for person, s in people}
 
     def summary(self) -> list[dict]:
         """Per person: seconds seen and the share of them each AU was active."""
