@@ -23,6 +23,10 @@ cost does not depend on them) and nothing is downloaded. The rows:
   predict           ``au-detect predict`` as the command runs it (experiments.predict.run: decode
                     threads, detection, alignment, the network, the CSV) with an AUPredictor built
                     in-process around the random network, in float32 and bf16-mixed.
+  video             ``au-detect predict`` on a SynthAU clip of people crossing and leaving, with
+                    people and smoothing on, detecting every frame whole (``--detect_every 1``)
+                    against the detection prior (``--detect_every 10``): frames/s of each, their
+                    ratio, and the faces each found.
   DDP               the training step under DistributedDataParallel over every visible GPU (NCCL;
                     skipped with one GPU): images/s in total and per GPU.
   loader            crops/s on one CPU core of the training loader (AlignedFaceDataset over an
@@ -32,7 +36,7 @@ cost does not depend on them) and nothing is downloaded. The rows:
 ``--smoke`` runs the same code paths on the CPU in seconds: resnet18 at 64 px, batch 4, 2 steps,
 bf16 autocast on the CPU, torch.compile with Dynamo's ``eager`` backend (graphs captured, no
 code generated; ``--compile_backend aot_eager`` adds the backward graph, ``inductor`` builds C++
-kernels), MTCNN on 3 scenes, predict on 2, DDP over 2 CPU processes with gloo; what needs CUDA
+kernels), MTCNN on 3 scenes, predict on 2, a 3 s clip at 320x240, DDP over 2 CPU processes with gloo; what needs CUDA
 (memory figures, MFU) says so. A check that fails (compile, DDP, MTCNN, predict, loader) says so
 in its row and the others still run; the exit status is then 1. The JSON also holds each
 check's seconds (``seconds_by_check``).
@@ -75,6 +79,7 @@ from datamodules.augmentation import AUAugmentation  # noqa: E402
 from datamodules.alignment.crop_cache import AlignedSplit, align_manifest  # noqa: E402
 from datamodules.io.manifest import EMOTIONET_AUS, read_manifest  # noqa: E402
 from datamodules.synthau.generate import SynthAUSettings, generate_synthau  # noqa: E402
+from datamodules.synthau.video import VideoSettings, clip_names, render_videos  # noqa: E402
 from experiments.predict import run as predict_run  # noqa: E402
 from lightning_modules.au_detector import AUDetector, AUNet  # noqa: E402
 from lightning_modules.serving.predictor import AUPredictor  # noqa: E402
@@ -107,6 +112,7 @@ class Plan:
     scenes: int = 64  # SynthAU scenes: MTCNN on the device, the loader's cache
     cpu_scenes: int = 4  # MTCNN on the CPU: a few only
     predict_scenes: int = 64
+    video: VideoSettings = VideoSettings(clips=1, people=(3, 3), seconds=12.0, fps=10.0)
     detect_max_side: int = 640  # the paper config's
     repeats: int = 3
     ddp_processes: int = 0  # 0: one per visible GPU
@@ -117,7 +123,8 @@ class Plan:
 
 SMOKE = dict(device="cpu", backbone="resnet18", crop_size=64, batch_size=4, steps=2, warmup=1,
              compile_backend="eager", max_batch=8, scenes=3, cpu_scenes=2, predict_scenes=2,
-             detect_max_side=320, repeats=1, ddp_processes=2, ddp_steps=2, loader_epochs=2, smoke=True)
+             detect_max_side=320, repeats=1,
+             video=VideoSettings(clips=1, people=(2, 2), seconds=3.0, fps=8.0, width=320, height=240), ddp_processes=2, ddp_steps=2, loader_epochs=2, smoke=True)
 
 
 def paper_model_args(backbone: str) -> dict:
@@ -451,6 +458,31 @@ def predict_check(plan: Plan, device: torch.device, paths: list[Path], settings:
     return out
 
 
+def video_check(plan: Plan, device: torch.device, settings: AlignmentSettings, tmp: Path) -> dict:
+    """predict's run() on a SynthAU clip, whole-frame detection on every frame vs the prior."""
+    render_videos(tmp / "clips", plan.video, workers=1)
+    video = str(tmp / "clips" / clip_names(0)[0])
+    torch.manual_seed(0)
+    model = paper_model_args(plan.backbone)
+    net = AUNet(EMOTIONET_AUS, plan.backbone, model["branches"], aux_heads=model["aux_heads"])
+    spec = {"aus": list(net.aus), "backbone": plan.backbone, "branches": list(model["branches"]),
+            "aux_heads": model["aux_heads"]}
+    predictor = AUPredictor(net, settings, spec, device=str(device))
+    out = {}
+    predict_run(predictor, [video], str(tmp / "warm.csv"), progress=False)  # warm-up
+    runs: dict[int, list] = {1: [], 10: []}
+    for _ in range(plan.repeats):  # alternated: a drift in the machine's speed hits both
+        for every in runs:
+            predictor.detector.every = every
+            runs[every].append(predict_run(predictor, [video], str(tmp / "video.csv"), progress=False))
+    for every, summaries in runs.items():
+        out[f"every_{every}"] = {"frames": summaries[-1].frames, "faces": summaries[-1].faces,
+                                 "frames_per_s": statistics.median(s.frames_per_second for s in summaries)}
+    out["speedup"] = out["every_10"]["frames_per_s"] / out["every_1"]["frames_per_s"]
+    out["faces_change"] = (out["every_10"]["faces"] - out["every_1"]["faces"]) / max(out["every_1"]["faces"], 1)
+    return out
+
+
 def loader_check(plan: Plan, root: Path, detector: FaceDetector, settings: AlignmentSettings, tmp: Path) -> dict:
     """Crops/s of the training loader on one core: the dataset read and augmented in this process."""
     from torch.utils.data import DataLoader
@@ -539,6 +571,14 @@ def predict_rows(p: dict, model: str) -> list[Row]:
          f"{r['images']} scenes, {r['faces']} faces, {model}") for precision, r in p.items()]
 
 
+def video_rows(v: dict, model: str) -> list[Row]:
+    return unavailable("video", v) or [
+        ("video", "frames/s, whole-frame detection every frame", fmt(v["every_1"]["frames_per_s"]),
+         f"{v['every_1']['frames']} frames, {v['every_1']['faces']} faces, {model}"),
+        ("video", "frames/s, detection prior (--detect_every 10)", fmt(v["every_10"]["frames_per_s"]),
+         f"{v['speedup']:.2f}x; faces {v['every_10']['faces']} ({v['faces_change']:+.2%})")]
+
+
 def ddp_rows(d: dict) -> list[Row]:
     return unavailable("DDP", d) or [
         ("DDP", f"images/s, {d['processes']} processes", fmt(d["images_per_s"]),
@@ -559,6 +599,7 @@ def markdown(report: dict) -> str:
     model = f"{s['backbone']} x2 at {s['crop_size']} px"
     rows = [*train_rows(report["train"], model, dev["peak_source"]),
             *mtcnn_rows(report["mtcnn"], s["detect_max_side"]), *predict_rows(report["predict"], model),
+            *video_rows(report["video"], model),
             *ddp_rows(report["ddp"]), *loader_rows(report["loader"])]
     title = (f"GPU check on {dev['name']} ({dev['type']}, {dev['count']} visible), torch {torch.__version__}"
              f"{', SMOKE (CPU, tiny model)' if report['smoke'] else ''}; {report['seconds']:.0f} s")
@@ -610,6 +651,7 @@ def check(plan: Plan, peak_tflops: float | None = None) -> dict:
         paths, settings = scene_paths(root), alignment(plan)
         report["mtcnn"] = section("mtcnn", lambda: mtcnn_check(plan, device, paths, settings))
         report["predict"] = section("predict", lambda: predict_check(plan, device, paths, settings, tmp))
+        report["video"] = section("video", lambda: video_check(plan, device, settings, tmp))
         loader = section("loader", lambda: loader_check(plan, root, FaceDetector(settings, device), settings, tmp))
     best = max(r["images_per_s"] for r in report["train"].values() if "images_per_s" in r)
     if "error" not in loader:

@@ -89,6 +89,11 @@ def test_smoke_run_reports_sane_figures(tmp_path):
     for precision in ("32-true", "bf16-mixed"):
         assert report["predict"][precision]["images_per_s"] > 0 and report["predict"][precision]["faces"] >= 1
 
+    video = report["video"]
+    assert video["every_1"]["frames"] == video["every_10"]["frames"] == 24  # 3 s at 8 fps
+    assert video["every_1"]["faces"] >= 24 and abs(video["faces_change"]) <= 0.05
+    assert video["speedup"] == pytest.approx(video["every_10"]["frames_per_s"] / video["every_1"]["frames_per_s"])
+
     loader = report["loader"]
     assert loader["crops_per_s_per_core"] > 0 and loader["crop_size"] == 64
     best = max(eager["images_per_s"], train["compiled"]["images_per_s"])
