@@ -48,6 +48,7 @@ from datamodules.io.sources import BATCH_PIXELS, InputError, expand, frames, ope
 from experiments.annotation import Annotator
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
+from lightning_modules.serving.parquet_rows import csv_to_parquet
 from lightning_modules.serving.people import PeopleTracker, TrackerSettings
 from lightning_modules.serving.signals import (SmoothingSettings, VideoSignals, restore_video_signals, smooth_columns,
                                                video_signals_state)
@@ -362,6 +363,8 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
             raise ValueError(f"{name} {value}: expected seconds >= 0")
     if start_s is not None and end_s is not None and end_s <= start_s:
         raise ValueError(f"--end {end_s} is not after --start {start_s}")
+    parquet = Path(out).suffix.lower() == ".parquet"
+    journal_formulas: CsvFormulas = "keep" if parquet else csv_formulas  # Parquet holds data, not formulas
     sources = expand(inputs)
     expected = expected_frames(sources, every, start_s, end_s) if progress else None
     aus = predictor.aus
@@ -396,7 +399,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
             writer.writeheader()
 
         def write(rows: list[dict]) -> None:
-            writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
+            writer.writerows(map(neutralise, rows) if journal_formulas == "escape" else rows)
 
         # A whole next batch decodes while this one is classified, or the next would wait for it.
         decoded = frames(sources[first_source:], every, max_pixels, workers, predictor.detection_copy,
@@ -440,7 +443,11 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
                         videos.people, csv_formulas)
         f.flush()
         os.fsync(f.fileno())
-        os.replace(partial, out_path)  # under the lock: the next writer waits for a whole file
+        if parquet:  # the journal streamed into row groups; under the lock, as a rename would be
+            csv_to_parquet(partial, out_path, header)
+            partial.unlink()
+        else:
+            os.replace(partial, out_path)  # under the lock: the next writer waits for a whole file
         stand.remove()
     except BaseException:
         log.warning("prediction stopped: the rows written so far are in %s; the same command goes on from "
@@ -475,7 +482,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         out: the CSV to write, whole or not at all: rows go to ``<out>.partial`` as batches
             finish and it is renamed onto ``out`` at the end; an interrupted run leaves
             ``<out>.partial`` with the rows it did. A second run on an ``out`` being written is
-            refused.
+            refused. ``rows.parquet``: the same columns, typed, in Parquet row groups (the CSV
+            journal streamed into it at the end; readable by pandas, Spark, DuckDB).
         every: in videos, predict on every N-th frame.
         batch_frames: frames detected together (fewer when they hold ``batch_pixels``).
         batch_size: faces per forward pass of the network.
