@@ -292,3 +292,19 @@ def test_loading_a_trained_model_says_nothing_of_random_weights(predictor_folder
     caplog.clear()
     AUNet(SPEC["aus"], SPEC["backbone"], SPEC["branches"])  # a new network does say it
     assert any("random initialisation" in r.getMessage() for r in caplog.records)
+
+
+def test_the_session_runs_as_many_threads_as_pytorch_at_full_optimisation(exported):
+    """onnxruntime's default counts the host's cores, not this process's share; the session
+    follows PyTorch's thread count (OMP_NUM_THREADS, torch.set_num_threads)."""
+    from lightning_modules.serving.onnx_model import ONNX_FILE, onnx_session
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        options = onnx_session(Path(exported) / ONNX_FILE).get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        assert onnx_session(Path(exported) / ONNX_FILE, threads=3).get_session_options().intra_op_num_threads == 3
+    finally:
+        torch.set_num_threads(before)
