@@ -437,15 +437,20 @@ def mtcnn_check(plan: Plan, device: torch.device, paths: list[Path], settings: A
     return {"device": on_device, "cpu": on_cpu, "speedup": on_device["scenes_per_s"] / on_cpu["scenes_per_s"]}
 
 
-def predict_check(plan: Plan, device: torch.device, paths: list[Path], settings: AlignmentSettings,
-                  tmp: Path) -> dict:
-    """au-detect predict's run() on scene files, with a randomly initialised predictor."""
+def random_predictor(plan: Plan, device: torch.device, settings: AlignmentSettings) -> AUPredictor:
+    """The paper's model (its config's branches and heads) with random weights, as a predictor."""
     torch.manual_seed(0)
     model = paper_model_args(plan.backbone)
     net = AUNet(EMOTIONET_AUS, plan.backbone, model["branches"], aux_heads=model["aux_heads"])
     spec = {"aus": list(net.aus), "backbone": plan.backbone, "branches": list(model["branches"]),
             "aux_heads": model["aux_heads"]}
-    predictor = AUPredictor(net, settings, spec, device=str(device))
+    return AUPredictor(net, settings, spec, device=str(device))
+
+
+def predict_check(plan: Plan, device: torch.device, paths: list[Path], settings: AlignmentSettings,
+                  tmp: Path) -> dict:
+    """au-detect predict's run() on scene files, with a randomly initialised predictor."""
+    predictor = random_predictor(plan, device, settings)
     inputs = [str(p) for p in paths[:plan.predict_scenes]]
     out = {}
     for precision in ("32-true", "bf16-mixed"):
@@ -462,12 +467,7 @@ def video_check(plan: Plan, device: torch.device, settings: AlignmentSettings, t
     """predict's run() on a SynthAU clip, whole-frame detection on every frame vs the prior."""
     render_videos(tmp / "clips", plan.video, workers=1)
     video = str(tmp / "clips" / clip_names(0)[0])
-    torch.manual_seed(0)
-    model = paper_model_args(plan.backbone)
-    net = AUNet(EMOTIONET_AUS, plan.backbone, model["branches"], aux_heads=model["aux_heads"])
-    spec = {"aus": list(net.aus), "backbone": plan.backbone, "branches": list(model["branches"]),
-            "aux_heads": model["aux_heads"]}
-    predictor = AUPredictor(net, settings, spec, device=str(device))
+    predictor = random_predictor(plan, device, settings)
     out = {}
     predict_run(predictor, [video], str(tmp / "warm.csv"), progress=False)  # warm-up
     runs: dict[int, list] = {1: [], 10: []}

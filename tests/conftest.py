@@ -121,3 +121,14 @@ def mlflow_server(tmp_path):
     yield uri
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def interrupted_after(predict_batches, n: int):
+    """``predict_batches`` that raises KeyboardInterrupt (Ctrl-C) once ``n`` batches have gone through."""
+    def interrupted(frames, *args, **kwargs):
+        for k, item in enumerate(predict_batches(frames, *args, **kwargs)):
+            if k == n:
+                raise KeyboardInterrupt
+            yield item
+
+    return interrupted

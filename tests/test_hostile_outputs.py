@@ -34,6 +34,8 @@ from lightning_modules.backbones import create_backbone
 from lightning_modules.serving.onnx_model import OnnxAUPredictor
 from lightning_modules.serving.predictor import AUPredictor, ModelConfigError, build_net
 
+from .conftest import interrupted_after
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
 
@@ -260,14 +262,7 @@ def test_an_interrupted_run_leaves_out_untouched_and_its_rows_in_partial(predict
     out = tmp_path / "out.csv"
     out.write_text("the previous run's whole file\n")
     real = predictor.predict_batches
-
-    def interrupted(frames, *args, **kwargs):
-        for n, item in enumerate(real(frames, *args, **kwargs)):
-            if n == 2:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(predictor, "predict_batches", interrupted)
+    monkeypatch.setattr(predictor, "predict_batches", interrupted_after(real, 2))
     with pytest.raises(KeyboardInterrupt):
         run(predictor, [str(tmp_path / n) for n in names], str(out), batch_frames=1, progress=False)
     assert out.read_text() == "the previous run's whole file\n"

@@ -22,6 +22,8 @@ from lightning_modules.au_detector import AUNet
 from lightning_modules.serving.parquet_rows import column_type, csv_to_parquet, row_schema
 from lightning_modules.serving.predictor import AUPredictor
 
+from .conftest import interrupted_after
+
 AUS = [1, 12, 25]
 
 
@@ -134,14 +136,7 @@ def test_an_interrupted_parquet_run_resumes_to_the_same_file(predictor, inputs, 
     run(predictor, inputs, str(whole), progress=False, batch_frames=4)
     out = tmp_path / "rows.parquet"
     real = predictor.predict_batches
-
-    def interrupted(frames, *args, **kwargs):
-        for n, item in enumerate(real(frames, *args, **kwargs)):
-            if n == 2:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(predictor, "predict_batches", interrupted)
+    monkeypatch.setattr(predictor, "predict_batches", interrupted_after(real, 2))
     with pytest.raises(KeyboardInterrupt):
         run(predictor, inputs, str(out), progress=False, batch_frames=4, checkpoint_s=0)
     assert not out.exists() and (tmp_path / "rows.parquet.partial").exists()
