@@ -127,8 +127,9 @@ FUNCTIONS: Mapping[str, Callable] = _Functions()
 # predict's --input may be left out for --describe: predict() says when neither is given.
 LISTS = {"predict": ("input", "images, folders, globs, lists of images, videos", False),
          "download": ("manifest", "manifests whose images are URLs"),
-         "compare": ("runs", "run ids, the first the baseline (or --filter)", False)}
-FLAGS = {"download": ("retry_failed",), "predict": ("describe",)}
+         "compare": ("runs", "run ids, the first the baseline (or --filter)", False),
+         "export": ("calibration", "images, folders, globs or manifests of faces to calibrate --int8 on", False)}
+FLAGS = {"download": ("retry_failed",), "predict": ("describe",), "export": ("int8",)}
 
 
 def function_parser() -> ArgumentParser:
@@ -220,7 +221,8 @@ def _user_error(e: BaseException, command: str, args: Sequence[str]) -> tuple[in
     """``(exit code, line)`` for an error of what the user gave, ``None`` for a fault of the program."""
     if type(e).__name__ in USER_ERRORS or isinstance(e, FileNotFoundError):
         return 1, f"au-detect: error: {e}"
-    if isinstance(e, ValueError) and "--input" in str(e):  # predict given neither --input nor --describe
+    # predict given neither --input nor --describe, or a message that starts with the option it is about
+    if isinstance(e, ValueError) and ("--input" in str(e) or str(e).startswith("--")):
         return 2, f"au-detect {command}: error: {e}"
     exceptions = sys.modules.get("mlflow.exceptions")  # imported by the command if it used MLflow
     if exceptions is not None and isinstance(e, exceptions.MlflowException) and (

@@ -308,3 +308,46 @@ def test_the_session_runs_as_many_threads_as_pytorch_at_full_optimisation(export
         assert onnx_session(Path(exported) / ONNX_FILE, threads=3).get_session_options().intra_op_num_threads == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_int8_export_is_quantized_calibrated_and_decides_as_float32(predictor_folder, synthau, test_crops, tmp_path,
+                                                                     capsys):
+    """``--int8 --calibration <val manifest>``: weights int8 per channel in QDQ form, the config
+    says so, the answers on the test faces stay close to PyTorch float32's (decisions at the same
+    thresholds), and predict runs the folder."""
+    import onnx
+
+    from lightning_modules.serving.quantize import agreement
+
+    out = tmp_path / "int8"
+    main(["export", "--model", str(predictor_folder), "--out", str(out), "--int8", "--calibration",
+          str(synthau / "val.tsv")])
+    said = capsys.readouterr().out
+    assert "Quantized" in said and "calibration faces" in said
+    config = json.loads((out / "predictor.json").read_text())
+    assert config["quantized"]["weights"].startswith("int8") and config["quantized"]["calibration_crops"] >= 10
+    graph = onnx.load(out / ONNX_FILE).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 20  # every convolution of two ResNet-18 branches and the head
+    predictor = AUPredictor.load(str(predictor_folder), "cpu")
+    quantized = OnnxAUPredictor.from_dir(out, "cpu")
+    check = agreement(predictor, quantized, test_crops)
+    assert check["decisions_equal"] >= 0.9 and check["mean_abs_prob"] < 0.05
+    photos = sorted((synthau / "images" / "test").glob("*.jpg"))[:3]
+    rows_out = tmp_path / "rows.csv"
+    main(["predict", "--model", str(out), "--backend", "onnxruntime", "--input", *map(str, photos),
+          "--out", str(rows_out)])
+    with open(rows_out, newline="") as f:
+        assert sum(r["status"] == "ok" for r in csv.DictReader(f)) >= 3
+
+
+def test_int8_without_calibration_faces_is_refused(predictor_folder, tmp_path):
+    with pytest.raises(ValueError, match="--int8 needs --calibration"):
+        main(["export", "--model", str(predictor_folder), "--out", str(tmp_path / "a"), "--int8"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="--calibration .*no face found to calibrate int8 on"):
+        main(["export", "--model", str(predictor_folder), "--out", str(tmp_path / "b"), "--int8", "--calibration",
+              str(empty)])
