@@ -221,9 +221,10 @@ def _user_error(e: BaseException, command: str, args: Sequence[str]) -> tuple[in
     """``(exit code, line)`` for an error of what the user gave, ``None`` for a fault of the program."""
     if type(e).__name__ in USER_ERRORS or isinstance(e, FileNotFoundError):
         return 1, f"au-detect: error: {e}"
-    # predict given neither --input nor --describe, or a message that starts with the option it is about
-    if isinstance(e, ValueError) and ("--input" in str(e) or str(e).startswith("--")):
+    if isinstance(e, ValueError) and "--input" in str(e):  # predict given neither --input nor --describe
         return 2, f"au-detect {command}: error: {e}"
+    if isinstance(e, ValueError) and str(e).startswith("--"):  # a value an option was given, refused by name
+        return 1, f"au-detect {command}: error: {e}"
     exceptions = sys.modules.get("mlflow.exceptions")  # imported by the command if it used MLflow
     if exceptions is not None and isinstance(e, exceptions.MlflowException) and (
             e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(e).lower()):

@@ -31,6 +31,9 @@ MISTAKES = [
     (["predict", "--model", "missing.ckpt"], 2, "--input"),
     (["predict", "--model", "missing.ckpt", "--input", "x.jpg", "--every", "often"], 2, "--every"),
     (["export", "--model", "missing.ckpt", "--out", "export"], 1, "model 'missing.ckpt'"),
+    (["export", "--model", "missing.ckpt", "--out", "export", "--int8"], 1, "--int8 needs --calibration"),
+    (["predict", "--model", "missing.ckpt", "--input", "x.jpg", "--detect_every", "0"], 1,
+     "--detect_every must be at least 1"),
 ]
 
 
