@@ -528,11 +528,12 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         checkpoint_s: how often (seconds) the run saves where it stands in ``<out>.resume.json``,
             so that the same command run again after a kill goes on from there (0: after every
             batch of frames).
-        detect_every: in videos, detect faces in the whole frame on every N-th frame (and on
-            the first of each batch of frames, and where a face is lost); on the frames between,
-            look only around the faces of the frame before (MTCNN's R- and O-net without P-net's
-            pyramid, most of detection's cost). A face entering the shot is found at most N - 1
-            frames late. 1: the whole frame every time.
+        detect_every: in videos, run MTCNN's whole cascade on every N-th frame (and on the first
+            of each batch of frames, and where a known face is not found again); on the frames
+            between, each face of the frame before is looked for where it was (a few R- and O-net
+            crops instead of the dozens P-net puts around it), and only P-net's candidates away
+            from the known faces (someone entering) go through the whole cascade. 1: the whole
+            cascade every frame.
     """
     if detect_every < 1:
         raise ValueError(f"--detect_every must be at least 1 (1: detect in every whole frame), got {detect_every}")

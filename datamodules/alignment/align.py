@@ -254,12 +254,13 @@ LOST_IOU = 0.3
 class FaceDetector:
     """Batched MTCNN (facenet-pytorch) on downscaled copies, on the GPU when there is one.
 
-    ``every``: in a video's consecutive frames, the whole frame is detected only on every
-    ``every``-th one (and the first of each call); on the frames between, R- and O-net look only
-    around the faces of the frame before (:func:`follow_batch`), which skips P-net's pyramid, most
-    of detection's cost. A frame where a face is lost is detected whole. A face that enters is
-    found at the next whole detection, at most ``every - 1`` frames late. ``counts`` tallies
-    frames detected whole, followed, and lost (followed, then detected whole).
+    ``every``: in a video's consecutive frames, the whole cascade runs only on every ``every``-th
+    one (and the first of each call); the frames between are followed (:func:`follow_batch`): each
+    face of the frame before costs seven R-net crops and one O-net crop instead of the dozens of
+    candidates P-net puts around it, most of detection's cost, while P-net's candidates away from
+    the known faces (a face entering) still go through R- and O-net on that frame. A frame where a
+    known face is not found again is detected whole. ``counts`` tallies frames detected whole,
+    followed, and lost (followed, then detected whole).
     """
 
     def __init__(self, settings: AlignmentSettings = AlignmentSettings(), device: str | torch.device | None = None,
