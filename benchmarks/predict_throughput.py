@@ -85,12 +85,7 @@ def exported(predictor: AUPredictor, folder: Path):
 
 def aligned_crops(paths: list[Path], predictor: AUPredictor) -> np.ndarray:
     """The aligned faces of the scenes, as the predictor crops them."""
-    from datamodules.alignment.align import crop_face
-
-    frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    crops = [crop_face(frame, det.boxes[j], det.landmarks[j], predictor.alignment)
-             for frame, det in zip(frames, predictor.detector.detect(frames)) for j in range(len(det))]
-    return np.stack(crops)
+    return predictor.face_crops([np.asarray(Image.open(p).convert("RGB")) for p in paths])[1]
 
 
 def classify(predictor: AUPredictor, crops: np.ndarray) -> tuple[float, int]:

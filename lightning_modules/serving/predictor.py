@@ -285,12 +285,12 @@ class AUPredictor:
             parts = [[v] for v in values] if not parts else [part + [v] for part, v in zip(parts, values)]
         return [np.concatenate(part) for part in parts]
 
-    def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None,
-                embed: bool = False, follows: Sequence[bool] | None = None) -> list[list[Face]]:
-        """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
-        detection copies when made ahead; ``follows``: which frames come right after the one
-        before in a video, see :meth:`FaceDetector.detect`); with ``embed`` each face carries its
-        identity embedding, for following people across frames."""
+    def face_crops(self, frames: Sequence[np.ndarray], copies: Sequence | None = None,
+                   follows: Sequence[bool] | None = None) -> tuple[list, np.ndarray, list[tuple[int, int]]]:
+        """The faces of RGB uint8 frames, detected and aligned as the network expects them: each
+        frame's :class:`Detection`, the crops (N, S, S, 3) uint8, frame by frame and largest face
+        first, and each crop's ``(frame, face in its detection)`` (``copies``, ``follows``: see
+        :meth:`FaceDetector.detect`)."""
         detections = self.detector.detect(frames, copies, follows)
         crops, owners = [], []
         for f, (frame, det) in enumerate(zip(frames, detections)):
@@ -300,7 +300,15 @@ class AUPredictor:
                 crops.append(crop_face(frame, det.boxes[j], det.landmarks[j], self.alignment))
                 owners.append((f, int(j)))
         size = self.alignment.crop_size
-        stacked = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        return detections, np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8), owners
+
+    def predict(self, frames: Sequence[np.ndarray], copies: Sequence | None = None,
+                embed: bool = False, follows: Sequence[bool] | None = None) -> list[list[Face]]:
+        """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
+        detection copies when made ahead; ``follows``: which frames come right after the one
+        before in a video, see :meth:`FaceDetector.detect`); with ``embed`` each face carries its
+        identity embedding, for following people across frames."""
+        detections, stacked, owners = self.face_crops(frames, copies, follows)
         probs, decisions, intensities, embeddings = self.classify_faces(stacked, embed)
         none = [None] * len(owners)
         out: list[list[Face]] = [[] for _ in frames]

@@ -25,9 +25,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from datamodules.alignment.align import crop_face
 from datamodules.io.files import sync, write_text
-from datamodules.io.sources import expand, frames
+from datamodules.io.sources import batches, expand, frames
 from lightning_modules.serving.onnx_model import ONNX_FILE, OnnxAUPredictor
 from lightning_modules.serving.predictor import CONFIG_FILE, AUPredictor
 
@@ -40,29 +39,20 @@ def calibration_crops(predictor: AUPredictor, inputs: Sequence[str], limit: int 
     """Aligned faces (N, S, S, 3) uint8 of the images and videos ``inputs`` name (folders, globs,
     manifests, as ``au-detect predict`` takes them), every face of each, at most ``limit``."""
     crops: list[np.ndarray] = []
-    batch: list = []
-
-    def flush() -> None:
-        found = predictor.detector.detect([f.pixels for f in batch], [f.copy for f in batch])
-        for frame, det in zip(batch, found):
-            for j in range(len(det)):
-                crops.append(crop_face(frame.pixels, det.boxes[j], det.landmarks[j], predictor.alignment))
-        batch.clear()
-
-    for frame in frames(expand(list(inputs)), prepare=predictor.detection_copy):
-        if frame.pixels is None:
-            log.warning("calibration: %s", frame.error)
-            continue
-        batch.append(frame)
-        if len(batch) == predictor.alignment.batch_size:
-            flush()
-        if len(crops) >= limit:
+    found = 0
+    decoded = frames(expand(list(inputs)), prepare=predictor.detection_copy)
+    for batch in batches(decoded, predictor.alignment.batch_size):
+        for frame in batch:
+            if frame.pixels is None:
+                log.warning("calibration: %s", frame.error)
+        faces = [f for f in batch if f.pixels is not None]
+        crops.append(predictor.face_crops([f.pixels for f in faces], [f.copy for f in faces])[1])
+        found += len(crops[-1])
+        if found >= limit:
             break
-    if batch and len(crops) < limit:
-        flush()
-    if not crops:
+    if not found:
         raise ValueError(f"--calibration {list(inputs)}: no face found to calibrate int8 on")
-    return np.stack(crops[:limit])
+    return np.concatenate(crops)[:limit]
 
 
 class _Crops:
