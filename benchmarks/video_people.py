@@ -154,21 +154,33 @@ def evaluate(model: str, root: str, settings: VideoSettings, people_known: bool 
             "detection_seconds": detecting[0]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def clip_parser(description: str) -> argparse.ArgumentParser:
+    """The options the video benchmarks share: the model, how people are told apart, the clips."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="a checkpoint, MLflow model or predictor folder")
+    parser.add_argument("--identity_weights", help="a face-recognition backbone checkpoint to tell people apart")
     parser.add_argument("--root", default="data/synthau_video")
-    parser.add_argument("--clips", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=12.0)
+    defaults = VideoSettings()
+    for name in ("clips", "seconds", "fps", "width", "height"):
+        parser.add_argument(f"--{name}", type=type(getattr(defaults, name)), default=getattr(defaults, name))
+    return parser
+
+
+def clip_settings(args: argparse.Namespace) -> VideoSettings:
+    """The clips :func:`clip_parser`'s options ask for."""
+    return VideoSettings(clips=args.clips, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = clip_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--smooth_s", type=float, default=0.5)
     parser.add_argument("--hysteresis", type=float, default=0.3)
     parser.add_argument("--people_known", action="store_true", help="pass each clip's count as --people")
-    parser.add_argument("--identity_weights", help="a face-recognition backbone checkpoint to tell people apart")
     parser.add_argument("--detect_every", type=int, default=1, help="whole-frame detection on every N-th frame")
     args = parser.parse_args(argv)
     from lightning_modules.serving.signals import SmoothingSettings
 
-    result = evaluate(args.model, args.root, VideoSettings(clips=args.clips, seconds=args.seconds),
+    result = evaluate(args.model, args.root, clip_settings(args),
                       args.people_known, args.identity_weights, detect_every=args.detect_every,
                       smoothing=SmoothingSettings(window_s=args.smooth_s, hysteresis=args.hysteresis))
     print("| clip | people | IDF1 | switches | AU F1 raw | AU F1 smoothed |")

@@ -10,37 +10,27 @@ alone, faces found, and the clips' IDF1 and AU F1, so that what the speed costs 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.video_people import evaluate  # noqa: E402
-from datamodules.synthau.video import VideoSettings  # noqa: E402
+from benchmarks.video_people import clip_parser, clip_settings, evaluate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a checkpoint, MLflow model or predictor folder")
-    parser.add_argument("--root", default="data/synthau_video")
-    parser.add_argument("--clips", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=12.0)
-    parser.add_argument("--fps", type=float, default=10.0)
-    parser.add_argument("--width", type=int, default=480)
-    parser.add_argument("--height", type=int, default=360)
+    parser = clip_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--detect_max_side", type=int, help="detection copy size (default: the model's)")
     parser.add_argument("--detect_every", type=int, default=10, help="N of the prior's run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--identity_weights", help="a face-recognition backbone checkpoint to tell people apart")
     args = parser.parse_args(argv)
     from lightning_modules.serving.onnx_model import load_predictor
 
     predictor = load_predictor(args.model, "cpu", detect_max_side=args.detect_max_side)
     if args.identity_weights:
         predictor.use_identity_weights(args.identity_weights)
-    settings = VideoSettings(clips=args.clips, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
+    settings = clip_settings(args)
     runs: dict[int, list[dict]] = {1: [], args.detect_every: []}
     for _ in range(args.repeats):
         for every in runs:
