@@ -38,6 +38,11 @@ def _crops(imgs: torch.Tensor, boxes: torch.Tensor, image_inds: torch.Tensor, si
     return (out - 127.5) * 0.0078125
 
 
+def _no_faces(b: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """What the cascade answers for ``b`` images without a face: empty boxes, scores, landmarks."""
+    return [(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))] * b
+
+
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, threshold: float) -> torch.Tensor:
     """NMS whose overlap is intersection over the smaller box (MTCNN's last stage), per image."""
     order = scores.argsort(descending=True)
@@ -68,7 +73,7 @@ def detect_batch(imgs: torch.Tensor, pnet, rnet, onet, min_face_size: int = 20,
     nchw = imgs.permute(0, 3, 1, 2)  # a view: channels-last memory, which the nets run fastest on
     boxes, inds = _propose(nchw, pnet, min_face_size, thresholds[0], factor)
     if len(boxes) == 0:
-        return [(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))] * nchw.shape[0]
+        return _no_faces(nchw.shape[0])
     return _refine(nchw.contiguous().float(), boxes, inds, nchw.shape[0], rnet, onet, thresholds)
 
 
@@ -116,7 +121,6 @@ def _refine(imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, b: int,
     """Stages 2 and 3 on square candidate boxes (n, 4+) of images ``inds`` in float NCHW ``imgs``.
     ``groups``: candidates around one known face share a group, of which only R-net's best goes on
     to O-net (instead of what survives non-maximum suppression)."""
-    empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
     # Stage 2: R-net on 24x24 crops of every candidate at once (roi_align reads contiguous NCHW).
     reg, score = rnet(_crops(imgs, boxes, inds, 24))
     score = score[:, 1]
@@ -124,7 +128,7 @@ def _refine(imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, b: int,
     boxes = torch.cat([boxes[ok, :4], score[ok, None]], 1)
     inds, reg = inds[ok], reg[ok]
     if len(boxes) == 0:
-        return [empty] * b
+        return _no_faces(b)
     if groups is None:
         keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
     else:  # the best of each group; candidates of no group (-1) through non-maximum suppression
@@ -141,7 +145,7 @@ def _refine(imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, b: int,
     boxes = torch.cat([boxes[ok, :4], score[ok, None]], 1)
     inds, reg, points = inds[ok], reg[ok], points[ok]
     if len(boxes) == 0:
-        return [empty] * b
+        return _no_faces(b)
     bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
     bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
     landmarks = torch.stack([bw * points[:, :5] + boxes[:, :1] - 1, bh * points[:, 5:] + boxes[:, 1:2] - 1], 2)
@@ -210,5 +214,5 @@ def follow_batch(imgs: torch.Tensor, priors: list[torch.Tensor], proposals: list
         inds.append(torch.full((len(proposed),), i, dtype=torch.long, device=device))
     boxes, inds, groups = torch.cat(boxes), torch.cat(inds), torch.cat(groups)
     if len(boxes) == 0:
-        return [(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))] * nchw.shape[0]
+        return _no_faces(nchw.shape[0])
     return _refine(nchw.contiguous().float(), boxes, inds, nchw.shape[0], rnet, onet, thresholds, groups)
