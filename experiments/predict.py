@@ -30,100 +30,40 @@ single quote in front, as OWASP recommends for CSV injection; numbers stay numbe
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import logging
 import math
 import os
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from functools import partial
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import numpy as np
 from datamodules.io.images import DEFAULT_MAX_PIXELS
 from datamodules.io.manifest import au_column_name
-from datamodules.io.sources import BATCH_PIXELS, InputError, expand, frames, open_video
+from datamodules.io.sources import BATCH_PIXELS, InputError, Source, expand, frames, open_video
 from experiments.annotation import Annotator
+from experiments.prediction_outputs import (EVENT_COLUMNS, PARTIAL_SUFFIX, RESUME_SUFFIX, CsvFormulas,
+                                            PredictionSummary, commit, curves_path, events_path, neutralise,
+                                            open_partial, people_path, resume_path, row_header,
+                                            write_table)
+from experiments.predict_ranks import PredictTrainer, predict_on_ranks
 from experiments.tracking import use_for_model_uri
 from lightning_modules.serving.onnx_model import Backend, load_predictor
-from lightning_modules.serving.parquet_rows import csv_to_parquet
 from lightning_modules.serving.people import PeopleTracker, TrackerSettings
-from lightning_modules.serving.signals import (SmoothingSettings, VideoSignals, restore_video_signals, smooth_columns,
+from lightning_modules.serving.signals import (SmoothingSettings, VideoSignals, restore_video_signals,
                                                video_signals_state)
-from lightning_modules.serving.predictor import AUPredictor, Precision, columns, frame_records
+from lightning_modules.serving.predictor import AUPredictor, Precision, frame_records
 
 log = logging.getLogger(__name__)
-
-# What a spreadsheet takes as the start of a formula (OWASP, "CSV Injection").
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-CsvFormulas = Literal["escape", "keep"]  # the option's type: a wrong word is refused by the CLI
-PARTIAL_SUFFIX = ".partial"
-
-
-class OutputBusy(RuntimeError):
-    """Another run is writing the same output."""
 
 
 # People drawn in a video's AU-curve picture at most (those seen longest; every one is in the
 # CSVs): a panel each, so a long video with many people would otherwise draw a picture of
 # unbounded height (130 MB of canvas for 100 people).
 CURVES_DRAWN = 12
-
-
-def neutralise(row: dict) -> dict:
-    """``row`` with each text cell that a spreadsheet would run as a formula prefixed by ``'``
-    (numbers, even negative ones, are not text and stay as they are)."""
-    return {k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for k, v in row.items()}
-
-
-def open_partial(out: Path, keep: int | None = None) -> tuple[Path, IO[str]]:
-    """``<out>.partial``, created or emptied (or, with ``keep``, cut to its first ``keep`` bytes
-    and opened to append: a run going on), with an exclusive lock held on it for as long as the
-    returned file is open. Raises :class:`OutputBusy` when another process holds the lock."""
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    while True:
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputBusy(f"--out {out}: another au-detect predict is writing it (its rows go to {partial}); "
-                             "wait for it to finish or choose another --out") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(partial))
-        except FileNotFoundError:
-            same = False
-        if same:  # not a file the run before us has just renamed onto --out
-            break
-        os.close(fd)
-    os.ftruncate(fd, keep or 0)
-    os.lseek(fd, 0, os.SEEK_END)
-    return partial, os.fdopen(fd, "a" if keep else "w", newline="")
-
-
-@dataclass
-class PredictionSummary:
-    """What a prediction run did: counts by status, faces, frames and speed."""
-
-    out: str
-    statuses: Counter = field(default_factory=Counter)
-    faces: int = 0
-    frames: int = 0
-    seconds: float = 0.0
-    events: int | None = None  # AU events of the videos (None: not smoothed)
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.frames / max(self.seconds, 1e-9)
-
-    def __str__(self) -> str:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
-        events = "" if self.events is None else (f"; {self.events} AU events in "
-                                                 f"{events_path(Path(self.out)).name}, {people_path(Path(self.out)).name}")
-        return (f"{self.frames} frames, {self.faces} faces in {self.seconds:.1f} s "
-                f"({self.frames_per_second:.1f} frames/s); rows by status: {counts}; written to {self.out}{events}")
 
 
 class Videos:
@@ -265,12 +205,6 @@ def progress_line(done: int, expected: int | None, faces: int, seconds: float, f
 
 # How often a run saves where it stands: redoing up to this much after a kill, for a small file.
 CHECKPOINT_S = 5.0
-RESUME_SUFFIX = ".resume.json"
-
-
-def resume_path(out: Path) -> Path:
-    """Where a run saves where it stands: ``aus.csv`` -> ``aus.csv.resume.json``."""
-    return out.with_name(out.name + RESUME_SUFFIX)
 
 
 class Standing:
@@ -314,48 +248,19 @@ class Standing:
         self.path.unlink(missing_ok=True)
 
 
-EVENT_COLUMNS = ["source", "person", "au", "onset_s", "apex_s", "offset_s", "duration_s", "peak_prob"]
-
-
-def events_path(out: Path) -> Path:
-    """Where the AU events of a run's videos go: ``aus.csv`` -> ``aus.events.csv``."""
-    return out.with_name(f"{out.stem}.events.csv")
-
-
-def people_path(out: Path) -> Path:
-    """Where each video person's share of time per AU goes: ``aus.csv`` -> ``aus.people.csv``."""
-    return out.with_name(f"{out.stem}.people.csv")
-
-
-def curves_path(out: Path) -> Path:
-    """Where each video's picture of AU curves per person goes: ``aus.csv`` -> ``aus.curves/``."""
-    return out.with_name(f"{out.stem}.curves")
-
-
-def write_table(path: Path, header: list[str], rows: list[dict], csv_formulas: CsvFormulas) -> int:
-    """A small CSV written whole (temporary name beside it, then renamed); returns its rows."""
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows(map(neutralise, rows) if csv_formulas == "escape" else rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(rows)
-
-
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 2, annotate_dir: str | None = None,
         progress: bool = True, batch_pixels: int = BATCH_PIXELS, csv_formulas: CsvFormulas = "escape",
         people: TrackerSettings = TrackerSettings(), smoothing: SmoothingSettings | None = SmoothingSettings(),
-        start_s: float | None = None, end_s: float | None = None, checkpoint_s: float = CHECKPOINT_S
-        ) -> PredictionSummary:
+        start_s: float | None = None, end_s: float | None = None, checkpoint_s: float = CHECKPOINT_S,
+        sources: list[Source] | None = None, journal: CsvFormulas | None = None) -> PredictionSummary:
     """Predict on the inputs with a loaded predictor and write the CSV (see the module's docstring);
     ``people``: how faces are followed across a video's frames (the ``person`` column);
     ``smoothing``: how each person's AU signals are smoothed (None: not at all); ``checkpoint_s``:
     how often (seconds) where the run stands is saved beside ``<out>.partial``, so that a run
-    stopped midway and started again with the same inputs and options goes on from there."""
+    stopped midway and started again with the same inputs and options goes on from there;
+    ``sources``: the inputs already expanded (a rank's share of a run), else ``expand(inputs)``;
+    ``journal``: how the rows' text cells are written (default ``csv_formulas``; ``keep`` for Parquet)."""
     if csv_formulas not in ("escape", "keep"):
         raise ValueError(f"--csv_formulas {csv_formulas!r}: expected 'escape' or 'keep'")
     for name, value in (("--start", start_s), ("--end", end_s)):
@@ -364,8 +269,9 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     if start_s is not None and end_s is not None and end_s <= start_s:
         raise ValueError(f"--end {end_s} is not after --start {start_s}")
     parquet = Path(out).suffix.lower() == ".parquet"
-    journal_formulas: CsvFormulas = "keep" if parquet else csv_formulas  # Parquet holds data, not formulas
-    sources = expand(inputs)
+    # Parquet holds data, not formulas
+    journal_formulas: CsvFormulas = journal or ("keep" if parquet else csv_formulas)
+    sources = expand(inputs) if sources is None else sources
     expected = expected_frames(sources, every, start_s, end_s) if progress else None
     aus = predictor.aus
     summary = PredictionSummary(out)
@@ -375,7 +281,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     has_video = any(src.kind == "video" for src in sources)
     smoothing = smoothing if smoothing is not None and smoothing.window_s > 0 and has_video else None
     videos = Videos(names, predictor.thresholds, people, smoothing, curves_path(out_path) if smoothing else None)
-    header = columns(aus, predictor.has_intensity, person=True) + (smooth_columns(names) if smoothing else [])
+    header = row_header(predictor, smoothing is not None)
     stand = Standing(resume_path(out_path), {
         "inputs": list(inputs), "sources": [src.path for src in sources], "every": every, "start_s": start_s,
         "end_s": end_s, "header": header, "thresholds": [float(t) for t in predictor.thresholds],
@@ -441,13 +347,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
             summary.events = write_table(events_path(out_path), EVENT_COLUMNS, videos.events, csv_formulas)
             write_table(people_path(out_path), ["source", "person", "seen_s", *[f"{n}_active_share" for n in names]],
                         videos.people, csv_formulas)
-        f.flush()
-        os.fsync(f.fileno())
-        if parquet:  # the journal streamed into row groups; under the lock, as a rename would be
-            csv_to_parquet(partial, out_path, header)
-            partial.unlink()
-        else:
-            os.replace(partial, out_path)  # under the lock: the next writer waits for a whole file
+        commit(f, partial, out_path, header)
         stand.remove()
     except BaseException:
         log.warning("prediction stopped: the rows written so far are in %s; the same command goes on from "
@@ -469,7 +369,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             describe: bool = False, csv_formulas: CsvFormulas = "escape", people: int | None = None,
             smooth_s: float = 0.5, smoothing: Literal["zero_phase", "causal"] = "zero_phase",
             hysteresis: float = 0.3, identity_weights: str | None = None, start: float | None = None,
-            end: float | None = None, checkpoint_s: float = CHECKPOINT_S, detect_every: int = 10) -> None:
+            end: float | None = None, checkpoint_s: float = CHECKPOINT_S, detect_every: int = 10,
+            trainer: PredictTrainer = PredictTrainer(), share_images: int = 256) -> None:
     """Detect every face in images and videos and write its AUs to a CSV.
 
     Args:
@@ -534,6 +435,12 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
             crops instead of the dozens P-net puts around it), and only P-net's candidates away
             from the known faces (someone entering) go through the whole cascade. 1: the whole
             cascade every frame.
+        trainer: more than one device or node (``--trainer.devices 4``, ``--trainer.num_nodes 2``,
+            ``--trainer.strategy``, ``--trainer.accelerator``; or started by torchrun or SLURM):
+            Lightning's predict loop, each rank predicting shares of the inputs on its own device,
+            joined in input order into ``out`` (:mod:`experiments.predict_ranks`); a killed job run
+            again predicts only the shares not done. One process when left as it is.
+        share_images: with several ranks, photos per share a rank takes at a time (videos go whole).
     """
     if detect_every < 1:
         raise ValueError(f"--detect_every must be at least 1 (1: detect in every whole frame), got {detect_every}")
@@ -543,12 +450,38 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
     if backend == "onnxruntime" and precision != "32-true":
         raise ValueError(f"--precision {precision}: the onnxruntime backend runs the exported float32 graph")
     use_for_model_uri(model, mlflow)
-    predictor = load_predictor(model, device, backend, min_face_size=min_face_size, detect_max_side=detect_max_side)
     if describe:
+        predictor = load_predictor(model, device, backend, min_face_size=min_face_size, detect_max_side=detect_max_side)
         print(getattr(predictor, "card", None) or f"{model}: no model card (a model logged by au-detect before "
               "0.3.0, or a checkpoint of a fit that was not tracked); its AUs: "
               + ", ".join(au_column_name(a) for a in predictor.aus))
         return
+    load = partial(configured_predictor, model, backend=backend, batch_size=batch_size, precision=precision,
+                   detect_every=detect_every, identity_weights=identity_weights, min_face_size=min_face_size,
+                   detect_max_side=detect_max_side)
+    options = dict(every=every, batch_frames=batch_frames, max_pixels=max_pixels, workers=workers,
+                   batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people),
+                   smoothing=SmoothingSettings(window_s=smooth_s, mode=smoothing, hysteresis=hysteresis),
+                   start_s=start, end_s=end, checkpoint_s=checkpoint_s)
+    if trainer.distributed:
+        if annotate:
+            raise ValueError("--annotate: annotated copies are made by one process (their names depend on every "
+                             "input); leave --trainer.devices and --trainer.num_nodes at 1")
+        if device:
+            raise ValueError(f"--device {device}: with --trainer.devices, Lightning places each rank on its "
+                             "device; choose the kind with --trainer.accelerator")
+        summary = predict_in_shares(load, input, Path(out), trainer, share_images, options, model)
+        if summary is not None:
+            print(summary)
+        return
+    print(run(load(device), predictor, input, out, annotate_dir=annotate, **options))
+
+
+def configured_predictor(model: str, device: str | None, backend: Backend = "torch", batch_size: int = 64,
+                         precision: Precision = "32-true", detect_every: int = 10, identity_weights: str | None = None,
+                         **detection) -> AUPredictor:
+    """The predictor of ``model`` on ``device``, set up as :func:`predict`'s options say."""
+    predictor = load_predictor(model, device, backend, **detection)
     predictor.batch_size, predictor.precision = batch_size, precision
     predictor.detector.every = detect_every
     if identity_weights:
@@ -557,8 +490,23 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         print(f"People told apart by {identity_weights}: {predictor.use_identity_weights(identity_weights)}")
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")
-    summary = run(predictor, input, out, every, batch_frames, max_pixels, workers, annotate,
-                  batch_pixels=batch_pixels, csv_formulas=csv_formulas, people=TrackerSettings(people=people),
-                  smoothing=SmoothingSettings(window_s=smooth_s, mode=smoothing, hysteresis=hysteresis),
-                  start_s=start, end_s=end, checkpoint_s=checkpoint_s)
-    print(summary)
+    return predictor
+
+
+def predict_in_shares(load, inputs: list[str], out: Path, trainer: PredictTrainer, share_images: int,
+                      options: dict, model: str) -> PredictionSummary | None:
+    """:func:`run` over Lightning's ranks, a share of ``inputs`` at a time (:mod:`experiments.predict_ranks`)."""
+    sources = expand(inputs)
+    smoothing = options["smoothing"]
+    smoothed = smoothing.window_s > 0 and any(src.kind == "video" for src in sources)
+    # Shares are CSV; rows bound for Parquet are data, not formulas (as one process journals them).
+    journal = "keep" if out.suffix.lower() == ".parquet" else options["csv_formulas"]
+
+    def predict_share(predictor: AUPredictor, share: list[Source], share_out: Path) -> PredictionSummary:
+        return run(predictor, [src.path for src in share], str(share_out), progress=False, sources=share,
+                   journal=journal, **options)
+
+    signature = {"model": model, "inputs": list(inputs), "share_images": share_images, "out": out.suffix.lower(),
+                 **{k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in options.items()}}
+    return predict_on_ranks(trainer, load, predict_share, sources, out, share_images, signature,
+                            smoothed)

@@ -28,7 +28,8 @@ import torch
 from datamodules.alignment.align import AlignmentSettings
 from datamodules.io.files import apply_umask
 from datamodules.io.manifest import ManifestError, read_manifest
-from experiments.predict import OutputBusy, neutralise, open_partial, run
+from experiments.predict import run
+from experiments.prediction_outputs import OutputBusy, neutralise, open_partial
 from lightning_modules.au_detector import AUNet
 from lightning_modules.backbones import create_backbone
 from lightning_modules.serving.onnx_model import OnnxAUPredictor

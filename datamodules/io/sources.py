@@ -402,11 +402,15 @@ def frames(sources: Iterable[Source], every: int = 1, max_pixels: int = DEFAULT_
 
 def batches(frames: Iterable[Frame], size: int, pixels: int = BATCH_PIXELS) -> Iterator[list[Frame]]:
     """Frames in batches of at most ``size`` decoded frames holding at most ``pixels`` pixels (a
-    larger frame alone); inputs without pixels ride along with the batch they come in."""
+    larger frame alone); inputs without pixels ride along with the batch they come in. A video's
+    first frame starts a batch: its frames fall into the same batches whatever came before it, so
+    what depends on the batch (where the detection prior searches whole frames) is the video's own,
+    whether it is predicted alone (a rank's share) or after other inputs."""
     batch: list[Frame] = []
     count = held = 0
     for frame in frames:
-        if count and (count == size or held + frame.size > pixels):
+        starts_video = frame.frame is not None and bool(batch) and batch[-1].source is not frame.source
+        if count and (count == size or held + frame.size > pixels or starts_video):
             yield batch
             batch, count, held = [], 0, 0
         batch.append(frame)
