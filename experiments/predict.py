@@ -474,7 +474,7 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         if summary is not None:
             print(summary)
         return
-    print(run(load(device), predictor, input, out, annotate_dir=annotate, **options))
+    print(run(load(device), input, out, annotate_dir=annotate, **options))
 
 
 def configured_predictor(model: str, device: str | None, backend: Backend = "torch", batch_size: int = 64,
