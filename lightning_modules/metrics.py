@@ -203,7 +203,10 @@ def ranked_counts(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray, n
     y = np.asarray(positive).reshape(-1).astype(bool)
     if _ties_interchangeable(s):
         return _ranked_counts_by_search(s, y)
-    order = np.argsort(-s, kind="stable")
+    # highest first, ties in file order; a float NaN after every number. Other types sort by the
+    # rank of their value: negating bool raises, and unsigned or a signed type's minimum wrap
+    key = -s if np.issubdtype(s.dtype, np.floating) else -np.unique(s, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(key, kind="stable")
     s, y = s[order], y[order]
     tp = np.cumsum(y, dtype=np.int64)
     fp = np.arange(1, s.size + 1, dtype=np.int64) - tp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datamodules.io import manifest as manifest_module
 from datamodules.io.manifest import (
     DISFA_AUS,
     EMOTIONET_AUS,
@@ -295,3 +297,173 @@ def test_read_columns_and_image_lists(tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"a.jpg\nb\x00.jpg\n")
     with pytest.raises(ManifestError, match=r"nul.txt:2: a NUL byte"):
         read_image_list(tmp_path / "nul.txt")
+
+
+# -- chunks of rows: the same result whatever the chunk size ----------------------------------
+# The reader takes its data rows a chunk at a time (module constant ``_CHUNK_ROWS``, 8,192):
+# plain chunks in C-level passes, any other chunk row by row. Here the chunk is made 1, 3 or 8
+# rows so that a manifest of ~20 rows crosses many boundaries.
+
+CHUNKED_HEADER = ["image", "AU1", "AU2", "AU4", "identity", "note"]
+
+
+def chunked_manifest(path: Path, n: int, bad: dict[int, str] | None = None) -> tuple[Path, list[int]]:
+    """A CSV manifest of ``n`` data rows and the line each row starts on. Blank lines and a cell
+    over two lines make the lines differ from row numbers; rows 3 and 17 say `` 1.0 `` or `` 999 ``
+    (their chunk is read row by row), some rows end in blank cells. ``bad`` maps a row to a flaw."""
+    lines, starts = [",".join(CHUNKED_HEADER)], []
+    for i in range(n):
+        labels = [str((i * 7 + j * 3) % 5 % 3) for j in range(3)]  # 0, 1 and 2 (-> 999 below)
+        labels = ["999" if v == "2" else v for v in labels]
+        if i in (3, 17):
+            labels = [f" {v}.0 " if v != "999" else " 999 " for v in labels]
+        cells = [f"img/{i:02d}.jpg", *labels, f"p{i % 4}", f"n{i}"]
+        if i == 5:
+            cells[-1] = '"two\nlines"'
+        if i % 6 == 4:
+            cells += ["", " "]  # blank cells past the header's columns
+        flaw = (bad or {}).get(i)
+        if flaw == "value":  # the last AU cell of the row
+            cells[3] = "7"
+        elif flaw == "short":
+            cells = cells[:5]  # the last column missing
+        elif flaw == "long":
+            cells = [*cells[:6], "surplus"]
+        elif flaw == "image":
+            cells[0] = " "
+        elif flaw == "nul":
+            cells[4] = "p\0"
+        elif flaw == "huge":  # over the csv module's field limit: csv.Error
+            cells[5] = "x" * 140_000
+        elif flaw is not None:
+            raise ValueError(flaw)
+        if i in (2, 11):
+            lines.append("")
+        starts.append(sum(1 + line.count("\n") for line in lines) + 1)
+        lines.append(",".join(cells))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, starts
+
+
+def plain_csv_reading(path: Path) -> dict:
+    """What the manifest holds, read with the csv module one row at a time, nothing shared
+    with the reader: the line each non-blank row starts on, its cells, its values."""
+    rows, previous = [], 0
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            start, previous = previous + 1, reader.line_num
+            if any(c.strip() for c in row):
+                rows.append((start, [c.strip() for c in row]))
+    values = np.array([[int(float(c)) for c in row[1:4]] for _, row in rows[1:]])
+    return {"images": [row[0] for _, row in rows[1:]], "lines": [line for line, _ in rows[1:]],
+            "labels": (values == 1).astype(np.float32), "mask": values != 999,
+            "extra": {"identity": [row[4] for _, row in rows[1:]], "note": [row[5] for _, row in rows[1:]]}}
+
+
+def read_in_chunks(path: Path, chunk: int, monkeypatch, **kwargs):
+    """``read_manifest`` with chunks of ``chunk`` rows: the manifest, or the ManifestError's message."""
+    monkeypatch.setattr(manifest_module, "_CHUNK_ROWS", chunk)
+    try:
+        return read_manifest(path, aus=AUS3, **kwargs)
+    except ManifestError as e:
+        return str(e)
+
+
+def assert_same_manifest(got, want) -> None:
+    assert got.images == want.images
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_array_equal(got.lines, want.lines)
+    assert got.extra == want.extra
+    assert got.labels.dtype == want.labels.dtype and got.mask.dtype == want.mask.dtype
+
+
+ONE_CHUNK = 1 << 20  # more rows than any manifest here
+
+
+@pytest.mark.parametrize("n", [20, 24])  # 24: a whole number of chunks of 1, 3 and 8
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_chunks_give_the_rows_of_one_chunk_and_of_a_plain_csv_read(tmp_path, monkeypatch, chunk, n):
+    path, starts = chunked_manifest(tmp_path / "m.csv", n)
+    whole = read_in_chunks(path, ONE_CHUNK, monkeypatch)
+    sizes, row_by_row = [], []
+    table = manifest_module._Table
+    add_chunk, add_rows = table._add_chunk, table._add_rows
+
+    def counted_chunk(self, rows, lines):
+        sizes.append(len(rows))
+        return add_chunk(self, rows, lines)
+
+    def counted_rows(self, rows, lines):
+        row_by_row.append(lines[0])
+        return add_rows(self, rows, lines)
+
+    monkeypatch.setattr(table, "_add_chunk", counted_chunk)
+    monkeypatch.setattr(table, "_add_rows", counted_rows)
+    chunked = read_in_chunks(path, chunk, monkeypatch)
+    assert [s for s in sizes if s] == [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    assert 0 < len(row_by_row) < len(sizes)  # both readings of a chunk were used
+    assert_same_manifest(chunked, whole)
+    plain = plain_csv_reading(path)
+    assert chunked.images == plain["images"] and chunked.extra == plain["extra"]
+    assert chunked.lines.tolist() == plain["lines"] == starts
+    assert starts[6] == starts[5] + 2  # the row after the two-line cell
+    np.testing.assert_array_equal(chunked.labels, plain["labels"])
+    np.testing.assert_array_equal(chunked.mask, plain["mask"])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_chunks_headerless(tmp_path, monkeypatch, chunk):
+    rows = [f"img/{i}.jpg\t{i % 2}\t{' 1.0' if i == 7 else '999'}\t0" + ("\tignored" if i % 5 == 0 else "")
+            for i in range(20)]
+    path = write(tmp_path / "raw.tsv", "\n".join(rows[:9] + [""] + rows[9:]) + "\n")
+    whole = read_in_chunks(path, ONE_CHUNK, monkeypatch, has_header=False)
+    assert_same_manifest(read_in_chunks(path, chunk, monkeypatch, has_header=False), whole)
+    assert whole.lines.tolist() == [*range(1, 10), *range(11, 22)]
+
+
+# what each flaw's error says after "m.csv:<line>: "
+FLAW_MESSAGES = {
+    "value": "column 4 (AU4): value '7' is not 0, 1 or 999",
+    "short": "expected 6 cells, found 5",
+    "long": "expected 6 cells, found 7 (values beyond the header's columns)",
+    "image": "column 1 (image): empty image reference",
+    "nul": "a NUL byte: not a text file",
+    "huge": "field larger than field limit",
+}
+
+
+def near_boundaries(n: int, chunk: int) -> list[int]:
+    """The data rows just before, at and just after each boundary between chunks."""
+    return sorted({i for b in range(chunk, n, chunk) for i in (b - 1, b, b + 1) if 0 <= i < n})
+
+
+@pytest.mark.parametrize("flaw", sorted(FLAW_MESSAGES))
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_a_flaw_next_to_a_chunk_boundary_names_its_true_line(tmp_path, monkeypatch, chunk, flaw):
+    n = 20
+    rows = near_boundaries(n, chunk)
+    assert len(rows) >= 5
+    for i in rows:
+        path, starts = chunked_manifest(tmp_path / "m.csv", n, bad={i: flaw})
+        got = read_in_chunks(path, chunk, monkeypatch)
+        assert isinstance(got, str), f"row {i}: read without an error"
+        assert got == read_in_chunks(path, ONE_CHUNK, monkeypatch), f"row {i}"
+        assert got.startswith(f"{path}:{starts[i]}: {FLAW_MESSAGES[flaw]}"), f"row {i}: {got[:200]}"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_the_first_flaw_in_the_file_is_raised_across_a_boundary(tmp_path, monkeypatch, chunk):
+    # two flaws on neighbouring rows, on either side of a boundary or in one chunk: the first
+    # one in the file is reported, also when the second stops the csv reading (NUL, csv.Error)
+    n = 20
+    for i in near_boundaries(n, chunk):
+        if i + 1 >= n:
+            continue
+        for first, second in [("value", "nul"), ("short", "huge"), ("nul", "value"), ("image", "long")]:
+            path, starts = chunked_manifest(tmp_path / "m.csv", n, bad={i: first, i + 1: second})
+            got = read_in_chunks(path, chunk, monkeypatch)
+            assert got == read_in_chunks(path, ONE_CHUNK, monkeypatch), (i, first, second)
+            assert isinstance(got, str) and got.startswith(f"{path}:{starts[i]}: {FLAW_MESSAGES[first]}"), \
+                (i, first, second, got[:200])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_curve, precision_score,
-                             recall_score)
+                             recall_score, roc_curve)
 
 from callbacks.plots import precision_recall
 from lightning_modules.evaluation import dedupe_by_index, gather_rows
-from lightning_modules.metrics import AUMetrics, au_confusion, au_scores, ranked_counts
+from lightning_modules.metrics import AUMetrics, _ties_interchangeable, au_confusion, au_scores, ranked_counts
 
 
 def random_case(seed: int, n: int = 200, k: int = 6, unlabelled: float = 0.2):
@@ -237,6 +237,167 @@ def test_precision_recall_curve_matches_sklearn(seed):
     np.testing.assert_array_equal(thresholds, ref_t[::-1])
     np.testing.assert_allclose(precision, ref_p[:-1][::-1], rtol=0, atol=1e-12)
     np.testing.assert_allclose(recall, ref_r[:-1][::-1], rtol=0, atol=1e-12)
+
+
+# -- ranked_counts' order-keeping path: NaN, both signs of zero, integer and bool scores ------
+# Scores whose ties cannot be told apart take a sorted-values path; the rest are sorted with
+# their file order kept. Both are checked here against counts made entry by entry and against
+# scikit-learn's ROC counts, and against each other wherever both apply.
+
+def counted_by_hand(scores, positive):
+    """Thresholds (distinct numbers among the scores, highest first) and TP, FP of ``score >= t``
+    at each, counted over every entry; a NaN score is never ``>=`` a threshold."""
+    s = np.asarray(scores).reshape(-1)
+    y = np.asarray(positive).reshape(-1).astype(bool)
+    numbers = s[~np.isnan(s)] if np.issubdtype(s.dtype, np.floating) else s
+    thresholds = np.unique(numbers)[::-1]  # -0.0 and 0.0 are one value here, as under >=
+    taken = s[None, :] >= thresholds[:, None]
+    return thresholds, (taken & y).sum(1), (taken & ~y).sum(1)
+
+
+def sklearn_counts(scores, positive):
+    """The same from scikit-learn's ROC curve with every threshold kept (finite scores, both classes)."""
+    y = np.asarray(positive, bool)
+    fpr, tpr, thresholds = roc_curve(y, scores, drop_intermediate=False)
+    # its first point is the threshold above every score (nothing taken in)
+    return (thresholds[1:], np.rint(tpr[1:] * y.sum()).astype(np.int64),
+            np.rint(fpr[1:] * (~y).sum()).astype(np.int64))
+
+
+def assert_counts_equal(got, want):
+    for a, b, name in zip(got, want, ("thresholds", "tp", "fp")):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def both_classes(rng, n):
+    y = rng.random(n) < 0.4
+    y[:2] = [True, False]  # scikit-learn's counts need a positive and a negative
+    rng.shuffle(y)
+    return y
+
+
+SIZES = [2, 9, 64, 301]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n", SIZES)
+def test_ranked_counts_with_nan_count_numbers_then_each_nan_in_file_order(seed, n):
+    # A NaN ranks below every number and each NaN is a threshold of its own, taken in file
+    # order: at every number the counts are those of ``score >= t`` (no NaN is ever taken in),
+    # and the last counts take in every entry.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, n) / 5  # ties
+    positive = rng.random(n) < 0.5
+    nan = rng.random(n) < 0.3
+    nan[rng.integers(n)] = True
+    scores[nan] = np.nan
+    assert not _ties_interchangeable(scores)  # the order-keeping path
+    thresholds, tp, fp = ranked_counts(scores, positive)
+
+    assert thresholds.dtype == scores.dtype and len(thresholds) == len(np.unique(scores[~nan])) + nan.sum()
+    head = (thresholds[:len(thresholds) - nan.sum()], tp[:len(tp) - nan.sum()], fp[:len(fp) - nan.sum()])
+    assert_counts_equal(head, counted_by_hand(scores, positive))
+    # the numbers alone go through the sorted-values path: the same counts
+    assert_counts_equal(head, ranked_counts(scores[~nan], positive[~nan]))
+    assert not np.isnan(head[0]).any() and np.isnan(thresholds[len(head[0]):]).all()
+    # after the numbers, one NaN at a time in file order
+    above_tp, above_fp = np.count_nonzero(positive & ~nan), np.count_nonzero(~positive & ~nan)
+    np.testing.assert_array_equal(tp[len(head[0]):], above_tp + np.cumsum(positive[nan]))
+    np.testing.assert_array_equal(fp[len(head[0]):], above_fp + np.cumsum(~positive[nan]))
+    assert (tp[-1], fp[-1]) == (positive.sum(), n - positive.sum())
+    if np.unique(positive[~nan]).size == 2:  # scikit-learn takes finite scores of both classes only
+        assert_counts_equal(head, sklearn_counts(scores[~nan], positive[~nan]))
+
+
+def test_ranked_counts_all_nan():
+    thresholds, tp, fp = ranked_counts(np.full(4, np.nan), np.array([1, 0, 0, 1]))
+    assert np.isnan(thresholds).all() and len(thresholds) == 4
+    np.testing.assert_array_equal(tp, [1, 1, 1, 2])
+    np.testing.assert_array_equal(fp, [0, 1, 2, 2])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n", SIZES)
+def test_ranked_counts_with_both_signs_of_zero(seed, n):
+    # -0.0 and 0.0 are one threshold (``score >= 0.0`` takes in both); the value reported for
+    # it is the last zero in file order, whatever the sort does with equal values
+    rng = np.random.default_rng(seed)
+    scores = rng.choice([-0.5, -0.0, 0.0, 0.25, 0.5], n)
+    scores[:2] = [-0.0, 0.0]
+    rng.shuffle(scores)
+    positive = both_classes(rng, n)
+    assert not _ties_interchangeable(scores)
+    thresholds, tp, fp = ranked_counts(scores, positive)
+    assert_counts_equal((thresholds, tp, fp), counted_by_hand(scores, positive))
+    assert_counts_equal((thresholds, tp, fp), sklearn_counts(scores, positive))
+    zeros = scores[scores == 0]
+    assert np.signbit(thresholds[thresholds == 0]).tolist() == [np.signbit(zeros[-1])]
+    # with every zero made +0.0, the sorted-values path gives the same counts
+    plus = scores + 0.0  # -0.0 + 0.0 is 0.0
+    assert _ties_interchangeable(plus)
+    assert_counts_equal((thresholds, tp, fp), ranked_counts(plus, positive))
+
+
+INT_TYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", INT_TYPES)
+def test_ranked_counts_with_integer_scores(dtype, n, seed):
+    # thresholds in the scores' own type; the type's smallest and largest values rank as numbers
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    pool = np.array([info.min, info.min + 1, 0, 1, 2, 7, info.max - 1, info.max], dtype=dtype)
+    scores = rng.choice(np.unique(pool), n)
+    positive = both_classes(rng, n)
+    assert not _ties_interchangeable(scores)
+    thresholds, tp, fp = ranked_counts(scores, positive)
+    assert thresholds.dtype == dtype
+    assert_counts_equal((thresholds, tp, fp), counted_by_hand(scores, positive))
+    if info.bits <= 32:  # exact as float64: scikit-learn's thresholds and the sorted-values path
+        assert_counts_equal((thresholds, tp, fp), sklearn_counts(scores, positive))
+        assert_counts_equal((thresholds, tp, fp), ranked_counts(scores.astype(np.float64), positive))
+    # small values, many ties: the same through the sorted-values path
+    small = rng.integers(0, 5, n).astype(dtype)
+    got = ranked_counts(small, positive)
+    assert_counts_equal(got, counted_by_hand(small, positive))
+    assert_counts_equal(got, ranked_counts(small.astype(np.float32), positive))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n", SIZES)
+def test_ranked_counts_with_bool_scores(seed, n):
+    rng = np.random.default_rng(seed)
+    scores = rng.random(n) < 0.5
+    scores[:2] = [True, False]
+    positive = both_classes(rng, n)
+    assert not _ties_interchangeable(scores)
+    thresholds, tp, fp = ranked_counts(scores, positive)
+    assert thresholds.dtype == bool and thresholds.tolist() == [True, False]
+    assert_counts_equal((thresholds, tp, fp), counted_by_hand(scores, positive))
+    assert_counts_equal((thresholds, tp, fp), sklearn_counts(scores, positive))
+    assert_counts_equal((thresholds, tp, fp), ranked_counts(scores.astype(np.float64), positive))
+    only_true = ranked_counts(np.ones(n, bool), positive)  # one threshold taking in everything
+    assert_counts_equal(only_true, ([True], [positive.sum()], [n - positive.sum()]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_ranked_counts_both_paths_agree_on_tied_floats(dtype, n, seed, monkeypatch):
+    import lightning_modules.metrics as metrics
+
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, max(n // 4, 2), n) / 7).astype(dtype)  # many ties
+    positive = rng.random(n) < 0.5
+    assert _ties_interchangeable(scores)
+    by_values = ranked_counts(scores, positive)
+    monkeypatch.setattr(metrics, "_ties_interchangeable", lambda s: False)
+    in_order = ranked_counts(scores, positive)
+    assert_counts_equal(in_order, by_values)
+    assert in_order[0].dtype == by_values[0].dtype == dtype
+    assert_counts_equal(in_order, counted_by_hand(scores, positive))
 
 
 # -- evaluation outputs of every rank as one set ----------------------------------------------
