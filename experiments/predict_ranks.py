@@ -278,7 +278,7 @@ class SharePredictor(LightningModule):
         self.trainer.strategy.barrier("predict shares planned")
 
     def predict_step(self, index: int) -> tuple[int, PredictionSummary] | None:
-        if self.plan.done(index) is not None:  # done before this run was killed
+        if index >= len(self.plan.shares) or self.plan.done(index) is not None:  # idle, or done before a kill
             return None
         sources = self.plan.shares[index].sources
         return index, self.predict_share(self.predictor, sources, self.plan.share_out(index))
@@ -320,7 +320,8 @@ def predict_on_ranks(settings: PredictTrainer, load: Callable[[str], Any],
     trainer = Trainer(accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes,
                       strategy=settings.strategy, logger=False, callbacks=[writer], enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
-    shares = DataLoader(range(len(plan.shares)), batch_size=1, collate_fn=_one)
+    # Lightning's sampler gives every rank at least one item: fewer shares than ranks, the rest idle
+    shares = DataLoader(range(max(len(plan.shares), trainer.world_size)), batch_size=1, collate_fn=_one)
     try:
         trainer.predict(SharePredictor(load, predict_share, plan), dataloaders=shares, return_predictions=False)
     finally:

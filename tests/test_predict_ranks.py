@@ -176,6 +176,16 @@ def test_a_killed_rank_job_run_again_finishes_with_no_row_twice(model, synthau, 
     assert not shares.exists()
 
 
+@pytest.mark.slow
+def test_fewer_shares_than_ranks(model, synthau, tmp_path):
+    """One photo, two ranks: the idle rank waits, the photo's row is written."""
+    photo = sorted((synthau / "images" / "test").glob("*.jpg"))[0]
+    out = tmp_path / "one.csv"
+    done = subprocess.run(_command(model, [str(photo)], out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["source"] for r in csv.DictReader(out.open(newline=""))][:1] == [str(photo)]
+
+
 def test_shares_keep_input_order_videos_whole():
     photo = [Source(f"p{i}.jpg", "image") for i in range(5)]
     video, broken = Source("v.mp4", "video"), Source("x.mp4", "video", error=ValueError("broken"))
