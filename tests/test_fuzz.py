@@ -41,6 +41,7 @@ def _scene(synthau: Path, width: int) -> np.ndarray:
     return cv2.cvtColor(cv2.resize(image, (width, width * 3 // 4), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
 
 
+@pytest.mark.slow
 def test_decoder_survives_mutated_files(synthau, tmp_path):
     """3,000 inputs through ``read_image``, then 120 videos through ``video_frames``, in a child
     process (a hang or a crash in a C decoder fails the test and leaves the input behind): each
