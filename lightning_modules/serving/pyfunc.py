@@ -28,6 +28,11 @@ A served model answers people it does not know, so:
   ``too_large`` row. The limits are the model's config (:class:`RequestLimits`), changed at load time with
   ``mlflow.pyfunc.load_model(uri, model_config={...})`` or, for ``mlflow models serve``, with
   ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_rows": 16}'``.
+
+The answer has a row per face, so more rows than the request. Spark's ``mlflow.pyfunc.spark_udf``
+needs one value per input row: the inference parameter ``rows`` (in the signature's params, default
+``"faces"``) set to ``"images"`` answers one row per input row instead, its column ``faces`` the list
+of that row's rows as dicts, the same values (:mod:`lightning_modules.serving.spark` explodes them).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from datamodules.io.images import DEFAULT_MAX_PIXELS, EMPTY, UNREADABLE, InputError, probe
 from datamodules.io.manifest import au_column_name
@@ -65,6 +70,9 @@ RUNS_CODE = ("MLmodel", "pyfunc_model.py", "code", "requirements.txt", "python_e
 CODE_TAG = "au_detect.code_sha256"
 CANDIDATE_ALIAS = "candidate"  # the alias every newly registered version gets (models:/<name>@candidate)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+# The inference parameter that shapes the answer: "faces", a row per face (the default), or "images", a
+# row per input row with its faces' rows in a list (what a Spark UDF returns: one value per row).
+ROWS_PARAM, ROWS = "rows", ("faces", "images")
 REQUIREMENTS = ("torch", "torchvision", "timm", "facenet-pytorch", "lightning", "torchmetrics", "jsonargparse",
                 "albumentations", "opencv-python-headless", "pillow", "numpy", "pandas", "mlflow")
 
@@ -110,6 +118,7 @@ class AUModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "image" not in getattr(model_input, "columns", ()):
             raise MlflowException.invalid_parameter_value("the request needs a column 'image' of image bytes")
+        rows = self._rows(params)
         sources = self._sources(list(model_input["image"]))
         aus = self.predictor.aus
         records: list[dict] = []
@@ -119,7 +128,16 @@ class AUModel(mlflow.pyfunc.PythonModel):
                              decode_seconds=self.limits.decode_seconds)
             for frame, faces in self.predictor.predict_frames(decoded, batch_pixels=self.limits.batch_pixels):
                 records += frame_records(frame, faces, aus)
-        return pd.DataFrame.from_records(records, columns=columns(aus, self.predictor.has_intensity))
+        answer = pd.DataFrame.from_records(records, columns=columns(aus, self.predictor.has_intensity))
+        return per_image(answer, len(sources)) if rows == "images" else answer
+
+    @staticmethod
+    def _rows(params: dict | None) -> str:
+        rows = (params or {}).get(ROWS_PARAM) or ROWS[0]
+        if rows not in ROWS:
+            raise MlflowException.invalid_parameter_value(
+                f"params {ROWS_PARAM}={rows!r}: expected one of {', '.join(map(repr, ROWS))}")
+        return rows
 
     def _sources(self, values: list) -> list[Source]:
         """One source per row, checked against the request limits before anything is decoded."""
@@ -165,6 +183,14 @@ def _source(row: int, value) -> Source:
     return Source(name, "image", InputError(UNREADABLE, f"{name}: {type(value).__name__} is not image bytes"), key=row)
 
 
+def per_image(answer: pd.DataFrame, n: int) -> pd.DataFrame:
+    """A row per face (``source`` the input row) -> a row per input row, column ``faces``: the list
+    of that row's rows as dicts, values as they are in ``answer`` (NaN where a value is missing)."""
+    at = answer.groupby("source", sort=False).indices
+    records = answer.to_dict("records")
+    return pd.DataFrame({"faces": [[records[i] for i in at.get(row, ())] for row in range(n)]})
+
+
 def signature(aus, intensity: bool = False) -> ModelSignature:
     numeric = ["frame", "time_s", "face", "x0", "y0", "x1", "y1", *[f"{p}_{c}" for p in LANDMARKS for c in "xy"],
                "confidence"]
@@ -174,7 +200,8 @@ def signature(aus, intensity: bool = False) -> ModelSignature:
     outputs += [ColSpec("double", f"{n}_intensity") for n in names] if intensity else []
     order = {c: i for i, c in enumerate(columns(aus, intensity))}
     return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
-                          outputs=Schema(sorted(outputs, key=lambda c: order[c.name])))
+                          outputs=Schema(sorted(outputs, key=lambda c: order[c.name])),
+                          params=ParamSchema([ParamSpec(ROWS_PARAM, "string", ROWS[0])]))
 
 
 def requirements() -> list[str]:
