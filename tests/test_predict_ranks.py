@@ -63,9 +63,11 @@ def _inputs(synthau: Path, root: Path, clips: int, seconds: float) -> list[str]:
     return [str(folder), str(root / "gone.jpg")]
 
 
-def _one_process(model: Path, inputs: list[str], out: Path) -> None:
-    """The reference: one process, one thread (each of two ranks on two cores runs one: float sums
-    over other thread counts differ in the last digits, ~6e-5 at most here)."""
+def _one_process(model: Path, inputs: list[str], folder: Path) -> tuple[list[str], Path]:
+    """The inputs and the reference, ``folder/one.csv``: one process, one thread (each of two ranks
+    on two cores runs one: float sums over other thread counts differ in the last digits, ~6e-5
+    at most here)."""
+    out = folder / "one.csv"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -74,6 +76,7 @@ def _one_process(model: Path, inputs: list[str], out: Path) -> None:
         run(predictor, inputs, str(out), batch_frames=8, progress=False)
     finally:
         torch.set_num_threads(threads)
+    return inputs, out
 
 
 def _command(model: Path, inputs: list[str], out: Path, *extra: str) -> list[str]:
@@ -109,9 +112,7 @@ def _read(path: Path) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_two_ranks_join_into_the_rows_of_one_process(model, synthau, tmp_path):
-    inputs = _inputs(synthau, tmp_path, clips=1, seconds=3.0)
-    reference = tmp_path / "one.csv"
-    _one_process(model, inputs, reference)
+    inputs, reference = _one_process(model, _inputs(synthau, tmp_path, clips=1, seconds=3.0), tmp_path)
     out = tmp_path / "two.csv"
     done = subprocess.run(_command(model, inputs, out, "--share_images", "2"), cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
@@ -138,9 +139,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_rank_job_run_again_finishes_with_no_row_twice(model, synthau, tmp_path):
-    inputs = _inputs(synthau, tmp_path, clips=3, seconds=6.0)
-    reference = tmp_path / "one.csv"
-    _one_process(model, inputs, reference)
+    inputs, reference = _one_process(model, _inputs(synthau, tmp_path, clips=3, seconds=6.0), tmp_path)
     out = tmp_path / "rows.parquet"
     shares = out.with_name(out.name + SHARES_SUFFIX)
     command = _command(model, inputs, out, "--share_images", "3", "--checkpoint_s", "0")
