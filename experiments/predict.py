@@ -35,12 +35,13 @@ import logging
 import math
 import os
 import time
+from dataclasses import asdict, is_dataclass
 from functools import partial
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from datamodules.io.files import write_text
 from datamodules.io.images import DEFAULT_MAX_PIXELS
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, InputError, Source, expand, frames, open_video
@@ -237,15 +238,17 @@ class Standing:
         state = {"version": 1, "signature": self.signature, "offset": offset, "source": source, "frame": frame,
                  "frames": summary.frames, "faces": summary.faces, "statuses": dict(summary.statuses),
                  "videos": videos.state()}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(state))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def video_smoothing(sources: list[Source], smoothing: SmoothingSettings | None) -> SmoothingSettings | None:
+    """The smoothing a run of ``sources`` applies (its columns, events, people and pictures): none
+    without a video among them or with a window of 0."""
+    has_video = any(src.kind == "video" for src in sources)
+    return smoothing if smoothing is not None and smoothing.window_s > 0 and has_video else None
 
 
 def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, batch_frames: int = 32,
@@ -279,7 +282,7 @@ def run(predictor: AUPredictor, inputs: list[str], out: str, every: int = 1, bat
     out_path.parent.mkdir(parents=True, exist_ok=True)
     names = [au_column_name(a) for a in aus]
     has_video = any(src.kind == "video" for src in sources)
-    smoothing = smoothing if smoothing is not None and smoothing.window_s > 0 and has_video else None
+    smoothing = video_smoothing(sources, smoothing)
     videos = Videos(names, predictor.thresholds, people, smoothing, curves_path(out_path) if smoothing else None)
     header = row_header(predictor, smoothing is not None)
     stand = Standing(resume_path(out_path), {
@@ -497,8 +500,7 @@ def predict_in_shares(load, inputs: list[str], out: Path, trainer: PredictTraine
                       options: dict, model: str) -> PredictionSummary | None:
     """:func:`run` over Lightning's ranks, a share of ``inputs`` at a time (:mod:`experiments.predict_ranks`)."""
     sources = expand(inputs)
-    smoothing = options["smoothing"]
-    smoothed = smoothing.window_s > 0 and any(src.kind == "video" for src in sources)
+    smoothed = video_smoothing(sources, options["smoothing"]) is not None
     # Shares are CSV; rows bound for Parquet are data, not formulas (as one process journals them).
     journal = "keep" if out.suffix.lower() == ".parquet" else options["csv_formulas"]
 
@@ -507,6 +509,6 @@ def predict_in_shares(load, inputs: list[str], out: Path, trainer: PredictTraine
                    journal=journal, **options)
 
     signature = {"model": model, "inputs": list(inputs), "share_images": share_images, "out": out.suffix.lower(),
-                 **{k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in options.items()}}
+                 **{k: asdict(v) if is_dataclass(v) else v for k, v in options.items()}}
     return predict_on_ranks(trainer, load, predict_share, sources, out, share_images, signature,
                             smoothed)

@@ -38,6 +38,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from datamodules.io.files import write_text
 from datamodules.io.sources import Source
 from experiments.prediction_outputs import (EVENT_COLUMNS, PredictionSummary, commit, curves_path, events_path,
                                             open_partial, people_path, resume_path, row_header)
@@ -108,16 +109,6 @@ def cut_shares(sources: list[Source], share_images: int) -> list[Share]:
     return shares
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """``value`` as ``path``, whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class SharePlan:
     """A distributed run's shares on disk: ``<out>.shares/`` holds ``plan.json`` (what the shares
     were cut from), each share's CSV (``000012.csv``, with its partial file, saved place, events,
@@ -159,7 +150,7 @@ class SharePlan:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if not fits:
-            _write_json(plan, self.signature)
+            write_text(plan, json.dumps(self.signature))
         done = sum(self.done(i) is not None for i in range(len(self.shares)))
         if done:
             print(f"Resuming {self.folder}: {done} of {len(self.shares)} shares done before", flush=True)
@@ -174,20 +165,20 @@ class SharePlan:
 
     def record(self, index: int, summary: PredictionSummary, rank: int) -> None:
         """Share ``index`` is whole: its counts, for the joined run's summary."""
-        _write_json(self._record(index), {"frames": summary.frames, "faces": summary.faces,
-                                          "statuses": dict(summary.statuses), "events": summary.events,
-                                          "seconds": summary.seconds, "rank": rank})
+        write_text(self._record(index), json.dumps({"frames": summary.frames, "faces": summary.faces,
+                                                    "statuses": dict(summary.statuses), "events": summary.events,
+                                                    "seconds": summary.seconds, "rank": rank}))
 
     def join(self, header: list[str], seconds: float) -> PredictionSummary:
         """Every share, in input order, into ``--out`` (and its events, people and pictures beside
         it, before it, as one process writes them); the shares removed. On rank 0, holding the lock."""
-        missing = [i for i in range(len(self.shares)) if self.done(i) is None]
+        records = [self.done(i) for i in range(len(self.shares))]
+        missing = [i for i, record in enumerate(records) if record is None]
         if missing:
             raise RuntimeError(f"{self.folder}: shares {missing[:10]} are not done; run the same command again")
         smoothed = self.smoothed
         summary = PredictionSummary(str(self.out), Counter(), events=0 if smoothed else None)
-        for i in range(len(self.shares)):
-            record = self.done(i)
+        for record in records:
             summary.frames += record["frames"]
             summary.faces += record["faces"]
             summary.statuses.update(record["statuses"])
