@@ -17,31 +17,24 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.alignment.align import AlignmentSettings
 from datamodules.io.sources import Source, expand
 from datamodules.synthau.video import VideoSettings, clip_names, render_videos
 from experiments.cli import main
 from experiments.predict import run
 from experiments.prediction_outputs import curves_path, events_path, people_path
 from experiments.predict_ranks import SHARES_SUFFIX, PredictTrainer, cut_shares
-from lightning_modules.au_detector import AUNet
 from lightning_modules.serving.predictor import AUPredictor
 
+from .training_helpers import video_predictor
+
 ROOT = Path(__file__).resolve().parents[1]
-AUS = [1, 2, 12, 25]
 TWO_RANKS = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    """Random weights with head biases apart (some AUs on): rows, not decisions, are compared."""
-    torch.manual_seed(0)
-    net = AUNet(AUS, "resnet18", ["face"]).eval()
-    with torch.no_grad():
-        net.head.bias.copy_(torch.tensor([0.8, 0.0, 0.05, -0.8]))
-    spec = {"aus": AUS, "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
-    predictor = AUPredictor(net, AlignmentSettings(crop_size=64, min_face_size=20), spec, device="cpu")
-    return predictor.save(tmp_path_factory.mktemp("ranks") / "model")
+    """Rows, not decisions, are compared."""
+    return video_predictor().save(tmp_path_factory.mktemp("ranks") / "model")
 
 
 def _inputs(synthau: Path, root: Path, clips: int, seconds: float) -> list[str]:

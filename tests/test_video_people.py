@@ -10,19 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks.video_people import f1, score_clip
-from datamodules.alignment.align import AlignmentSettings
 from datamodules.synthau.video import VideoSettings, clip_names, read_truth, render_videos
 from experiments.predict import curves_path, events_path, people_path, run
-from lightning_modules.au_detector import AUNet
 from lightning_modules.serving.people import TrackerSettings
 from lightning_modules.serving.predictor import AUPredictor
 from lightning_modules.serving.signals import SmoothingSettings, smooth_series
 
+from .training_helpers import VIDEO_AUS, video_predictor
+
 CLIPS = VideoSettings(clips=1, people=(3, 3), seconds=4.0, fps=8.0, width=320, height=240, seed=2)
-AUS = [1, 2, 12, 25]
+AUS = VIDEO_AUS
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,8 @@ def clip(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def predictor() -> AUPredictor:
-    """Random weights, thresholds at 0.5 but head biases apart so that some AUs are on: the
-    decisions are not the point here, the people and the signals over time are."""
-    torch.manual_seed(0)
-    net = AUNet(AUS, "resnet18", ["face"]).eval()
-    with torch.no_grad():
-        net.head.bias.copy_(torch.tensor([0.8, 0.0, 0.05, -0.8]))
-    spec = {"aus": AUS, "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
-    return AUPredictor(net, AlignmentSettings(crop_size=64, min_face_size=20), spec, device="cpu")
+    """The decisions are not the point here, the people and the signals over time are."""
+    return video_predictor()
 
 
 def _rows(path: Path) -> list[dict]:

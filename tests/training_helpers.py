@@ -25,7 +25,10 @@ import yaml
 from mlflow import MlflowClient
 
 from callbacks.tracking.dataset_lineage import manifest_digest
+from datamodules.alignment.align import AlignmentSettings
+from lightning_modules.au_detector import AUNet
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.serving.predictor import AUPredictor
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,3 +244,17 @@ def served_model(model_uri: str, tracking_uri: str, cwd: Path, command=None,
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+VIDEO_AUS = [1, 2, 12, 25]
+
+
+def video_predictor() -> AUPredictor:
+    """Random weights (seed 0) on ``VIDEO_AUS``, thresholds at 0.5 but head biases apart so that some
+    AUs are on: for tests of people, signals over time and rows, where the decisions are not the point."""
+    torch.manual_seed(0)
+    net = AUNet(VIDEO_AUS, "resnet18", ["face"]).eval()
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.8, 0.0, 0.05, -0.8]))
+    spec = {"aus": VIDEO_AUS, "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
+    return AUPredictor(net, AlignmentSettings(crop_size=64, min_face_size=20), spec, device="cpu")
