@@ -1,4 +1,5 @@
-"""Shared fixtures: a small SynthAU and its aligned cache, made once per test session."""
+"""Shared fixtures: a small SynthAU, its aligned cache and one small fit, made once per test
+session (once per worker when pytest-xdist runs the suite on several)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,57 @@ import socket
 import subprocess
 import sys
 import tempfile
+import contextlib
+import io
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from datamodules.alignment.align import AlignmentSettings
 from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
 from datamodules.io.manifest import read_manifest
 from datamodules.synthau.generate import SynthAUSettings, generate_synthau
 
-from .training_helpers import free_port
+from .training_helpers import (SMALL_FIT_EXPERIMENT, SMALL_FIT_MODEL, free_port, small_fit_args, torch_threads,
+                               write_mlflow_yaml)
 
-torch.set_num_threads(2)
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per core, at most 4 (each holds its own SynthAU, fits and servers:
+    about 3 GB)."""
+    return max(1, min(_cores(), 4))
+
+
+# The workers share the cores: each takes its share of torch's threads (more threads than cores
+# makes every worker slower than it would run alone).
+torch.set_num_threads(max(1, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+# The test modules that share the session's `small_fit` (one fit, made once per worker that asks).
+SMALL_FIT_MODULES = ("test_logged_figures.py", "test_predict.py", "test_registry.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope``, by module: a test module runs whole on one worker (its module fixtures
+    are made once), and the modules of ``SMALL_FIT_MODULES`` on the same one."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "small_fit" if Path(module).name in SMALL_FIT_MODULES else module
+
+    return ByModule(config, log)
+
 
 SMALL = SynthAUSettings(num_images=120, seed=3)
 SMALL_ALIGNMENT = AlignmentSettings(crop_size=64)
@@ -74,6 +112,43 @@ def aligned_train(synthau, tmp_path_factory) -> AlignedSplit:
     cache = tmp_path_factory.mktemp("cache")
     manifest = read_manifest(synthau / "train.tsv")
     return AlignedSplit.open(align_manifest(manifest, cache, SMALL_ALIGNMENT, name="train"))
+
+
+@pytest.fixture(scope="session")
+def small_fit(synthau, tmp_path_factory) -> dict:
+    """One small fit (SynthAU's 120 scenes, one epoch of two batches, CPU), its model registered as
+    ``SMALL_FIT_MODEL``, then ``au-detect test`` on its best checkpoint into the same run: for the
+    tests of what a trained detector logs, predicts, describes and registers. What the fit had left
+    before the test (its model card, the registered version, ``predict --describe``) is kept as read then.
+
+    It runs on 2 threads whatever the workers' share, so that its figures are those of one known run."""
+    from mlflow import MlflowClient
+
+    from experiments.lightning_cli import AUDetectCLI
+    from experiments.predict import predict
+
+    tmp = tmp_path_factory.mktemp("small_fit")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    settings = write_mlflow_yaml(tmp / "mlflow.yaml", uri, SMALL_FIT_EXPERIMENT)
+    settings.write_text(yaml.safe_dump({**yaml.safe_load(settings.read_text()), "registered_model_name": SMALL_FIT_MODEL}))
+    args = [*small_fit_args(synthau, tmp / "cache", settings, tmp / "runs", epochs=1, train_batches=2),
+            # the CPU, where the tests recompute its figures: a threshold fitted on validation is one of
+            # its probabilities, and the decision there must come out the same
+            "--trainer.accelerator", "cpu"]
+    client = MlflowClient(uri)
+    with torch_threads(2):
+        fit = AUDetectCLI(args=["fit", *args])
+        run_id = fit.trainer.logger.run_id
+        best = fit.trainer.checkpoint_callback.best_model_path
+        described = io.StringIO()
+        with contextlib.redirect_stdout(described):
+            predict(model=f"runs:/{run_id}/model", describe=True, mlflow=str(settings))
+        before_test = {"card": client.get_run(run_id).data.tags["mlflow.note.content"],
+                       "candidate": client.get_model_version_by_alias(SMALL_FIT_MODEL, "candidate"),
+                       "described": described.getvalue()}
+        test = AUDetectCLI(args=["test", *args, "--ckpt_path", best])
+    return {"uri": uri, "mlflow_yaml": str(settings), "tmp": tmp, "cache": tmp / "cache", "run_id": run_id,
+            "best": best, "fit": fit, "test": test, "client": client, "before_test": before_test}
 
 
 @pytest.fixture

@@ -105,9 +105,10 @@ def run_mutant(copy: Path, mutant: Mutant, timeout: float) -> tuple[str, str, fl
     start = time.perf_counter()
     try:
         # The likeliest files first, alone (seconds); the rest of the quick tier only if they pass.
-        for paths in (mutant.first, ("tests",)):
+        # (A file or two in this process; the quick tier on the workers, as the suite runs.)
+        for paths, workers in ((mutant.first, "0"), (("tests",), "auto")):
             done = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "-x", "-q", "-p",
-                                   "no:cacheprovider", "--no-header", "-rf", *paths],
+                                   "no:cacheprovider", "--no-header", "-rf", "-n", workers, *paths],
                                   cwd=copy, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
                 break

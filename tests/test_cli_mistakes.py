@@ -52,8 +52,8 @@ def empty_store(tmp_path_factory) -> Path:
     return folder
 
 
-# Each case starts an interpreter that imports torch (several seconds): three stay in the quick tier.
-QUICK = {0, 2, 7}
+# Each case starts an interpreter that imports torch (several seconds): two stay in the quick tier.
+QUICK = {2, 7}
 CASES = [pytest.param(*m, id=" ".join(m[0])[:60], marks=() if i in QUICK else pytest.mark.slow)
          for i, m in enumerate(MISTAKES)]
 

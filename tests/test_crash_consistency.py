@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,76 +156,137 @@ def _assert_consistent(client: MlflowClient, uri: str, run_id: str, last: Path, 
     np.testing.assert_array_equal(predictor.thresholds, expected)
 
 
-@pytest.mark.slow
-def test_killed_anywhere_resumes_to_one_consistent_run(synthau, tmp_path, capsys):
-    """One run killed at five points in turn (validation, threshold fitting, the checkpoint save
-    after an improvement, mid training epoch, logging the model), resumed in turn with
-    ``--ckpt_path last`` and ``--ckpt_path <last.ckpt>`` (which file a resume takes is all that
-    differs between the two; what the resumed fit does is the same).
+FIRST, RERUN = [0.5, 0.9], [0.5, 0.1]  # epoch 1 first improves on epoch 0; re-run, it does not
 
-    A fit's writes to its run go through a spool on disk (callbacks.tracking.spool): after each kill
-    the run is read once ``au-detect sync-tracking`` has sent what the killed process had not yet
-    (but for the kill while logging the model, whose half-logged state is checked as it is).
 
-    Epoch 1 first scores 0.9 (better than epoch 0's 0.5) and is killed at its checkpoint save:
-    the run's files then describe epoch 1, whose checkpoint was never written. Re-run, epoch 1
-    scores 0.1: the best stays epoch 0, and everything must say so in the end.
-    """
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri, EXPERIMENT)
-    args = small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", epochs=2, train_batches=2)
-    args += ["--checkpoint.monitor", "fault/score",  # the artifacts follow the checkpoint's monitor (linked)
-             "--mlflow_artifacts.sample_grid", "0", "--trainer.num_sanity_val_steps", "0",
-             "--model.backbone", "resnet10t", "--model.branches", "[face]"]  # small checkpoints, quick saves
-    client = MlflowClient(uri)
-    first, rerun = [0.5, 0.9], [0.5, 0.1]
-    run_id: str | None = None
-    last: Path | None = None
+class Resumable:
+    """One run's folder (store, checkpoints, spool, cache) and the fits that resume it."""
 
-    def fit(scores: list[float], at: str | None, ckpt: str) -> subprocess.CompletedProcess:
-        done = _fit(args, scores, at, str(last) if ckpt == "path" else "last")
-        if at not in (None, "log_model"):  # what the killed fit had not sent yet: its run's spool
-            main(["sync-tracking", "--spool", str(tmp_path / "runs" / "mlflow_spool")])
+    def __init__(self, folder: Path, synthau: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.uri = f"sqlite:///{folder / 'mlflow.db'}"
+        self.cfg = write_mlflow_yaml(folder / "mlflow.yaml", self.uri, EXPERIMENT)
+        self.args = small_fit_args(synthau, folder / "cache", self.cfg, folder / "runs", epochs=2, train_batches=2)
+        self.args += ["--checkpoint.monitor", "fault/score",  # the artifacts follow the checkpoint's monitor (linked)
+                      "--mlflow_artifacts.sample_grid", "0", "--trainer.num_sanity_val_steps", "0",
+                      "--model.backbone", "resnet10t", "--model.branches", "[face]"]  # small checkpoints, quick saves
+        self.client = MlflowClient(self.uri)
+        self.run_id: str | None = None
+        self.last: Path | None = None
+
+    def fit(self, scores: list[float], at: str | None, ckpt: str) -> subprocess.CompletedProcess:
+        """A fit killed ``at`` a point (None: to its end), resumed with ``--ckpt_path last`` or the
+        path of last.ckpt (which file a resume takes is all that differs; what it does is the same).
+        What a killed fit had not sent to its run yet is then sent (``au-detect sync-tracking``) but
+        for a kill while logging the model, whose half-logged state is checked as it is."""
+        done = _fit(self.args, scores, at, str(self.last) if ckpt == "path" else "last")
+        if at not in (None, "log_model"):
+            main(["sync-tracking", "--spool", str(self.folder / "runs" / "mlflow_spool")])
         if ckpt == "last":  # it says which file it took
-            said = (f"--ckpt_path last: resuming MLflow run {run_id} from {last}" if run_id else
+            said = (f"--ckpt_path last: resuming MLflow run {self.run_id} from {self.last}" if self.run_id else
                     f"--ckpt_path last: no interrupted run of experiment '{EXPERIMENT}'")
             assert said in done.stdout, done.stdout[-2000:]
         return done
 
-    fit(first, "validation", "last")  # nothing to resume yet: a new run
-    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    run_id = run.info.run_id
-    (last,) = (tmp_path / "runs").glob(f"*/{run_id}/checkpoints/last.ckpt")
-    assert load_checkpoint(last)["epoch"] == 0 and _epoch_of_artifacts(client, run_id) == 0
+    def epoch_of_artifacts(self) -> int:
+        return _epoch_of_artifacts(self.client, self.run_id)
 
-    fit(first, "fit_thresholds", "path")
-    assert _epoch_of_artifacts(client, run_id) == 0
+    def finish(self, scores: list[float], ckpt: str, epoch: int) -> subprocess.CompletedProcess:
+        """Resumed to its end: one FINISHED run whose every artifact describes ``epoch``."""
+        done = self.fit(scores, None, ckpt)
+        _assert_consistent(self.client, self.uri, self.run_id, self.last, epoch)
+        return done
 
-    fit(first, "save_checkpoint", "last")
-    assert _epoch_of_artifacts(client, run_id) == 1  # ahead of every checkpoint
-    state = load_checkpoint(last)
+
+@pytest.fixture(scope="module")
+def killed_in_validation(synthau, tmp_path_factory):
+    """A new run killed in epoch 1's validation (epoch 0 done), its folder kept as it was then: each
+    test below starts from a copy of it at the same place (the store and checkpoints name their paths)."""
+    base = tmp_path_factory.mktemp("crash")
+    run = Resumable(base / "run", synthau)
+    run.fit(FIRST, "validation", "last")  # nothing to resume yet: a new run
+    (found,) = run.client.search_runs([run.client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    run.run_id = found.info.run_id
+    (run.last,) = (run.folder / "runs").glob(f"*/{run.run_id}/checkpoints/last.ckpt")
+    assert load_checkpoint(run.last)["epoch"] == 0 and run.epoch_of_artifacts() == 0
+    shutil.copytree(run.folder, base / "as-killed")
+    return run, base / "as-killed"
+
+
+def _restore(saved: Path, folder: Path) -> None:
+    """``folder`` made what ``saved`` holds again, its files rewritten in place: this process's
+    MLflow keeps its SQLite store open, and a store replaced by a new file would go unseen."""
+    keep = {p.relative_to(saved) for p in saved.rglob("*")}
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        if path.relative_to(folder) not in keep:
+            path.unlink() if path.is_file() or path.is_symlink() else shutil.rmtree(path)
+    for relative in sorted(keep):
+        source, target = saved / relative, folder / relative
+        if source.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            shutil.copyfile(source, target)  # into the same inode when it is there
+
+
+@pytest.fixture
+def resumable(killed_in_validation) -> Resumable:
+    run, saved = killed_in_validation
+    _restore(saved, run.folder)
+    return run
+
+
+@pytest.mark.slow
+def test_killed_in_validation_resumes_to_its_better_epoch(resumable):
+    resumable.finish(FIRST, "path", epoch=1)
+
+
+@pytest.mark.slow
+def test_killed_fitting_thresholds_resumes_to_its_better_epoch(resumable):
+    resumable.fit(FIRST, "fit_thresholds", "path")
+    assert resumable.epoch_of_artifacts() == 0  # thresholds computed, never in the model nor the files
+    resumable.finish(FIRST, "last", epoch=1)
+
+
+@pytest.mark.slow
+def test_killed_saving_an_improvement_is_repaired_from_the_best_checkpoint(resumable):
+    """Epoch 1 first scores 0.9 (better than epoch 0's 0.5) and is killed at its checkpoint save:
+    the run's files then describe epoch 1, whose checkpoint was never written. Re-run, epoch 1
+    scores 0.1: the best stays epoch 0, and everything must say so in the end."""
+    resumable.fit(FIRST, "save_checkpoint", "last")
+    assert resumable.epoch_of_artifacts() == 1  # ahead of every checkpoint
+    state = load_checkpoint(resumable.last)
     assert state["epoch"] == 0
     (kept,) = [v for k, v in state["callbacks"].items() if k.startswith("MLflowArtifacts")]
     assert kept["best_epoch"] == 0 and kept["best"] == 0.5  # the callback's best lives in the checkpoint
+    resumable.finish(RERUN, "path", epoch=0)
 
-    fit(rerun, "train_batch", "path")
-    assert _epoch_of_artifacts(client, run_id) == 0  # repaired from the best checkpoint on resume
 
-    fit(rerun, "log_model", "last")
-    validations = _validations(client, run_id)
+@pytest.mark.slow
+def test_killed_mid_training_epoch_resumes_to_the_best_epoch(resumable):
+    resumable.fit(RERUN, "train_batch", "path")
+    assert resumable.epoch_of_artifacts() == 0
+    resumable.finish(RERUN, "last", epoch=0)
+
+
+@pytest.mark.slow
+def test_killed_logging_the_model_repeats_only_the_fits_end(resumable, capsys):
+    run = resumable
+    run.fit(RERUN, "log_model", "last")
+    validations = _validations(run.client, run.run_id)
     assert len(set(validations)) == 2  # epochs 0 and 1
-    assert client.get_run(run_id).info.status == "RUNNING"
-    assert [str(m.status) for m in _models(client, run)] == ["PENDING"]  # uploaded, never marked READY
+    assert run.client.get_run(run.run_id).info.status == "RUNNING"
+    (found,) = run.client.search_runs([run.client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert [str(m.status) for m in _models(run.client, found)] == ["PENDING"]  # uploaded, never marked READY
 
-    done = fit(rerun, None, "path")  # the fit had finished: only its end is repeated
-    assert _validations(client, run_id) == validations
+    done = run.finish(RERUN, "path", epoch=0)  # the fit had finished: only its end is repeated
+    assert _validations(run.client, run.run_id) == validations
     assert "(resumed)" in done.stdout
-    _assert_consistent(client, uri, run_id, last, epoch=0)
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(run.client.search_runs([found.info.experiment_id])) == 1
 
     # A finished run is not taken up again: --ckpt_path last now starts a new one.
     capsys.readouterr()
-    config = Namespace(mlflow=str(cfg), trainer=Namespace(default_root_dir=str(tmp_path / "runs")),
+    config = Namespace(mlflow=str(run.cfg), trainer=Namespace(default_root_dir=str(run.folder / "runs")),
                        checkpoint=Namespace(dirpath=None))
     assert TrackedCLI.last_interrupted_checkpoint(config) is None
     assert f"no interrupted run of experiment '{EXPERIMENT}'" in capsys.readouterr().out

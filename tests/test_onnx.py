@@ -310,6 +310,7 @@ def test_the_session_runs_as_many_threads_as_pytorch_at_full_optimisation(export
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # calibration and quantisation: seconds
 def test_int8_export_is_quantized_calibrated_and_decides_as_float32(predictor_folder, synthau, test_crops, tmp_path,
                                                                      capsys):
     """``--int8 --calibration <val manifest>``: weights int8 per channel in QDQ form, the config

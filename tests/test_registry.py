@@ -13,37 +13,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from experiments.cli import main
 from experiments.lightning_cli import AUDetectCLI
 from experiments.registry import RegistryError, promote
 
-from .training_helpers import served_model, small_fit_args, write_mlflow_yaml
+from .training_helpers import (SMALL_FIT_EXPERIMENT, SMALL_FIT_MODEL, served_model, small_fit_args,
+                               write_mlflow_yaml)
 
-MODEL = "au-detector-registry-test"
+MODEL = SMALL_FIT_MODEL
 
 
 @pytest.fixture(scope="module")
-def fits(synthau, tmp_path_factory):
-    """Two small fits (different seeds, so different weights) registered under MODEL; the alias
-    ``candidate`` read after each."""
-    tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    settings = tmp / "mlflow.yaml"
-    write_mlflow_yaml(settings, uri, "registry-test")
-    settings.write_text(yaml.safe_dump({**yaml.safe_load(settings.read_text()), "registered_model_name": MODEL}))
-    client = MlflowClient(uri)
-    runs, candidates = [], []
-    for seed in (0, 1):
-        cli = AUDetectCLI(args=["fit", *small_fit_args(synthau, tmp / "cache", settings, tmp / f"runs{seed}", epochs=1,
-                                                       train_batches=2), "--seed_everything", str(seed)])
-        runs.append(cli.trainer.logger.run_id)
-        candidates.append(client.get_model_version_by_alias(MODEL, "candidate"))
+def fits(small_fit, synthau):
+    """Two small fits registered under MODEL: the session's (seed 0) and one of seed 1 (other
+    weights) into the same store; the alias ``candidate`` as read after each."""
+    tmp, settings, client = small_fit["tmp"], small_fit["mlflow_yaml"], small_fit["client"]
+    cli = AUDetectCLI(args=["fit", *small_fit_args(synthau, small_fit["cache"], Path(settings), tmp / "runs_seed1",
+                                                   epochs=1, train_batches=2), "--seed_everything", "1"])
+    runs = [small_fit["run_id"], cli.trainer.logger.run_id]
+    candidates = [small_fit["before_test"]["candidate"], client.get_model_version_by_alias(MODEL, "candidate")]
     # the same settings without a registered name (what promote falls back on)
     plain = tmp / "plain.yaml"
-    write_mlflow_yaml(plain, uri, "registry-test")
-    return {"uri": uri, "yaml": str(settings), "plain": str(plain), "runs": runs, "candidates": candidates,
+    write_mlflow_yaml(plain, small_fit["uri"], SMALL_FIT_EXPERIMENT)
+    return {"uri": small_fit["uri"], "yaml": settings, "plain": str(plain), "runs": runs, "candidates": candidates,
             "client": client, "tmp": tmp}
 
 
@@ -100,7 +93,7 @@ def test_promote_moves_the_alias_between_versions(fits, capsys):
 @pytest.mark.slow
 def test_a_run_model_not_yet_registered_is_registered_by_name(fits, capsys):
     client, plain = fits["client"], fits["plain"]
-    experiment = client.get_experiment_by_name("registry-test").experiment_id
+    experiment = client.get_experiment_by_name(SMALL_FIT_EXPERIMENT).experiment_id
     run = client.create_run(experiment, run_name="a model never registered")
     client.create_logged_model(experiment, name="model", source_run_id=run.info.run_id)
     uri = f"runs:/{run.info.run_id}/model"
@@ -143,7 +136,7 @@ def test_clear_errors(fits, model, alias, message):
 @pytest.mark.slow
 def test_a_run_without_a_model(fits):
     client = fits["client"]
-    run = client.create_run(client.get_experiment_by_name("registry-test").experiment_id, run_name="no model")
+    run = client.create_run(client.get_experiment_by_name(SMALL_FIT_EXPERIMENT).experiment_id, run_name="no model")
     with pytest.raises(RegistryError, match=rf"run {run.info.run_id} \(no model\) has no model 'model'"):
         promote(f"runs:/{run.info.run_id}/model", "champion", mlflow=fits["yaml"])
 
@@ -163,16 +156,22 @@ def test_predict_with_the_champion_alias_is_the_version_it_names(fits, scene, tm
 
 @pytest.mark.slow
 def test_mlflow_models_serve_the_champion(fits, scene, tmp_path):
+    """``mlflow models serve`` of ``models:/<name>@champion``, an image posted as in the README's
+    curl: the answer is ``au-detect predict``'s on the same image, with the run's model and with the
+    registered version the alias names."""
     runs, settings = fits["runs"], fits["yaml"]
     promote(f"runs:/{runs[1]}/model", "champion", mlflow=settings)
     expected = predict_rows(f"runs:/{runs[1]}/model", scene, tmp_path / "second.csv", settings)
+    assert predict_rows(f"models:/{MODEL}/2", scene, tmp_path / "version.csv", settings) == expected
     with served_model(f"models:/{MODEL}@champion", fits["uri"], tmp_path) as (url, _):
         body = json.dumps({"dataframe_records": [{"image": base64.b64encode(scene.read_bytes()).decode()}]})
         request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
         served = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
-    assert len(served) == len(expected) >= 1
+    assert len(served) == len(expected) >= 1 and all(r["status"] == "ok" for r in expected)
     names = [c[:-5] for c in expected[0] if c.endswith("_prob")]
     for s, r in zip(served, expected):
-        assert s["status"] == "ok" and int(s["face"]) == int(float(r["face"]))
+        assert s["status"] == "ok" and s["source"] == 0 and int(s["face"]) == int(float(r["face"]))
+        np.testing.assert_allclose([s["x0"], s["y0"], s["x1"], s["y1"]],
+                                   [float(r[k]) for k in ("x0", "y0", "x1", "y1")], atol=0.11)
         np.testing.assert_allclose([s[f"{n}_prob"] for n in names], [float(r[f"{n}_prob"]) for n in names], atol=2e-5)
         assert [int(s[n]) for n in names] == [int(r[n]) for n in names]

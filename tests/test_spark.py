@@ -140,6 +140,7 @@ def test_the_model_answers_per_image_with_the_same_values(logged, photos):
         model.predict(frame, params={"rows": "people"})
 
 
+@pytest.mark.slow  # a Spark session (a JVM) starts first
 def test_the_pattern_takes_predicts_suffixes_in_any_case(spark, tmp_path):
     for name in ("a.jpg", "b.JPEG", "c.Png", "d.txt", "e.mp4", "f.jpg.bak"):
         (tmp_path / name).write_bytes(b"x")
@@ -148,6 +149,7 @@ def test_the_pattern_takes_predicts_suffixes_in_any_case(spark, tmp_path):
     assert image_pattern((".jpg",)) == "*.{[jJ][pP][gG]}"
 
 
+@pytest.mark.slow  # a Spark session (a JVM) starts first
 def test_a_model_logged_without_the_rows_parameter_is_refused(spark, tmp_path, monkeypatch):
     from lightning_modules.serving import pyfunc
 

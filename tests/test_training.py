@@ -1,5 +1,5 @@
 """au-detect fit, test and validate from the demo config, read back from MLflow (against a real server:
-test_tracking_outage and test_multinode)."""
+test_tracking_outage and test_ddp_fit)."""
 
 from __future__ import annotations
 
