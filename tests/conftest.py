@@ -13,6 +13,7 @@ import tempfile
 import contextlib
 import io
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,18 +48,31 @@ torch.set_num_threads(max(1, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER
 SMALL_FIT_MODULES = ("test_logged_figures.py", "test_predict.py", "test_registry.py")
 
 
+def _module(item_or_nodeid) -> str:
+    return getattr(item_or_nodeid, "nodeid", item_or_nodeid).split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules with the most slow tests first (each module's tests in their order): the workers
+    take modules in this order, and a long module taken last keeps one worker busy while the
+    others have finished."""
+    slow = Counter(_module(item) for item in items if item.get_closest_marker("slow"))
+    first_seen = {module: k for k, module in enumerate(dict.fromkeys(_module(item) for item in items))}
+    items.sort(key=lambda item: (-slow[_module(item)], first_seen[_module(item)]))
+
+
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadscope``, by module: a test module runs whole on one worker (its module fixtures
-    are made once), and the modules of ``SMALL_FIT_MODULES`` on the same one."""
+    are made once), the modules of ``SMALL_FIT_MODULES`` on the same one, in the order above."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "small_fit" if Path(module).name in SMALL_FIT_MODULES else module
+            return "small_fit" if Path(_module(nodeid)).name in SMALL_FIT_MODULES else _module(nodeid)
 
+    config.option.loadscopereorder = False  # xdist's own order: by the number of tests
     return ByModule(config, log)
 
 
