@@ -55,14 +55,16 @@ def _crafted(path: Path, marker: Path, content: dict | None = None) -> Path:
 
 
 @pytest.mark.slow
-def test_crafted_checkpoint_is_refused_by_every_entry_point(tmp_path, capsys):
+def test_crafted_checkpoint_is_refused_by_every_entry_point(synthau, tmp_path, capsys):
     """predict --model, --ckpt_path of fit/validate/test and of pretraining, branch weights, a
     predictor folder and an MLflow model whose weights file was swapped: the payload never runs,
     the error names the file."""
     marker = tmp_path / "MARKER"
     evil = _crafted(tmp_path / "evil.ckpt", marker)
     mlflow_yaml = write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path}/mlflow.db")
-    common = ["--config", str(DEMO), "--mlflow", str(mlflow_yaml), "--data.data_root", str(tmp_path / "none")]
+    # the session's SynthAU: the model is built once the training manifest's label rates are read
+    common = ["--config", str(DEMO), "--mlflow", str(mlflow_yaml), "--data.data_root", str(synthau),
+              "--data.synth.num_images", "120", "--data.synth.seed", "3", "--data.cache_dir", str(tmp_path / "cache")]
 
     with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused.*GLOBAL posix\.system"):
         main(["predict", "--model", str(evil), "--input", str(tmp_path)])
