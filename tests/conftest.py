@@ -3,6 +3,8 @@ session (once per worker when pytest-xdist runs the suite on several)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -10,8 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import contextlib
-import io
 import time
 from collections import Counter
 from pathlib import Path

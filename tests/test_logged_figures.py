@@ -1,12 +1,12 @@
 """The figures a fit and its test log to MLflow, recomputed apart from the code that logged them.
 
 The session's small fit (conftest's ``small_fit``: SynthAU's 120 scenes, one epoch of two batches)
-and ``au-detect test`` on its best checkpoint, into one run. The checkpoint's network is then run on the validation and test crops as
-the DataModule feeds them in evaluation, and every figure is recomputed with scikit-learn per AU
-over the labelled entries only (``999`` never counts): F1 and accuracy at 0.5 and at the
-thresholds, their means over the AUs with a labelled entry, the score, micro-F1, the thresholds
-fitted on validation, the held-out figures (each half decided at thresholds fitted on the other)
-and the prior predictor's F1. Each must equal the logged value to 1e-5.
+and ``au-detect test`` on its best checkpoint, into one run. The checkpoint's network is then run
+on the validation and test crops as the DataModule feeds them in evaluation, and every figure is
+recomputed with scikit-learn per AU over the labelled entries only (``999`` never counts): F1 and
+accuracy at 0.5 and at the thresholds, their means over the AUs with a labelled entry, the score,
+micro-F1, the thresholds fitted on validation, the held-out figures (each half decided at
+thresholds fitted on the other) and the prior predictor's F1. Each must equal the logged value to 1e-5.
 
 The splits have AUs with positives, negatives and unlabelled entries, and the fitted thresholds
 change test decisions, so that figures made with the mask ignored, or at 0.5 instead of the

@@ -25,6 +25,7 @@ from lightning_modules.serving.predictor import AUPredictor, columns
 
 from .training_helpers import SMALL_FIT_MODEL, assert_crop_of_box
 
+
 @pytest.fixture(scope="module")
 def trained(small_fit, tmp_path_factory):
     """The session's small detector (trained through ``au-detect fit``, registered, tested), its

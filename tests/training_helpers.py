@@ -172,9 +172,9 @@ def _check_run(tracking_uri: str, experiment: str, crop: int, tmp: str) -> dict:
 
 
 def reference_box_crop(image: np.ndarray, box, crop_size: int, face_scale: float) -> np.ndarray:
-    """A face box's crop as DESIGN.md defines it, made apart from the code that makes crops: the
-    box squared around its center, widened to ``side / face_scale``, that square resized to
-    ``crop_size`` by PIL (bilinear, antialiased), the image's edge pixels repeated beyond it."""
+    """A face box's crop as the alignment's ``box`` method defines it, made apart from the code that
+    makes crops: the box squared around its center, widened to ``side / face_scale``, that square
+    resized to ``crop_size`` by PIL (bilinear, antialiased), the image's edge pixels repeated beyond it."""
     x0, y0, x1, y1 = (float(v) for v in box[:4])
     side = max(x1 - x0, y1 - y0, 1.0) / face_scale
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
