@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from datamodules.alignment.align import AlignmentSettings
 from datamodules.alignment.crop_cache import AlignedSplit, align_manifest
@@ -143,8 +142,7 @@ def small_fit(synthau, tmp_path_factory) -> dict:
 
     tmp = tmp_path_factory.mktemp("small_fit")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    settings = write_mlflow_yaml(tmp / "mlflow.yaml", uri, SMALL_FIT_EXPERIMENT)
-    settings.write_text(yaml.safe_dump({**yaml.safe_load(settings.read_text()), "registered_model_name": SMALL_FIT_MODEL}))
+    settings = write_mlflow_yaml(tmp / "mlflow.yaml", uri, SMALL_FIT_EXPERIMENT, registered_model_name=SMALL_FIT_MODEL)
     args = [*small_fit_args(synthau, tmp / "cache", settings, tmp / "runs", epochs=1, train_batches=2),
             # the CPU, where the tests recompute its figures: a threshold fitted on validation is one of
             # its probabilities, and the decision there must come out the same

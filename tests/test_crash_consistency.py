@@ -219,8 +219,12 @@ def _restore(saved: Path, folder: Path) -> None:
     MLflow keeps its SQLite store open, and a store replaced by a new file would go unseen."""
     keep = {p.relative_to(saved) for p in saved.rglob("*")}
     for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
-        if path.relative_to(folder) not in keep:
-            path.unlink() if path.is_file() or path.is_symlink() else shutil.rmtree(path)
+        if path.relative_to(folder) in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()  # emptied above
+        else:
+            path.unlink()
     for relative in sorted(keep):
         source, target = saved / relative, folder / relative
         if source.is_dir():

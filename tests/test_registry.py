@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from experiments.cli import main
 from experiments.lightning_cli import AUDetectCLI
@@ -100,8 +99,8 @@ def test_a_run_model_not_yet_registered_is_registered_by_name(fits, capsys):
     with pytest.raises(RegistryError, match=rf"model '{uri}': this run's model was never registered; pass --name"):
         promote(uri, "champion", mlflow=plain)
     # the settings' registered_model_name, as a fit's would be
-    third = fits["tmp"] / "third.yaml"
-    third.write_text(yaml.safe_dump({**yaml.safe_load(Path(plain).read_text()), "registered_model_name": "au-third"}))
+    third = write_mlflow_yaml(fits["tmp"] / "third.yaml", fits["uri"], SMALL_FIT_EXPERIMENT,
+                              registered_model_name="au-third")
     assert promote(uri, "staging", mlflow=str(third))["name"] == "au-third"
     assert "Registered " in capsys.readouterr().out
     # --name: registered again, under that name

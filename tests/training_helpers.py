@@ -38,8 +38,9 @@ SMALL_FIT_MODEL = "au-detector-test"
 SMALL_FIT_EXPERIMENT = "small-fit"
 
 
-def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detect-test") -> Path:
-    settings = {"tracking_uri": tracking_uri, "experiment_name": experiment, "tags": {"suite": "tests"}}
+def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detect-test", **more) -> Path:
+    """mlflow.yaml for the tests' runs; ``more`` adds settings (``registered_model_name=...``)."""
+    settings = {"tracking_uri": tracking_uri, "experiment_name": experiment, "tags": {"suite": "tests"}, **more}
     if tracking_uri.startswith("sqlite:"):  # artifacts beside the database, not in ./mlruns of the cwd
         settings["artifact_location"] = str(path.parent / "artifacts")
     path.write_text(yaml.safe_dump(settings))
