@@ -45,17 +45,23 @@ def pr_curves_figure(aus: Sequence[int], probs: np.ndarray, labels: np.ndarray, 
     """One precision-recall curve per AU (labelled entries only); the fitted threshold marked."""
     k = len(aus)
     rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), squeeze=False)
+    # One grid: shared axes, tick labels on the outer panels only (the bottom one of each column,
+    # the first of each row), the axis names once for all, fixed margins.
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), squeeze=False, sharex=True, sharey=True)
+    fig.subplots_adjust(left=0.05, right=0.985, bottom=0.45 / (2.2 * rows), top=1 - 0.75 / (2.2 * rows),
+                        wspace=0.08, hspace=0.35)
+    axes[0, 0].set_xlim(0, 1)
+    axes[0, 0].set_ylim(0, 1.02)
+    axes[0, 0].set_xticks([0, 0.5, 1])
+    axes[0, 0].set_yticks([0, 0.5, 1])
     for i, ax in enumerate(axes.flat):
         if i >= k:
             ax.axis("off")
             continue
+        ax.tick_params(labelsize=6, labelbottom=i + cols >= k, labelleft=i % cols == 0)  # the outer panels only
         m = mask[:, i].astype(bool)
         y = labels[m, i] > 0.5
         ax.set_title(f"{au_column_name(aus[i])}  (n+={int(y.sum())})", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.tick_params(labelsize=6)
         if y.sum() == 0:
             ax.text(0.5, 0.5, "no positive", ha="center", fontsize=7)
             continue
@@ -66,7 +72,8 @@ def pr_curves_figure(aus: Sequence[int], probs: np.ndarray, labels: np.ndarray, 
             j = int(np.argmin(np.abs(cut - thresholds[i])))
             ax.plot(recall[j], precision[j], "o", ms=4, color="red")
     fig.suptitle("Precision-recall per AU (validation); dot: fitted threshold, dashed: prior", fontsize=9)
-    fig.tight_layout()
+    fig.supxlabel("recall", fontsize=8)
+    fig.supylabel("precision", fontsize=8)
     return fig
 
 

@@ -239,6 +239,45 @@ def test_precision_recall_curve_matches_sklearn(seed):
     np.testing.assert_allclose(recall, ref_r[:-1][::-1], rtol=0, atol=1e-12)
 
 
+def test_pr_curves_figure_draws_sklearns_curve_of_each_au_on_its_labelled_entries():
+    import matplotlib.pyplot as plt
+
+    from callbacks.plots import pr_curves_figure
+
+    rng = np.random.default_rng(2)
+    aus = [1, 2, 4, 6, 12, 25, 26]  # two rows of 6: the last row's empty panels hidden
+    probs = rng.random((40, 7)).round(2)
+    labels = (rng.random((40, 7)) < 0.4).astype(float)
+    mask = rng.random((40, 7)) < 0.8
+    labels[:, 3] = 0  # AU6: no positive
+    thresholds = rng.random(7)
+    fig = pr_curves_figure(aus, probs, labels, mask.astype(float), thresholds)
+    try:
+        axes = fig.axes
+        assert len(axes) == 12 and not any(ax.axison for ax in axes[7:])
+        for i, ax in enumerate(axes[:7]):
+            m = mask[:, i]
+            y = labels[m, i] > 0.5
+            assert ax.get_title() == f"AU{aus[i]}  (n+={int(y.sum())})"
+            if not y.any():
+                assert [t.get_text() for t in ax.texts] == ["no positive"] and not ax.lines
+                continue
+            curve, prior, dot = ax.lines
+            ref_p, ref_r, ref_t = precision_recall_curve(y, probs[m, i])
+            np.testing.assert_allclose(curve.get_xdata(), ref_r[:-1][::-1], atol=1e-12)
+            np.testing.assert_allclose(curve.get_ydata(), ref_p[:-1][::-1], atol=1e-12)
+            assert prior.get_ydata()[0] == pytest.approx(y.mean())
+            j = int(np.argmin(np.abs(ref_t - thresholds[i])))  # the point nearest the fitted threshold
+            assert (dot.get_xdata()[0], dot.get_ydata()[0]) == (pytest.approx(ref_r[j]), pytest.approx(ref_p[j]))
+        # tick labels on the outer panels only: the first column's y, each column's lowest x
+        left = [ax.yaxis.get_tick_params()["labelleft"] for ax in axes[:7]]
+        bottom = [ax.xaxis.get_tick_params()["labelbottom"] for ax in axes[:7]]
+        assert left == [True, False, False, False, False, False, True]
+        assert bottom == [False, True, True, True, True, True, True]
+    finally:
+        plt.close(fig)
+
+
 # -- ranked_counts' order-keeping path: NaN, both signs of zero, integer and bool scores ------
 # Scores whose ties cannot be told apart take a sorted-values path; the rest are sorted with
 # their file order kept. Both are checked here against counts made entry by entry and against
