@@ -1,5 +1,6 @@
-"""A new user's first hour, from a shell in a fresh project folder: the main job (small), then the
-commands it prints, pasted as printed, then the registered champion; a mistake is one line.
+"""A new user's first hour, from a shell in a fresh project folder: the main job (small), the runs
+it leaves in MLflow, the commands it prints, pasted as printed, then the registered champion; the
+job again, which reuses the branches; a mistake is one line.
 
 ``au-detect`` runs as a subprocess with the folder as its working directory, as a user would run
 it; only the data is shared with the other tests (the session's SynthAU, so nothing is rendered).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from .conftest import SMALL
 
@@ -36,6 +38,34 @@ def printed_commands(out: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if "next, from the project folder" in line)
     return [line.strip() for line in lines[start + 1:] if line.startswith("  ") and line.strip()]
+
+
+STORE = "sqlite:///{project}/mlflow.db"
+
+
+def _pipeline_runs(project: Path) -> str:
+    """The main job's runs in the project's store: a parent with the four stages as children, the
+    fit loading both pretrained branches, tested, its test F1 on the parent; the fit's run id."""
+    client = MlflowClient(STORE.format(project=project))
+    runs = client.search_runs([client.get_experiment_by_name("au-detect").experiment_id], "tags.pipeline = 'demo'")
+    stages = {r.data.tags["au_detect.stage"]: r for r in runs}
+    assert sorted(stages) == ["data", "fit", "pipeline", "pretrain-expression", "pretrain-face"] and len(runs) == 5
+    parent = stages["pipeline"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline demo"
+    # named as a standalone fit; made by `fit`, though the test continued it
+    fit = stages["fit"]
+    assert fit.info.run_name == "demo-resnet18-bce-s0" and fit.data.tags["au_detect.command"] == "fit"
+    for stage in ("data", "fit", "pretrain-expression", "pretrain-face"):
+        assert stages[stage].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert stages[stage].info.status == "FINISHED"
+    for branch, path in (("face", "checkpoints/face_resnet18.pt"), ("emotion", "checkpoints/expression_resnet18.pt")):
+        assert (project / path).is_file() and fit.data.params[f"model.{branch}_weights"] == path
+        tag = fit.data.tags[f"weights.{branch}"]
+        assert tag.startswith(path) and "0 missing" in tag, tag
+    assert "test/f1" in fit.data.metrics and "val/score_heldout" in fit.data.metrics
+    assert parent.data.metrics["fit/test/f1"] == pytest.approx(fit.data.metrics["test/f1"])
+    assert {"minutes/data", "minutes/pretrain-face", "minutes/fit", "minutes/total"} <= set(parent.data.metrics)
+    return fit.info.run_id
 
 
 @pytest.mark.slow
@@ -61,6 +91,13 @@ def test_first_hour(synthau, tmp_path):
     ui = [c for c in commands if c.startswith("mlflow ui")]
     assert len(by_model) == 1 and len(champion) == 1 and ui == ["mlflow ui --backend-store-uri sqlite:///mlflow.db"]
     assert (project / "mlflow.db").is_file()
+    fit_id = _pipeline_runs(project)
+
+    # the model the printed commands name is the fit's, and the champion alias points at it
+    assert by_model[0].split()[3] == f"runs:/{fit_id}/model"
+    from experiments.registry import resolve
+
+    assert resolve(MlflowClient(STORE.format(project=project)), "models:/au-detector@champion").run_id == fit_id
 
     # each printed predict command runs as printed, from the project folder
     for command in (by_model[0], champion[0]):
@@ -77,6 +114,17 @@ def test_first_hour(synthau, tmp_path):
     card = au_detect(["predict", "--model", "models:/au-detector@champion", "--describe"], project)
     assert card.returncode == 0, card.stderr[-3000:]
     assert "SynthAU only: not for real faces" in card.stdout and "test: test/f1" in card.stdout
+
+    # the job again: the branch checkpoints are reused, only the AU fit trains (and is tested) again
+    rerun = au_detect(["pipeline", "--config", "small.yaml"], project)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "face branch: reusing" in rerun.stdout and "emotion branch: reusing" in rerun.stdout
+    client = MlflowClient(STORE.format(project=project))
+    again = client.search_runs([client.get_experiment_by_name("au-detect").experiment_id], "tags.pipeline = 'demo'")
+    assert sorted(r.data.tags["au_detect.stage"] for r in again) == sorted(
+        ["data", "data", "fit", "fit", "pipeline", "pipeline", "pretrain-expression", "pretrain-face"])
+    newest = max((r for r in again if r.data.tags["au_detect.stage"] == "pipeline"), key=lambda r: r.info.start_time)
+    assert newest.data.tags["pipeline.face_weights"] == "checkpoints/face_resnet18.pt (reused)"
 
     # an ordinary mistake: one line, exit 2, nothing new in the folder
     before = {p for p in project.rglob("*")}

@@ -53,12 +53,13 @@ def start_together(folder: Path, count: int, pythonpath: Path = ROOT) -> list[su
     return done
 
 
+# Without the lock, 3 or 4 of 4 such processes fail (and 2 of 3): 4 show the race every time.
 @pytest.mark.slow
-def test_six_processes_open_a_new_sqlite_store_at_once(tmp_path):
-    done = start_together(tmp_path, 6)
+def test_four_processes_open_a_new_sqlite_store_at_once(tmp_path):
+    done = start_together(tmp_path, 4)
     failed = [d.stderr[-1500:] for d in done if d.returncode != 0]
-    assert not failed, f"{len(failed)} of 6 failed:\n" + "\n---\n".join(failed)
+    assert not failed, f"{len(failed)} of 4 failed:\n" + "\n---\n".join(failed)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
-    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert all(r.data.metrics["started"] == 1.0 for r in runs)
