@@ -50,6 +50,11 @@ def export(model: str, out: str, format: Literal["onnx"] = "onnx", opset: int = 
                          "train on (e.g. the validation split) to set the int8 scales")
     use_for_model_uri(model, mlflow)
     predictor = AUPredictor.load(model, "cpu")
+    if int8:
+        from lightning_modules.serving.quantize import agreement, calibration_crops, quantize_export
+
+        # the faces first: calibration inputs without a face are refused before anything is written
+        faces = calibration_crops(predictor, calibration)
     folder = export_onnx(predictor, out, opset)
     # The export checks itself: the file, run by onnxruntime, against the network it came from.
     size = predictor.alignment.crop_size
@@ -60,9 +65,6 @@ def export(model: str, out: str, format: Literal["onnx"] = "onnx", opset: int = 
         raise RuntimeError(f"{folder / ONNX_FILE}: onnxruntime differs from PyTorch by {gap:.2e} "
                            f"(decisions equal: {check['decisions_equal']:.3f}); the export is not usable")
     if int8:
-        from lightning_modules.serving.quantize import agreement, calibration_crops, quantize_export
-
-        faces = calibration_crops(predictor, calibration)
         quantize_export(folder, faces, folder)
         check = agreement(predictor, OnnxAUPredictor.from_dir(folder, "cpu"), faces)
         if 1 - check["decisions_equal"] > INT8_DISAGREEMENT:

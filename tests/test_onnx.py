@@ -21,7 +21,7 @@ from lightning_modules.au_detector import AUNet
 from lightning_modules.serving.onnx_model import ONNX_FILE, OnnxAUPredictor, load_predictor
 from lightning_modules.serving.predictor import AUPredictor
 
-from .conftest import SMALL_ALIGNMENT
+from .training_helpers import SMALL_ALIGNMENT
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"aus": [1, 2, 4, 6, 12, 25], "backbone": "resnet18", "branches": ["face", "emotion"], "aux_heads": False}
@@ -47,12 +47,35 @@ def predictor_folder(test_crops, tmp_path_factory) -> Path:
     return predictor.save(tmp_path_factory.mktemp("predictor"))
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
-def exported(predictor_folder, tmp_path_factory) -> Path:
-    """``au-detect export`` of the predictor (once: torch's exporter takes seconds)."""
+def export_and_log(predictor_folder, tmp_path_factory) -> tuple[Path, list[logging.LogRecord]]:
+    """``au-detect export`` of the predictor (once: torch's exporter takes seconds), and every
+    record logged meanwhile at INFO and above."""
     out = tmp_path_factory.mktemp("exported") / "export"
-    main(["export", "--model", str(predictor_folder), "--out", str(out)])
-    return out
+    root, handler = logging.getLogger(), _Records()
+    level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        main(["export", "--model", str(predictor_folder), "--out", str(out)])
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return out, handler.records
+
+
+@pytest.fixture(scope="module")
+def exported(export_and_log) -> Path:
+    return export_and_log[0]
 
 
 def test_export_matches_pytorch_on_the_test_split(predictor_folder, exported, test_crops):
@@ -272,16 +295,13 @@ def test_logged_model_carries_only_the_served_code_and_loads_without_the_project
         assert np.abs(isolated[probs].to_numpy() - installed[probs].to_numpy()).max() <= 1e-4
 
 
-def test_export_keeps_the_exporters_chatter_back(predictor_folder, tmp_path, caplog):
+def test_export_keeps_the_exporters_chatter_back(export_and_log):
     """torch's exporter logs each optimiser rewrite at INFO (about 25 lines): held back."""
-    from lightning_modules.serving.onnx_model import export_onnx
-
-    caplog.set_level(logging.INFO)
-    export_onnx(AUPredictor.from_dir(predictor_folder, device="cpu"), tmp_path / "export")
-    chatter = [r.getMessage() for r in caplog.records
+    out, records = export_and_log
+    chatter = [r.getMessage() for r in records
                if r.name.startswith(("onnxscript", "onnx_ir", "torch.onnx")) and r.levelno < logging.WARNING]
     assert chatter == []
-    assert (tmp_path / "export" / "au_net.onnx").is_file()
+    assert (out / "au_net.onnx").is_file()
 
 
 def test_loading_a_trained_model_says_nothing_of_random_weights(predictor_folder, caplog):
@@ -345,6 +365,8 @@ def test_int8_export_is_quantized_calibrated_and_decides_as_float32(predictor_fo
 
 
 def test_int8_without_calibration_faces_is_refused(predictor_folder, tmp_path):
+    """Refused before anything is written: a float32 export left in ``--out`` would pass for the
+    int8 one asked for."""
     with pytest.raises(ValueError, match="--int8 needs --calibration"):
         main(["export", "--model", str(predictor_folder), "--out", str(tmp_path / "a"), "--int8"])
     empty = tmp_path / "empty"
@@ -352,3 +374,4 @@ def test_int8_without_calibration_faces_is_refused(predictor_folder, tmp_path):
     with pytest.raises(ValueError, match="--calibration .*no face found to calibrate int8 on"):
         main(["export", "--model", str(predictor_folder), "--out", str(tmp_path / "b"), "--int8", "--calibration",
               str(empty)])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
