@@ -1,5 +1,6 @@
 """A user's mistakes on the command line: each one said in one line, with its exit code, and
-nothing left on disk. ``au-detect`` runs as a subprocess in an empty folder, as from a shell."""
+nothing left on disk. Every mistake goes through ``au-detect``'s entry point in an empty folder;
+one per command module also from a shell, as a subprocess."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ MISTAKES = [
     (["export", "--model", "missing.ckpt", "--out", "export", "--int8"], 1, "--int8 needs --calibration"),
     (["predict", "--model", "missing.ckpt", "--input", "x.jpg", "--detect_every", "0"], 1,
      "--detect_every must be at least 1"),
+    (["serve", "--model", "runs:/x/model", "--workers", "0"], 1, "--workers 0: must be positive"),
 ]
 
 
@@ -52,14 +54,9 @@ def empty_store(tmp_path_factory) -> Path:
     return folder
 
 
-# Each case starts an interpreter that imports torch (several seconds): two stay in the quick tier.
-QUICK = {2, 7}
-CASES = [pytest.param(*m, id=" ".join(m[0])[:60], marks=() if i in QUICK else pytest.mark.slow)
-         for i, m in enumerate(MISTAKES)]
-
-
-@pytest.mark.parametrize("argv,code,text", CASES)
-def test_a_mistake_is_one_line_and_leaves_nothing(argv, code, text, tmp_path, request):
+def _said(argv, code, text, tmp_path, request, run) -> None:
+    """One mistake in an empty folder, run by ``run(argv, work, env) -> (exit code, stderr)``: what
+    was said, and nothing left behind."""
     work = tmp_path / "work"
     work.mkdir()
     bad = tmp_path / "bad.yaml"
@@ -69,15 +66,51 @@ def test_a_mistake_is_one_line_and_leaves_nothing(argv, code, text, tmp_path, re
     before = _files(store) if store else set()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([str(AU_DETECT), *argv], cwd=work, env=env, capture_output=True, text=True, timeout=120)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == code, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert len(lines) <= 2, done.stderr
-    assert text in lines[0] and "error:" in lines[0], done.stderr
+    returncode, stderr = run(argv, work, env)
+    lines = stderr.strip().splitlines()
+    assert returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) <= 2, stderr
+    assert text in lines[0] and "error:" in lines[0], stderr
     assert _files(work) == set(), f"left behind: {_files(work)}"
     if store:
         assert _files(store) == before
+
+
+@pytest.mark.parametrize("argv,code,text", [pytest.param(*m, id=" ".join(m[0])[:60]) for m in MISTAKES])
+def test_a_mistake_is_one_line_and_leaves_nothing(argv, code, text, tmp_path, request, monkeypatch, capfd):
+    """Each mistake through ``au-detect``'s entry point as the shell calls it (``sys.argv``), in this
+    process: the commands' modules are imported once for all the cases."""
+    from experiments import cli
+
+    def run(argv, work, env):
+        monkeypatch.chdir(work)
+        for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setattr(sys, "argv", ["au-detect", *argv])
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as ended:
+            cli.main()
+        return ended.value.code, capfd.readouterr().err
+
+    _said(argv, code, text, tmp_path, request, run)
+
+
+# From a shell, a new interpreter each (seconds of imports): a mistake per command module, so that
+# whatever its imports print is seen too; one in the quick tier.
+FROM_SHELL = {2: "slow", 6: "slow", 7: "quick", 9: "slow", 13: "slow", 15: "slow"}
+
+
+@pytest.mark.parametrize("argv,code,text", [
+    pytest.param(*MISTAKES[i], id=" ".join(MISTAKES[i][0])[:60], marks=() if tier == "quick" else pytest.mark.slow)
+    for i, tier in FROM_SHELL.items()])
+def test_a_mistake_from_the_shell_is_one_line_and_leaves_nothing(argv, code, text, tmp_path, request):
+    def run(argv, work, env):
+        done = subprocess.run([str(AU_DETECT), *argv], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=120)
+        return done.returncode, done.stderr
+
+    _said(argv, code, text, tmp_path, request, run)
 
 
 def test_listing_the_commands_imports_no_framework():
@@ -96,10 +129,13 @@ def test_listing_the_commands_imports_no_framework():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_function_command_says_each_option_once():
+def test_a_function_command_says_each_option_once(capsys):
     """The docstring's summary is the description; each argument's text is only its option's help."""
-    done = subprocess.run([str(AU_DETECT), "export", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert "Export the trained AU network" in done.stdout and "Args:" not in done.stdout
-    assert done.stdout.count("the ONNX opset written") == 1
+    from experiments import cli
+
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert ended.value.code == 0
+    assert "Export the trained AU network" in out and "Args:" not in out
+    assert out.count("the ONNX opset written") == 1

@@ -9,7 +9,6 @@ import io
 import json
 import resource
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -67,12 +66,6 @@ def test_serve_sets_the_limits_for_mlflow_models_serve():
     assert env["UVICORN_HTTP"] == "experiments.serve:LimitedH11Protocol"
     assert env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] == "20" and env["AU_DETECT_HEADER_TIMEOUT"] == "4"
     assert env["AU_DETECT_MAX_CONNECTIONS"] == "100" and env["UVICORN_TIMEOUT_KEEP_ALIVE"] == "5"
-
-
-def test_serve_refuses_nonsense_limits(tmp_path):
-    done = subprocess.run([AU_DETECT, "serve", "--model", "runs:/x/model", "--workers", "0"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.strip().endswith("--workers 0: must be positive"), done.stderr
 
 
 @pytest.mark.slow
