@@ -162,12 +162,12 @@ FIRST, RERUN = [0.5, 0.9], [0.5, 0.1]  # epoch 1 first improves on epoch 0; re-r
 class Resumable:
     """One run's folder (store, checkpoints, spool, cache) and the fits that resume it."""
 
-    def __init__(self, folder: Path, synthau: Path):
+    def __init__(self, folder: Path, synthau: Path, cache: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.uri = f"sqlite:///{folder / 'mlflow.db'}"
         self.cfg = write_mlflow_yaml(folder / "mlflow.yaml", self.uri, EXPERIMENT)
-        self.args = small_fit_args(synthau, folder / "cache", self.cfg, folder / "runs", epochs=2, train_batches=2)
+        self.args = small_fit_args(synthau, cache, self.cfg, folder / "runs", epochs=2, train_batches=2)
         self.args += ["--checkpoint.monitor", "fault/score",  # the artifacts follow the checkpoint's monitor (linked)
                       "--mlflow_artifacts.sample_grid", "0", "--trainer.num_sanity_val_steps", "0",
                       "--model.backbone", "resnet10t", "--model.branches", "[face]"]  # small checkpoints, quick saves
@@ -200,11 +200,11 @@ class Resumable:
 
 
 @pytest.fixture(scope="module")
-def killed_in_validation(synthau, tmp_path_factory):
+def killed_in_validation(synthau, fit_cache, tmp_path_factory):
     """A new run killed in epoch 1's validation (epoch 0 done), its folder kept as it was then: each
     test below starts from a copy of it at the same place (the store and checkpoints name their paths)."""
     base = tmp_path_factory.mktemp("crash")
-    run = Resumable(base / "run", synthau)
+    run = Resumable(base / "run", synthau, fit_cache)
     run.fit(FIRST, "validation", "last")  # nothing to resume yet: a new run
     (found,) = run.client.search_runs([run.client.get_experiment_by_name(EXPERIMENT).experiment_id])
     run.run_id = found.info.run_id

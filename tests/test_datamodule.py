@@ -15,7 +15,7 @@ from datamodules.io.manifest import EMOTIONET_AUS, read_manifest
 from datamodules.sampling import MultilabelBalancedSampler
 from datamodules.synthau.face import FaceSpec, render_face, sample_identity
 
-from .conftest import SMALL, SMALL_ALIGNMENT
+from .training_helpers import SMALL, SMALL_ALIGNMENT
 
 
 @pytest.fixture(scope="module")

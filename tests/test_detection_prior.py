@@ -6,8 +6,6 @@ entering found on the frame it enters, a lost face re-detected, and every=1 exac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .conftest import SMALL
+from .training_helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 AU_DETECT = Path(sys.executable).with_name("au-detect")

@@ -35,7 +35,7 @@ from lightning_modules.backbones import create_backbone
 from lightning_modules.serving.onnx_model import OnnxAUPredictor
 from lightning_modules.serving.predictor import AUPredictor, ModelConfigError, build_net
 
-from .conftest import interrupted_after
+from .training_helpers import interrupted_after
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"aus": [1, 2, 12], "backbone": "resnet18", "branches": ["face"], "aux_heads": False}

@@ -15,7 +15,7 @@ from datamodules.au_datamodule import AUDataModule
 from datamodules.augmentation import AUAugmentation, flip_permutation
 from datamodules.io.manifest import ManifestError, read_levels, read_manifest
 
-from .conftest import SMALL, SMALL_ALIGNMENT
+from .training_helpers import SMALL, SMALL_ALIGNMENT
 
 AUS = (1, 2, 12, 51, 52)
 LEVEL_AUS = (1, 12, 51, 52)  # AU2 has no intensity column: masked throughout

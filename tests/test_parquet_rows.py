@@ -22,7 +22,7 @@ from lightning_modules.au_detector import AUNet
 from lightning_modules.serving.parquet_rows import column_type, csv_to_parquet, row_schema
 from lightning_modules.serving.predictor import AUPredictor
 
-from .conftest import interrupted_after
+from .training_helpers import interrupted_after
 
 AUS = [1, 12, 25]
 

@@ -21,7 +21,7 @@ from lightning_modules.au_detector import AUNet
 from lightning_modules.backbones import create_backbone
 from lightning_modules.pretrain import (ArcMarginHead, ExpressionModule, FaceRecognitionModule, best_threshold,
                                         verification_pairs, verification_scores)
-from tests.conftest import SMALL_ALIGNMENT
+from tests.training_helpers import SMALL_ALIGNMENT
 
 
 def _trainer(tmp: Path) -> L.Trainer:

@@ -24,9 +24,9 @@ def _manifest_priors(path) -> dict[str, float]:
     return priors
 
 
-def test_prior_targets_make_each_batch_weighted_share_equal_the_training_prior(synthau, tmp_path):
+def test_prior_targets_make_each_batch_weighted_share_equal_the_training_prior(synthau, fit_cache, tmp_path):
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs")
+    args = small_fit_args(synthau, fit_cache, cfg, tmp_path / "runs")
     cli = AUDetectCLI(args=[*args, "--model.loss", "selective", "--model.target_rate", "prior",
                             "--trainer.logger", "false"], run=False)
     model, data = cli.model, cli.datamodule

@@ -39,18 +39,6 @@ class PruneTrials(optuna.pruners.BasePruner):
         return trial.number in self.numbers
 
 
-@pytest.fixture(scope="module")
-def sweep_cache(synthau, tmp_path_factory) -> Path:
-    """The session's SynthAU aligned once for every sweep here (processes started together would
-    otherwise both align it)."""
-    from experiments.data import prepare
-
-    folder = tmp_path_factory.mktemp("sweep")
-    cache = folder / "cache"
-    prepare(small_fit_args(synthau, cache, folder / "unused.yaml", folder / "unused"))
-    return cache
-
-
 def _fit_overrides(synthau: Path, cache: Path, epochs: int) -> dict:
     """``small_fit_args`` as the sweep's dotted overrides (what the sweep sets itself left out)."""
     args = small_fit_args(synthau, cache, Path("unused"), Path("unused"), epochs=epochs)
@@ -89,12 +77,12 @@ def _history(client: MlflowClient, run_id: str, metric: str = "val/score_heldout
 
 
 @pytest.mark.slow
-def test_sweep_trials_are_fits_under_one_parent_with_the_best_as_a_fit_config(synthau, sweep_cache, tmp_path):
+def test_sweep_trials_are_fits_under_one_parent_with_the_best_as_a_fit_config(synthau, fit_cache, tmp_path):
     """Three trials, the second pruned after its first epoch: three child runs of one parent, the
     trials' values their best epochs' scores, and the parent holding the best trial as a config
     that ``au-detect fit`` takes, the table and the plots."""
     pruner = {"class_path": "tests.test_sweep.PruneTrials", "init_args": {"numbers": [1]}}
-    config, storage, tracking_uri = _write_config(tmp_path, synthau, sweep_cache, "s3", 3, pruner)
+    config, storage, tracking_uri = _write_config(tmp_path, synthau, fit_cache, "s3", 3, pruner)
     main(["sweep", "--config", str(config)])
 
     study = optuna.load_study(study_name="s3", storage=storage)
@@ -145,7 +133,7 @@ def test_sweep_trials_are_fits_under_one_parent_with_the_best_as_a_fit_config(sy
     written = yaml.safe_load(text)
     assert written["model"]["optimizer"]["init_args"]["lr"] == best.params["model.optimizer.init_args.lr"]
     assert written["model"]["branches"] == yaml.safe_load(best.params["model.branches"])
-    assert written["data"]["cache_dir"] == str(sweep_cache) and written["trainer"]["max_epochs"] == 2
+    assert written["data"]["cache_dir"] == str(fit_cache) and written["trainer"]["max_epochs"] == 2
     assert (tmp_path / "runs" / "s3" / "best_config.yaml").read_text() == text
     # ... and it is a config `au-detect fit --config best_config.yaml` takes, as it is
     from experiments.lightning_cli import AUDetectCLI
@@ -193,12 +181,12 @@ def _trial_started(storage: str, name: str, number: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_its_study_and_parent_run(synthau, sweep_cache, tmp_path):
+def test_a_killed_sweep_resumes_its_study_and_parent_run(synthau, fit_cache, tmp_path):
     """``au-detect sweep`` SIGKILLed in its second trial's fit, then run again: the same study and
     parent run, the first trial kept, the killed one failed (its run KILLED) and run again with
     its values, and three trials complete in all."""
     nop = {"class_path": "optuna.pruners.NopPruner"}
-    config, storage, tracking_uri = _write_config(tmp_path, synthau, sweep_cache, "killed", 3, nop, epochs=1,
+    config, storage, tracking_uri = _write_config(tmp_path, synthau, fit_cache, "killed", 3, nop, epochs=1,
                                                   heartbeat_interval=1, grace_period=3)
     command = [AU_DETECT, "sweep", "--config", str(config)]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -240,11 +228,11 @@ def test_a_killed_sweep_resumes_its_study_and_parent_run(synthau, sweep_cache, t
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_study(synthau, sweep_cache, tmp_path):
+def test_two_processes_share_one_study(synthau, fit_cache, tmp_path):
     """Two ``au-detect sweep`` processes started together on one study: both run trials, no more
     than ``n_trials`` finish in all, no trial runs twice, and there is one parent run."""
     nop = {"class_path": "optuna.pruners.NopPruner"}
-    config, storage, tracking_uri = _write_config(tmp_path, synthau, sweep_cache, "shared", 3, nop, epochs=1,
+    config, storage, tracking_uri = _write_config(tmp_path, synthau, fit_cache, "shared", 3, nop, epochs=1,
                                                   heartbeat_interval=2)
     command = [AU_DETECT, "sweep", "--config", str(config)]
     procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

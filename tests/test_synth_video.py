@@ -20,7 +20,7 @@ from datamodules.synthau.scene import render_posed_scene
 from datamodules.synthau.video import SUMMARY, VIDEO_VERSION, VideoSettings, read_truth, render_videos
 from experiments.cli import main
 
-from .conftest import SMALL_ALIGNMENT
+from .training_helpers import SMALL_ALIGNMENT
 
 SMALL = VideoSettings(clips=2, people=(2, 3), seconds=3.0, fps=8.0, width=320, height=240, seed=1)
 

@@ -323,7 +323,7 @@ def _step_seconds() -> float:
 
 
 @pytest.mark.slow
-def test_training_never_waits_on_a_tracking_server_that_hangs_comes_back_then_dies(synthau, tmp_path):
+def test_training_never_waits_on_a_tracking_server_that_hangs_comes_back_then_dies(synthau, fit_cache, tmp_path):
     """``au-detect fit`` (3 epochs, one small branch, enough steps for the phases) against a real
     ``mlflow server``:
 
@@ -357,7 +357,7 @@ def test_training_never_waits_on_a_tracking_server_that_hangs_comes_back_then_di
     cfg.write_text(cfg.read_text() + "flush_timeout: 3\n")
     log = tmp_path / "steps.txt"
     step_log = {"class_path": f"{__name__}.StepLog", "init_args": {"path": str(log)}}
-    args = small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", epochs=3, train_batches=per_epoch)
+    args = small_fit_args(synthau, fit_cache, cfg, tmp_path / "runs", epochs=3, train_batches=per_epoch)
     args += ["--data.batch_size", "4", "--data.num_samples", str(4 * per_epoch), "--trainer.num_sanity_val_steps",
              "0", "--model.backbone", "resnet10t", "--model.branches", "[face]",  # quick steps
              f"--trainer.callbacks+={json.dumps(step_log)}"]

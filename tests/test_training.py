@@ -13,10 +13,10 @@ from .training_helpers import check_run, small_fit_args, write_mlflow_yaml
 
 
 @pytest.mark.slow
-def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
+def test_fit_logs_everything_to_mlflow(synthau, fit_cache, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = write_mlflow_yaml(tmp_path / "mlflow.yaml", uri)
-    main(["fit", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs", onnx=True)])
+    main(["fit", *small_fit_args(synthau, fit_cache, cfg, tmp_path / "runs", onnx=True)])
     out = capsys.readouterr().out
     facts = check_run(uri, "au-detect-test")
     # it ends with commands to paste: predict with the run's model on a test photo, the UI on the store
@@ -30,12 +30,12 @@ def test_fit_logs_everything_to_mlflow(synthau, tmp_path, capsys):
     # Test with the fitted thresholds stored in the checkpoint, into the same run.
     ckpt = facts["client"].download_artifacts(facts["run_id"], "checkpoints", str(tmp_path))
     (path,) = list(Path(ckpt).glob("*.ckpt"))
-    main(["test", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs"), "--ckpt_path", str(path)])
+    main(["test", *small_fit_args(synthau, fit_cache, cfg, tmp_path / "runs"), "--ckpt_path", str(path)])
     run = facts["client"].get_run(facts["run_id"])
     assert {"test/f1", "test/f1_default", "test/score", "test/f1/AU12"} <= set(run.data.metrics)
     # Validating a checkpoint continues its run but leaves the fit's best-epoch files as they were.
     before = Path(facts["client"].download_artifacts(facts["run_id"], "thresholds.json", str(tmp_path / "a"))).read_text()
-    main(["validate", *small_fit_args(synthau, tmp_path / "cache", cfg, tmp_path / "runs"), "--ckpt_path", str(path),
+    main(["validate", *small_fit_args(synthau, fit_cache, cfg, tmp_path / "runs"), "--ckpt_path", str(path),
           "--soft_threshold.criterion", "score"])
     after = Path(facts["client"].download_artifacts(facts["run_id"], "thresholds.json", str(tmp_path / "b"))).read_text()
     assert after == before

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,23 +27,48 @@ from mlflow import MlflowClient
 
 from callbacks.tracking.dataset_lineage import manifest_digest
 from datamodules.alignment.align import AlignmentSettings
+from datamodules.synthau.generate import SynthAUSettings
 from lightning_modules.au_detector import AUNet
 from lightning_modules.checkpoints import load_checkpoint
 from lightning_modules.serving.predictor import AUPredictor
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# the session's SynthAU (conftest's ``synthau``) and the crops the tests align it to
+SMALL = SynthAUSettings(num_images=120, seed=3)
+SMALL_ALIGNMENT = AlignmentSettings(crop_size=64)
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
 # the session's one small fit (conftest's ``small_fit``): its model's registered name and its experiment
 SMALL_FIT_MODEL = "au-detector-test"
 SMALL_FIT_EXPERIMENT = "small-fit"
 
 
+_EMPTY_STORE: Path | None = None
+
+
+def new_sqlite_store(tracking_uri: str) -> None:
+    """The SQLite store of ``tracking_uri`` (an absolute path), when it is not there yet, made as a
+    copy of an empty store this process created once: MLflow migrates every new SQLite file, seconds
+    each, and the tests make dozens. What creating a store does is the store-race test's."""
+    global _EMPTY_STORE
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not tracking_uri.startswith("sqlite:///") or not db.is_absolute() or db.exists():
+        return
+    if _EMPTY_STORE is None or not _EMPTY_STORE.is_file():
+        empty = Path(tempfile.mkdtemp(prefix="empty-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{empty}").search_experiments()
+        _EMPTY_STORE = empty
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE, db)
+
+
 def write_mlflow_yaml(path: Path, tracking_uri: str, experiment: str = "au-detect-test", **more) -> Path:
-    """mlflow.yaml for the tests' runs; ``more`` adds settings (``registered_model_name=...``)."""
+    """mlflow.yaml for the tests' runs; ``more`` adds settings (``registered_model_name=...``). A
+    SQLite store it names is made now (:func:`new_sqlite_store`)."""
     settings = {"tracking_uri": tracking_uri, "experiment_name": experiment, "tags": {"suite": "tests"}, **more}
     if tracking_uri.startswith("sqlite:"):  # artifacts beside the database, not in ./mlruns of the cwd
         settings["artifact_location"] = str(path.parent / "artifacts")
+        new_sqlite_store(tracking_uri)
     path.write_text(yaml.safe_dump(settings))
     return path
 
@@ -62,6 +88,7 @@ def torch_threads(n: int) -> Iterator[None]:
 def local_tracking(folder: Path, experiment: str = "tests") -> str:
     """Track into a SQLite store in ``folder``, artifacts beside it (not in ./mlruns of the cwd)."""
     uri = f"sqlite:///{folder}/mlflow.db"
+    new_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     if MlflowClient(uri).get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=str(folder / "artifacts"))
@@ -273,3 +300,14 @@ def video_predictor() -> AUPredictor:
         net.head.bias.copy_(torch.tensor([0.8, 0.0, 0.05, -0.8]))
     spec = {"aus": VIDEO_AUS, "backbone": "resnet18", "branches": ["face"], "aux_heads": False}
     return AUPredictor(net, AlignmentSettings(crop_size=64, min_face_size=20), spec, device="cpu")
+
+
+def interrupted_after(predict_batches, n: int):
+    """``predict_batches`` that raises KeyboardInterrupt (Ctrl-C) once ``n`` batches have gone through."""
+    def interrupted(frames, *args, **kwargs):
+        for k, item in enumerate(predict_batches(frames, *args, **kwargs)):
+            if k == n:
+                raise KeyboardInterrupt
+            yield item
+
+    return interrupted
