@@ -11,8 +11,7 @@ from experiments.ablation.report import markdown_table, orderings, per_au_change
 from experiments.ablation.rows import PAPER_TABLE2, ROW_BY_KEY, row_metrics
 from experiments.cli import main
 
-from .training_helpers import SMALL
-from .training_helpers import write_mlflow_yaml
+from .training_helpers import SMALL, write_mlflow_yaml
 
 
 def test_rows_change_only_what_they_name():

@@ -24,8 +24,7 @@ from datamodules.alignment.crop_cache import NO_FACE, AlignedSplit, align_manife
 from datamodules.io.images import read_image
 from datamodules.io.manifest import read_manifest
 
-from .training_helpers import SMALL_ALIGNMENT
-from .training_helpers import assert_crop_of_box
+from .training_helpers import SMALL_ALIGNMENT, assert_crop_of_box
 
 
 def test_cache_contents(aligned_train, truth):

@@ -40,14 +40,19 @@ def printed_commands(out: str) -> list[str]:
     return [line.strip() for line in lines[start + 1:] if line.startswith("  ") and line.strip()]
 
 
-STORE = "sqlite:///{project}/mlflow.db"
+def _client(project: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{project}/mlflow.db")
+
+
+def _demo_runs(client: MlflowClient) -> list:
+    """The runs of the main job (``pipeline_demo.yaml``), every time it ran."""
+    return client.search_runs([client.get_experiment_by_name("au-detect").experiment_id], "tags.pipeline = 'demo'")
 
 
 def _pipeline_runs(project: Path) -> str:
     """The main job's runs in the project's store: a parent with the four stages as children, the
     fit loading both pretrained branches, tested, its test F1 on the parent; the fit's run id."""
-    client = MlflowClient(STORE.format(project=project))
-    runs = client.search_runs([client.get_experiment_by_name("au-detect").experiment_id], "tags.pipeline = 'demo'")
+    runs = _demo_runs(_client(project))
     stages = {r.data.tags["au_detect.stage"]: r for r in runs}
     assert sorted(stages) == ["data", "fit", "pipeline", "pretrain-expression", "pretrain-face"] and len(runs) == 5
     parent = stages["pipeline"]
@@ -97,7 +102,7 @@ def test_first_hour(synthau, tmp_path):
     assert by_model[0].split()[3] == f"runs:/{fit_id}/model"
     from experiments.registry import resolve
 
-    assert resolve(MlflowClient(STORE.format(project=project)), "models:/au-detector@champion").run_id == fit_id
+    assert resolve(_client(project), "models:/au-detector@champion").run_id == fit_id
 
     # each printed predict command runs as printed, from the project folder
     for command in (by_model[0], champion[0]):
@@ -119,8 +124,7 @@ def test_first_hour(synthau, tmp_path):
     rerun = au_detect(["pipeline", "--config", "small.yaml"], project)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "face branch: reusing" in rerun.stdout and "emotion branch: reusing" in rerun.stdout
-    client = MlflowClient(STORE.format(project=project))
-    again = client.search_runs([client.get_experiment_by_name("au-detect").experiment_id], "tags.pipeline = 'demo'")
+    again = _demo_runs(_client(project))
     assert sorted(r.data.tags["au_detect.stage"] for r in again) == sorted(
         ["data", "data", "fit", "fit", "pipeline", "pipeline", "pretrain-expression", "pretrain-face"])
     newest = max((r for r in again if r.data.tags["au_detect.stage"] == "pipeline"), key=lambda r: r.info.start_time)
