@@ -79,6 +79,7 @@ class Videos:
         self.curves, self.pictures = curves, set()  # a PNG of AU curves per video, when smoothed
         self.source, self.source_index = None, None
         self.tracker: PeopleTracker | None = None
+        self.last_ids: list[int | None] = []  # the person of each face of the frame before
         self.signals: VideoSignals | None = None
         self.events: list[dict] = []
         self.people: list[dict] = []
@@ -135,12 +136,19 @@ class Videos:
         return held
 
     def person_ids(self, frame, faces) -> list[int | None] | None:
-        """The person id of each face of ``frame``; None for a photo (no ``person`` there)."""
+        """The person id of each face of ``frame``; None for a photo (no ``person`` there). A face
+        followed from the frame before (``Face.follows``) continues that face's person."""
+        last, self.last_ids = self.last_ids, []
         if frame.frame is None or not faces or self.tracker is None:
             return None
         boxes = np.stack([f.box for f in faces])
-        embedded = all(f.embedding is not None for f in faces)
-        return self.tracker.update(frame.time_s, boxes, np.stack([f.embedding for f in faces]) if embedded else None)
+        embeddings = None
+        if any(f.embedding is not None for f in faces):
+            width = next(len(f.embedding) for f in faces if f.embedding is not None)
+            embeddings = np.stack([f.embedding if f.embedding is not None else np.full(width, np.nan) for f in faces])
+        continues = [last[f.follows] if f.follows is not None and f.follows < len(last) else None for f in faces]
+        self.last_ids = self.tracker.update(frame.time_s, boxes, embeddings, continues)
+        return self.last_ids
 
     def rows(self, frame, rows: list[dict]) -> list[dict]:
         """The rows ready to write once ``frame``'s rows are in: a video's rows are held until

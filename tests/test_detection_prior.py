@@ -9,10 +9,15 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from datamodules.alignment.align import AlignmentSettings, Detection, FaceDetector, box_iou, detection_copy
 from datamodules.io.sources import Frame, Source
 from datamodules.synthau.video import VideoSettings, clip_names, read_truth, render_videos
+from lightning_modules.backbones import create_backbone
+from lightning_modules.serving.predictor import inference_copy_of_backbone
+
+from .training_helpers import video_predictor
 
 CLIPS = VideoSettings(clips=1, people=(3, 3), seconds=8.0, fps=8.0, width=320, height=240, seed=2)
 
@@ -81,6 +86,29 @@ def test_the_prior_finds_the_faces_of_every_frame_detection(clip, detector):
     assert np.median(errors) < 0.05  # of the face's width
 
 
+def test_a_followed_face_says_which_face_of_the_frame_before_it_continues(clip, detector):
+    """Over the clip: frames detected whole say nothing (``follows`` None); in a followed frame
+    each face carries the index of the face of the frame before it was found around (its box
+    overlapping that face's by half at least, the nearest of them), or -1 for a face found anew."""
+    frames, _ = clip
+    found = _detect(detector, frames, every=8)
+    followed = [i for i, d in enumerate(found) if d.follows is not None]
+    # a frame followed, then detected whole for a lost face, says nothing either
+    assert len(followed) == detector.counts["followed"] - detector.counts["lost"] >= 0.6 * len(frames)
+    assert all(found[i].follows is None for i in range(len(found)) if i not in followed)
+    continued = 0
+    for i in followed:
+        d, before = found[i], found[i - 1]
+        assert d.follows.shape == (len(d),) and d.follows.dtype.kind == "i"
+        assert len(set(d.follows[d.follows >= 0].tolist())) == int((d.follows >= 0).sum())  # one face each
+        for box, j in zip(d.boxes, d.follows):
+            if j >= 0:
+                ious = [box_iou(box, q) for q in before.boxes]
+                assert ious[j] >= 0.5 and ious[j] == max(ious)
+                continued += 1
+    assert continued >= 0.95 * sum(len(found[i]) for i in followed)
+
+
 def test_a_face_entering_between_whole_detections_is_found_at_once(clip, detector):
     """A frame where a face has just come in, after one without it: the prior does not know it;
     P-net's candidates away from known faces find it on that very frame."""
@@ -92,6 +120,9 @@ def test_a_face_entering_between_whole_detections_is_found_at_once(clip, detecto
     copy = detection_copy(frames[0], detector.settings.detect_max_side)
     found = detector.follow_copy(*copy, prior, detector.propose_copies([copy], [0])[0])
     assert len(found) == len(one) and _matched(one, found) == len(one)
+    # the known face continues the prior's only face; the others are new
+    known = int(np.argmax([box_iou(one.boxes[keep], q) for q in found.boxes]))
+    assert found.follows.tolist() == [0 if j == known else -1 for j in range(len(found))]
 
 
 def test_a_lost_face_makes_the_frame_detected_whole(clip, detector):
@@ -136,3 +167,37 @@ def test_detect_every_is_checked():
         predict("unused.ckpt", ["x.jpg"], detect_every=0)
     with pytest.raises(ValueError, match="detect_every must be at least 1"):
         FaceDetector(AlignmentSettings(), "cpu", every=0)
+
+
+def test_faces_the_prior_follows_are_not_embedded_again(clip):
+    """With an identity network, a face followed from the frame before is not embedded (who it is
+    was known a frame ago): only faces of frames detected whole and faces found anew go through
+    it. Each followed face names the face it continues among the frame before's, largest first."""
+    frames, _ = clip
+    predictor = video_predictor()
+    seen = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.net(x)
+
+    predictor.identity_net = Counted(inference_copy_of_backbone(create_backbone("resnet18", None)[0]))
+    predictor.detector.every = 8
+    faces = predictor.predict(frames[:24], embed=True, follows=[i > 0 for i in range(24)])
+    followed = [f for frame in faces for f in frame if f.follows is not None]
+    fresh = [f for frame in faces for f in frame if f.follows is None]
+    assert len(followed) > len(fresh) and sum(seen) == len(fresh)
+    assert all(f.embedding is None for f in followed) and all(f.embedding.shape == (512,) for f in fresh)
+    for before, now in zip(faces, faces[1:]):
+        for face in now:
+            if face.follows is not None:
+                assert box_iou(face.box, before[face.follows].box) >= 0.5
+    # without an identity network the face branch's embedding comes with the AU pass: every face has one
+    predictor.identity_net = None
+    faces = predictor.predict(frames[:24], embed=True, follows=[i > 0 for i in range(24)])
+    assert all(f.embedding is not None for frame in faces for f in frame)

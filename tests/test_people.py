@@ -153,6 +153,38 @@ def test_boxes_alone_swap_where_embeddings_do_not():
     assert scores[False]["idf1"] < scores[True]["idf1"]
 
 
+def test_faces_followed_from_the_frame_before_keep_their_person_without_embeddings():
+    """The detection prior's way: every 10th frame detected whole (every face embedded), between
+    them each face followed from its face of the frame before (``continues``: that face's person)
+    and not embedded (a row of nan). Two people meet and turn back where they met: boxes moved on
+    by their velocity swap them, the faces' continuations do not; the nan rows count in neither
+    the video's mean nor anyone's running embedding."""
+    rng = np.random.default_rng(2)
+    identities = np.abs(rng.normal(0, 1, (2, 64)))
+    scores = {}
+    for follow in (False, True):
+        tracker = PeopleTracker()
+        truth, predicted, last, embedded = [], [], {}, 0
+        for t in range(35):
+            step = min(t, 28 - t)  # towards each other until they meet at frame 14, then back
+            frame = {0: [20 + 12 * step, 100, 100 + 12 * step, 190], 1: [356 - 12 * step, 104, 432 - 12 * step, 188]}
+            people = list(frame)
+            boxes = np.array([frame[p] for p in people], float)
+            continues = [None if t % 10 == 0 else last.get(p) for p in people]
+            embeddings = _faces(rng, identities, people)
+            embeddings[[c is not None for c in continues]] = np.nan
+            embedded += int(np.isfinite(embeddings).all(1).sum())
+            ids = tracker.update(t / 10, boxes, embeddings, continues if follow else None)
+            last = dict(zip(people, ids))
+            truth.append([(p, frame[p]) for p in people])
+            predicted.append(list(zip(ids, boxes.tolist())))
+        scores[follow] = identity_scores(truth, predicted)
+        assert tracker.faces_seen == embedded == 8  # frames 0, 10, 20, 30
+        assert np.isfinite(tracker.mean).all() and all(np.isfinite(p.embedding).all() for p in tracker.people)
+    assert scores[True]["idf1"] == 1.0 and scores[True]["switches"] == 0
+    assert scores[False]["switches"] > 0
+
+
 def test_a_person_who_leaves_and_returns_gets_their_id_back():
     rng = np.random.default_rng(3)
     identities = np.abs(rng.normal(0, 1, (3, 64)))

@@ -235,6 +235,9 @@ class Detection:
     boxes: np.ndarray  # (n, 4) x0, y0, x1, y1
     scores: np.ndarray  # (n,)
     landmarks: np.ndarray  # (n, 5, 2)
+    # (n,) in a followed frame: the index of the face of the frame before that each face continues
+    # (-1: a face found anew, entering); None where the frame was detected whole.
+    follows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -281,8 +284,8 @@ class FaceDetector:
 
     @staticmethod
     def _mapped(found, factors: Sequence[float]) -> list[Detection]:
-        return [Detection(b.double().numpy() / f, s.double().numpy(), p.double().numpy() / f)
-                for (b, s, p), f in zip(found, factors)]
+        return [Detection(b.double().numpy() / f, s.double().numpy(), p.double().numpy() / f,
+                          rest[0].numpy() if rest else None) for (b, s, p, *rest), f in zip(found, factors)]
 
     @torch.inference_mode()
     def detect_copies(self, copies: Sequence[np.ndarray], factors: Sequence[float]) -> list[Detection]:
@@ -296,7 +299,8 @@ class FaceDetector:
     @torch.inference_mode()
     def follow_copy(self, copy: np.ndarray, factor: float, prior: Detection, proposals: torch.Tensor) -> Detection:
         """The faces of one detection copy, knowing ``prior``'s (the frame before, in image pixels)
-        and P-net's candidates on it (:meth:`propose_copies`)."""
+        and P-net's candidates on it (:meth:`propose_copies`); each says which of ``prior``'s it
+        continues (``follows``)."""
         batch = torch.from_numpy(copy[None]).to(self.device)
         found = follow_batch(batch, [torch.from_numpy(prior.boxes * factor)], [proposals], self.mtcnn.rnet,
                              self.mtcnn.onet, self.settings.thresholds)

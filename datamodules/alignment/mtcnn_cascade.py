@@ -38,9 +38,11 @@ def _crops(imgs: torch.Tensor, boxes: torch.Tensor, image_inds: torch.Tensor, si
     return (out - 127.5) * 0.0078125
 
 
-def _no_faces(b: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """What the cascade answers for ``b`` images without a face: empty boxes, scores, landmarks."""
-    return [(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))] * b
+def _no_faces(b: int, grouped: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """What the cascade answers for ``b`` images without a face: empty boxes, scores, landmarks
+    (and with ``grouped``, empty groups)."""
+    empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
+    return [empty + (torch.zeros(0, dtype=torch.long),) if grouped else empty] * b
 
 
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -120,7 +122,9 @@ def _refine(imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, b: int,
             thresholds: tuple[float, float, float], groups: torch.Tensor | None = None):
     """Stages 2 and 3 on square candidate boxes (n, 4+) of images ``inds`` in float NCHW ``imgs``.
     ``groups``: candidates around one known face share a group, of which only R-net's best goes on
-    to O-net (instead of what survives non-maximum suppression)."""
+    to O-net (instead of what survives non-maximum suppression); each face found then also
+    carries its group (-1: found among the candidates of no group)."""
+    grouped = groups is not None
     # Stage 2: R-net on 24x24 crops of every candidate at once (roi_align reads contiguous NCHW).
     reg, score = rnet(_crops(imgs, boxes, inds, 24))
     score = score[:, 1]
@@ -128,14 +132,15 @@ def _refine(imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, b: int,
     boxes = torch.cat([boxes[ok, :4], score[ok, None]], 1)
     inds, reg = inds[ok], reg[ok]
     if len(boxes) == 0:
-        return _no_faces(b)
-    if groups is None:
+        return _no_faces(b, grouped)
+    if not grouped:
         keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
     else:  # the best of each group; candidates of no group (-1) through non-maximum suppression
         groups = groups[ok]
-        grouped, free = (groups >= 0).nonzero()[:, 0], (groups < 0).nonzero()[:, 0]
-        keep = torch.cat([grouped[_best_per_group(boxes[grouped, 4], groups[grouped])],
+        around, free = (groups >= 0).nonzero()[:, 0], (groups < 0).nonzero()[:, 0]
+        keep = torch.cat([around[_best_per_group(boxes[around, 4], groups[around])],
                           free[batched_nms(boxes[free, :4], boxes[free, 4], inds[free], 0.7)]])
+        groups = groups[keep]
     boxes, inds, reg = boxes[keep], inds[keep], reg[keep]
     boxes = rerec(bbreg(boxes, reg))
     # Stage 3: O-net on 48x48 crops: final boxes, scores and the five landmarks.
@@ -144,14 +149,19 @@ def _refine(imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, b: int,
     ok = score > thresholds[2]
     boxes = torch.cat([boxes[ok, :4], score[ok, None]], 1)
     inds, reg, points = inds[ok], reg[ok], points[ok]
+    if grouped:
+        groups = groups[ok]
     if len(boxes) == 0:
-        return _no_faces(b)
+        return _no_faces(b, grouped)
     bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
     bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
     landmarks = torch.stack([bw * points[:, :5] + boxes[:, :1] - 1, bh * points[:, 5:] + boxes[:, 1:2] - 1], 2)
     boxes = bbreg(boxes, reg)
     keep = _nms_min(boxes[:, :4], boxes[:, 4], inds, 0.7)
     boxes, inds, landmarks = boxes[keep].cpu(), inds[keep].cpu(), landmarks[keep].cpu()
+    if grouped:
+        groups = groups[keep].cpu()
+        return [(boxes[inds == i, :4], boxes[inds == i, 4], landmarks[inds == i], groups[inds == i]) for i in range(b)]
     return [(boxes[inds == i, :4], boxes[inds == i, 4], landmarks[inds == i]) for i in range(b)]
 
 
@@ -189,13 +199,15 @@ def follow_batch(imgs: torch.Tensor, priors: list[torch.Tensor], proposals: list
     :func:`propose_batch`). Around each prior, candidates go to R-net and only its best to O-net;
     P-net's candidates away from every prior (a face entering) go the usual way. Most of a whole
     detection's cost is R- and O-net on the many candidates P-net puts around each face; here a
-    known face costs seven R-net crops and one O-net crop. Returns what :func:`detect_batch` returns.
+    known face costs seven R-net crops and one O-net crop. Returns what :func:`detect_batch` returns
+    and, per face, the index of the prior it continues (-1: a face found among P-net's candidates).
     """
     nchw = imgs.permute(0, 3, 1, 2)
     device = imgs.device
     shifts = torch.tensor(_SHIFTS, device=device)
-    boxes, inds, groups, known = [], [], [], 0
+    boxes, inds, groups, known, first = [], [], [], 0, []
     for i, (prior, proposed) in enumerate(zip(priors, proposals)):
+        first.append(known)
         proposed = proposed.to(device)
         if len(prior):
             prior = prior.float().to(device)
@@ -214,5 +226,7 @@ def follow_batch(imgs: torch.Tensor, priors: list[torch.Tensor], proposals: list
         inds.append(torch.full((len(proposed),), i, dtype=torch.long, device=device))
     boxes, inds, groups = torch.cat(boxes), torch.cat(inds), torch.cat(groups)
     if len(boxes) == 0:
-        return _no_faces(nchw.shape[0])
-    return _refine(nchw.contiguous().float(), boxes, inds, nchw.shape[0], rnet, onet, thresholds, groups)
+        return _no_faces(nchw.shape[0], grouped=True)
+    found = _refine(nchw.contiguous().float(), boxes, inds, nchw.shape[0], rnet, onet, thresholds, groups)
+    # groups count the priors of all images: each image's from 0
+    return [(b, s, p, torch.where(g >= 0, g - start, g)) for (b, s, p, g), start in zip(found, first)]

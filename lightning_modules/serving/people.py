@@ -24,6 +24,10 @@ no more people than that are made: a face that matches no one goes to the most s
 not in the frame. Without embeddings (the ONNX backend answers AUs only) people are followed by
 their boxes alone and a person lost for longer than ``link_s`` comes back with a new id.
 
+A face the detection prior followed from the frame before (``continues``: the person of the face
+it was found around) is that person's before any overlap or likeness is weighed; such faces
+are usually not embedded (a row of nan), which counts in neither the mean nor anyone's embedding.
+
 Ids count from 0 in the order people first appear, per video; the tracker's whole state is
 :meth:`PeopleTracker.state` (a dict of lists), so a run stopped midway continues with the same ids.
 
@@ -122,14 +126,22 @@ class PeopleTracker:
         self.faces_seen = 0
 
     # -- the public step -----------------------------------------------------------------------
-    def update(self, time_s: float, boxes: np.ndarray, embeddings: np.ndarray | None = None) -> list[int | None]:
+    def update(self, time_s: float, boxes: np.ndarray, embeddings: np.ndarray | None = None,
+               continues: Sequence[int | None] | None = None) -> list[int | None]:
         """The person id of each face of the frame at ``time_s`` (boxes (N,4), embeddings (N,D)
-        or None); None only for a face beyond the ``people`` count in a frame holding more faces."""
+        or None, a row of nan for a face not embedded); ``continues``: per face, the person whose
+        face of the frame before it was followed from (the detection prior), or None. None only
+        for a face beyond the ``people`` count in a frame holding more faces."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         if embeddings is not None:
             embeddings = np.asarray(embeddings, np.float64).reshape(len(boxes), -1)
-            self._add_to_mean(embeddings)
+            self._add_to_mean(embeddings[np.isfinite(embeddings).all(1)])
         score = self._scores(time_s, boxes, embeddings)
+        for r, pid in enumerate(continues or []):
+            if pid is not None and 0 <= pid < len(self.people):
+                # the face was found around this person's face of the frame before: theirs,
+                # before anyone's overlap or likeness (those stay below 2)
+                score[r, pid] = 2.0 + max(score[r, pid], 0.0)
         ids: list[int | None] = [None] * len(boxes)
         if score.size:
             rows, cols = linear_sum_assignment(-score)
@@ -221,7 +233,7 @@ class PeopleTracker:
         else:
             person.velocity = np.zeros(4)
         person.box, person.seen_s = box.copy(), time_s
-        if embedding is not None:
+        if embedding is not None and np.isfinite(embedding).all():
             m = self.settings.momentum
             person.embedding = embedding.copy() if person.embedding is None else m * person.embedding + (1 - m) * embedding
 

@@ -59,6 +59,9 @@ class Face:
     decisions: np.ndarray  # (K,) bool, at the fitted thresholds
     intensities: np.ndarray | None = None  # (K,) 0 where decided absent, else the expected FACS level 1-5
     embedding: np.ndarray | None = None  # (D,) unit vector of who the face is (AUNet.embedding), when asked
+    # In a video frame followed from the one before (the detection prior): the index, among that
+    # frame's faces, of the face this one continues; None for a face found anew.
+    follows: int | None = None
 
 
 class AUPredictor:
@@ -250,23 +253,32 @@ class AUPredictor:
         return probs, decisions, intensities
 
     @torch.inference_mode()
-    def classify_faces(self, crops: np.ndarray, embed: bool = False
+    def classify_faces(self, crops: np.ndarray, embed: bool | np.ndarray = False
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Everything a face's row holds, in one pass: probabilities, decisions, intensities (None
-        without an intensity head) and, with ``embed``, identity embeddings (N,D) (None otherwise)."""
+        """Everything a face's row holds: probabilities, decisions, intensities (None without an
+        intensity head) and, with ``embed``, identity embeddings (N,D) (None otherwise). ``embed``
+        may be a mask (N,) of the crops to embed: with an identity network (:meth:`use_identity_weights`)
+        only those go through it and the other rows are nan; the face branch's embedding comes
+        with the AU pass, so then every crop has one."""
         k, intensity = len(self.aus), self.has_intensity
+        wanted = np.full(len(crops), bool(embed)) if np.ndim(embed) == 0 else np.asarray(embed, bool)
         if not len(crops):
             return (np.zeros((0, k), np.float32), np.zeros((0, k), bool),
-                    np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if embed else None)
-        if embed and self.identity_net is not None:
+                    np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if embed is not False else None)
+        if not wanted.any():
+            embed = False
+        if embed is not False and self.identity_net is not None:
+            answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity))
             identity = self.identity_net
-            answers = self._in_batches(crops, lambda x: (*self._inference_net.answer(x, intensity),
-                                                         torch.nn.functional.normalize(identity(x).float(), dim=1)))
+            found = self._in_batches(crops[wanted], lambda x: (torch.nn.functional.normalize(identity(x).float(), dim=1),))[0]
+            embeddings = np.full((len(crops), found.shape[1]), np.nan, np.float32)
+            embeddings[wanted] = found
+            answers.append(embeddings)
         else:
-            answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, embed))
+            answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, embed is not False))
         probs, decisions, rest = answers[0], answers[1], answers[2:]
         intensities = rest.pop(0) if intensity else None
-        return probs, decisions, intensities, (rest[0] if embed else None)
+        return probs, decisions, intensities, (rest[0] if embed is not False else None)
 
     def _in_batches(self, crops: np.ndarray, answer) -> list[np.ndarray]:
         """``answer`` (the inference net's ``predict`` or ``predict_intensity``) over the crops,
@@ -307,15 +319,25 @@ class AUPredictor:
         """RGB uint8 frames of any sizes -> the faces of each, largest first (``copies``: their
         detection copies when made ahead; ``follows``: which frames come right after the one
         before in a video, see :meth:`FaceDetector.detect`); with ``embed`` each face carries its
-        identity embedding, for following people across frames."""
+        identity embedding, for following people across frames. A face the detection prior
+        followed from the frame before says which face it continues (``Face.follows``) and, with
+        an identity network, is not embedded: who it is was known a frame ago."""
         detections, stacked, owners = self.face_crops(frames, copies, follows)
-        probs, decisions, intensities, embeddings = self.classify_faces(stacked, embed)
+        # each frame's detection index -> place among its faces (largest first)
+        place = [{} for _ in frames]
+        for f, j in owners:
+            place[f][j] = len(place[f])
+        continues = [place[f - 1].get(int(detections[f].follows[j])) if detections[f].follows is not None else None
+                     for f, j in owners]
+        wanted = np.array([c is None for c in continues], bool) if embed else False
+        probs, decisions, intensities, embeddings = self.classify_faces(stacked, wanted)
         none = [None] * len(owners)
         out: list[list[Face]] = [[] for _ in frames]
-        for (f, j), p, d, i, e in zip(owners, probs, decisions, none if intensities is None else intensities,
-                                      none if embeddings is None else embeddings):
+        for (f, j), p, d, i, e, c in zip(owners, probs, decisions, none if intensities is None else intensities,
+                                         none if embeddings is None else embeddings, continues):
             det = detections[f]
-            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d, i, e))
+            e = None if e is None or np.isnan(e).any() else e
+            out[f].append(Face(det.boxes[j], det.landmarks[j], float(det.scores[j]), p, d, i, e, c))
         return out
 
 
