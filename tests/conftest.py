@@ -138,17 +138,6 @@ def session_temp_dir(tmp_path_factory):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def module_sys_path():
-    """``sys.path`` as it was before each test module. Logging or loading an MLflow model puts the
-    model's code folder in front of it for good (``mlflow.pyfunc``); a process spawned later
-    (a DataLoader worker) would then import that folder's partial copy of the packages, which
-    leaves out what serving does not need, and fail in whichever module ran after."""
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-
-
 @pytest.fixture(scope="session")
 def synthau(tmp_path_factory) -> Path:
     """120 SynthAU scenes (96 train, 12 val, 12 test)."""

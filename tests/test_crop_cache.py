@@ -345,14 +345,10 @@ def test_flipped_byte_is_found_when_its_chunk_is_read(synthau, val_cache):
 
 
 @pytest.mark.slow
-def test_spawned_loader_worker_checks_its_own_mapping(val_cache, monkeypatch):
+def test_spawned_loader_worker_checks_its_own_mapping(val_cache):
     """A pickled split (spawned worker) maps crops.npy again and still verifies what it reads; the
     error comes back to the main process as a CacheError naming the folder and the chunk."""
     from datamodules.au_datamodule import AlignedFaceDataset
-
-    # The spawned worker imports this project's packages, not the partial copy in the code folder
-    # of an MLflow model that an earlier test logged or loaded (MLflow puts it first on sys.path).
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
 
     folder, crops = val_cache
     split = AlignedSplit.open(folder)

@@ -242,9 +242,15 @@ def test_logged_model_carries_only_the_served_code_and_loads_without_the_project
                                                                                 tmp_path):
     """The model's code folder holds what serving imports and nothing of training, download or
     SynthAU; a Python that cannot import the project otherwise (no editable install, another cwd)
-    loads it from that folder alone and answers with both backends as the installed code does."""
-    import sys
+    loads it from that folder alone and answers with both backends as the installed code does.
+    After loading, a process spawned from the loading one imports the project from where it
+    imported before: the code folder (kept on ``sys.path``, last) without the project; the project
+    with it (MLflow's code folder, first on ``sys.path``, would otherwise hand the child its partial
+    ``datamodules``)."""
+    import importlib
+    import multiprocessing
     import subprocess
+    import sys
     import sysconfig
 
     import mlflow
@@ -280,14 +286,26 @@ def test_logged_model_carries_only_the_served_code_and_loads_without_the_project
         f"    out = m.predict(pd.read_parquet({str(request)!r}))\n"
         f"    out.to_csv({str(tmp_path)!r} + f'/{{backend}}.csv', index=False)\n"
         "import datamodules, lightning_modules\n"
-        "print(datamodules.__file__, lightning_modules.__file__)\n")
+        "print(datamodules.__file__, lightning_modules.__file__)\n"
+        "import importlib, multiprocessing\n"
+        "child = multiprocessing.get_context('spawn').Process(target=importlib.import_module,\n"
+        "                                                     args=('datamodules.alignment.align',))\n"
+        "child.start(); child.join()\n"
+        "print('spawned child', child.exitcode, 'code folder last', sys.path[-1].endswith('code'))\n")
     # -S: no site-packages .pth files, so no editable install; the libraries come from PYTHONPATH
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": sysconfig.get_paths()["purelib"], "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(model_dir / "code") in done.stdout  # the project came from the model's own code folder
+    assert "spawned child 0 code folder last True" in done.stdout
     installed = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.read_parquet(request))
+    assert not any(p and Path(p).resolve() == (model_dir / "code").resolve() for p in sys.path)
+    child = multiprocessing.get_context("spawn").Process(target=importlib.import_module,
+                                                         args=("datamodules.au_datamodule",))  # not in the copy
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
     for backend in ("torch", "onnxruntime"):
         isolated = pd.read_csv(tmp_path / f"{backend}.csv")
         assert list(isolated["status"]) == list(installed["status"]) == ["ok", "ok"]

@@ -44,6 +44,7 @@ import importlib.metadata
 import io
 import json
 import os
+import sys
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -59,7 +60,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from datamodules.io.images import DEFAULT_MAX_PIXELS, EMPTY, UNREADABLE, InputError, probe
 from datamodules.io.manifest import au_column_name
 from datamodules.io.sources import BATCH_PIXELS, Source, frames
-from lightning_modules.serving.model_code import copy_served_code
+from lightning_modules.serving.model_code import PACKAGES, copy_served_code
 from lightning_modules.serving.model_card import CARD_FILE
 from lightning_modules.serving.predictor import LANDMARKS, AUPredictor, columns, frame_records
 
@@ -112,6 +113,7 @@ class AUModel(mlflow.pyfunc.PythonModel):
 
         backend = (context.model_config or {}).get("backend", "torch")  # onnxruntime: the exported network
         self.predictor = load_predictor(context.artifacts["predictor"], backend=backend)
+        code_folder_off_path(Path(context.artifacts["predictor"]))
         self.limits = RequestLimits.from_config(context.model_config)
         self._one_at_a_time = threading.Lock()  # the server runs requests in threads: one decodes at a time
 
@@ -213,6 +215,45 @@ def requirements() -> list[str]:
             continue
         out.append(f"{name}=={version.split('+')[0]}")  # local tags (+cu130) are not on indexes
     return out
+
+
+def code_folder_off_path(inside: Path) -> None:
+    """Take the code folder of the model holding ``inside`` (an artifact of it) off ``sys.path``
+    where this project imports without it (installed, or the working directory), else move it last.
+
+    MLflow puts a loaded model's code folder first on ``sys.path`` and leaves it there. A process
+    started afterwards from this one (spawned DataLoader workers, ``multiprocessing`` with spawn,
+    the default on macOS and Windows) would import the project's packages from that copy, which
+    holds only what serving imports, and fail on the rest (``datamodules.au_datamodule``); an
+    editable install's finder comes after every ``sys.path`` entry, so last is not enough there.
+    The loaded model is not affected: its packages are imported already and find their modules
+    through their own ``__path__``."""
+    root = next((p for p in inside.resolve().parents if (p / "MLmodel").is_file()), None)
+    if root is None:
+        return
+    from mlflow.models import Model
+
+    code = Model.load(str(root)).flavors.get("python_function", {}).get("code")
+    if not code:
+        return
+    folder = os.path.realpath(root / code)
+    ours = [p for p in sys.path if p and os.path.realpath(p) == folder]
+    sys.path[:] = [p for p in sys.path if p not in ours]
+    if not all(_imports_from_elsewhere(package, folder) for package in PACKAGES):
+        sys.path.extend(ours)
+
+
+def _imports_from_elsewhere(package: str, folder: str) -> bool:
+    """Whether ``sys.meta_path``'s finders (``sys.path``, an editable install's finder) find
+    ``package`` outside ``folder``."""
+    for finder in sys.meta_path:
+        try:
+            spec = finder.find_spec(package, None)
+        except (AttributeError, ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin and not os.path.realpath(spec.origin).startswith(folder + os.sep):
+            return True
+    return False
 
 
 def log_model(predictor, name: str = "model", registered_model_name: str | None = None,
