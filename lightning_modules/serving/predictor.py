@@ -261,24 +261,25 @@ class AUPredictor:
         only those go through it and the other rows are nan; the face branch's embedding comes
         with the AU pass, so then every crop has one."""
         k, intensity = len(self.aus), self.has_intensity
-        wanted = np.full(len(crops), bool(embed)) if np.ndim(embed) == 0 else np.asarray(embed, bool)
+        asked = bool(np.ndim(embed)) or bool(embed)  # a mask, even of none, asks for the embeddings' columns
+        wanted = np.asarray(embed, bool) if np.ndim(embed) else np.full(len(crops), asked)
         if not len(crops):
             return (np.zeros((0, k), np.float32), np.zeros((0, k), bool),
-                    np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if embed is not False else None)
-        if not wanted.any():
-            embed = False
-        if embed is not False and self.identity_net is not None:
+                    np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if asked else None)
+        identity = self.identity_net
+        if asked and identity is not None:
             answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity))
-            identity = self.identity_net
-            found = self._in_batches(crops[wanted], lambda x: (torch.nn.functional.normalize(identity(x).float(), dim=1),))[0]
-            embeddings = np.full((len(crops), found.shape[1]), np.nan, np.float32)
-            embeddings[wanted] = found
+            embeddings = np.full((len(crops), 1), np.nan, np.float32)
+            if wanted.any():
+                found = self._in_batches(crops[wanted], lambda x: (torch.nn.functional.normalize(identity(x).float(), dim=1),))[0]
+                embeddings = np.full((len(crops), found.shape[1]), np.nan, np.float32)
+                embeddings[wanted] = found
             answers.append(embeddings)
         else:
-            answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, embed is not False))
+            answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, asked))
         probs, decisions, rest = answers[0], answers[1], answers[2:]
         intensities = rest.pop(0) if intensity else None
-        return probs, decisions, intensities, (rest[0] if embed is not False else None)
+        return probs, decisions, intensities, (rest[0] if asked else None)
 
     def _in_batches(self, crops: np.ndarray, answer) -> list[np.ndarray]:
         """``answer`` (the inference net's ``predict`` or ``predict_intensity``) over the crops,
