@@ -434,7 +434,8 @@ def predict(model: str, input: list[str] | None = None, out: str = "predictions.
         identity_weights: in videos, tell people apart with this face-recognition backbone (the
             checkpoint ``au-detect pretrain-face`` wrote, e.g. checkpoints/face_resnet18.pt)
             rather than the model's face branch, which the AU fit tuned for AUs and which tells
-            people apart less well; the ONNX backend follows boxes only.
+            people apart less well. With the ONNX backend too (the backbone runs in PyTorch);
+            without it that backend follows people by their boxes alone.
         start: in videos, begin at this time (seconds; frame numbers and times stay the video's).
         end: in videos, stop before this time (seconds).
         checkpoint_s: how often (seconds) the run saves where it stands in ``<out>.resume.json``,
@@ -496,8 +497,6 @@ def configured_predictor(model: str, device: str | None, backend: Backend = "tor
     predictor.batch_size, predictor.precision = batch_size, precision
     predictor.detector.every = detect_every
     if identity_weights:
-        if backend == "onnxruntime":
-            raise ValueError("--identity_weights: the onnxruntime backend has no embeddings (it follows boxes only)")
         print(f"People told apart by {identity_weights}: {predictor.use_identity_weights(identity_weights)}")
     print(f"Model {model}: {len(predictor.aus)} AUs, {predictor.spec['backbone']} x {len(predictor.spec['branches'])}"
           f" branches, crops {predictor.alignment.crop_size} px, on {predictor.device} ({precision}, {backend})")

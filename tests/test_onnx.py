@@ -165,6 +165,42 @@ def test_predict_with_onnxruntime_writes_the_rows_of_torch(synthau, truth, predi
                     assert abs(float(a[f"AU{au}_intensity"]) - float(b[f"AU{au}_intensity"])) <= 1.5e-3
 
 
+def test_an_identity_backbone_tells_people_apart_beside_onnxruntime(predictor_folder, exported, test_crops, tmp_path):
+    """``--identity_weights`` with the onnxruntime backend: the backbone runs in PyTorch beside the
+    graph (the same embeddings as with torch, the masked crops only), so a video's rows are
+    torch's: the same faces, person ids and decisions, probabilities within 1e-4."""
+    from datamodules.synthau.video import VideoSettings, clip_names, render_videos
+    from lightning_modules.backbones import create_backbone
+
+    render_videos(tmp_path / "clips", VideoSettings(clips=1, people=(3, 3), seconds=3.0, fps=8.0, width=320,
+                                                    height=240, seed=2), workers=1)
+    video = tmp_path / "clips" / clip_names(0)[0]
+    torch.manual_seed(0)
+    weights = tmp_path / "face_resnet18.pt"
+    torch.save(create_backbone("resnet18")[0].state_dict(), weights)
+    embedded = {}
+    for backend, model in (("torch", predictor_folder), ("onnxruntime", exported)):
+        predictor = load_predictor(str(model), "cpu", backend=backend)
+        predictor.use_identity_weights(str(weights))
+        embedded[backend] = predictor.classify_faces(test_crops[:6], np.array([True, False] * 3))[3]
+    assert embedded["torch"].shape == (6, 512) and np.isnan(embedded["torch"][1::2]).all()
+    np.testing.assert_allclose(embedded["onnxruntime"], embedded["torch"], atol=1e-6)
+    rows = {}
+    for backend, model in (("torch", predictor_folder), ("onnxruntime", exported)):
+        out = tmp_path / f"{backend}.csv"
+        main(["predict", "--model", str(model), "--backend", backend, "--input", str(video), "--out", str(out),
+              "--identity_weights", str(weights), "--smooth_s", "0"])
+        with open(out, newline="") as f:
+            rows[backend] = list(csv.DictReader(f))
+    faces = [r for r in rows["torch"] if r["status"] == "ok"]
+    assert len(rows["torch"]) == len(rows["onnxruntime"]) and len(faces) > 24
+    assert len({r["person"] for r in faces}) >= 2
+    for a, b in zip(rows["torch"], rows["onnxruntime"]):
+        assert (a["frame"], a["status"], a["person"], a["x0"]) == (b["frame"], b["status"], b["person"], b["x0"])
+        for au in SPEC["aus"] if a["status"] == "ok" else ():
+            assert abs(float(a[f"AU{au}_prob"]) - float(b[f"AU{au}_prob"])) <= 1e-4 and a[f"AU{au}"] == b[f"AU{au}"]
+
+
 def test_readme_example_runs_without_this_project(exported, tmp_path, monkeypatch):
     """The README's few lines of onnxruntime + numpy, run as they are written."""
     shutil.copytree(exported, tmp_path / "export")

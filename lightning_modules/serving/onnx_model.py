@@ -14,7 +14,10 @@
 
 :class:`OnnxAUPredictor` is :class:`~lightning_modules.serving.predictor.AUPredictor` with the network
 run by onnxruntime: decoding, detection (MTCNN, still PyTorch), alignment and rows are the same
-code. ``au-detect predict --backend onnxruntime --model DIR`` uses it.
+code. ``au-detect predict --backend onnxruntime --model DIR`` uses it. The graph answers AUs only:
+in videos people are followed by their boxes alone, or told apart by a face-recognition backbone
+run in PyTorch (``--identity_weights``), which then embeds only the faces the detection prior did
+not follow.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from datamodules.io.files import apply_umask, sync, write_text
 from datamodules.io.manifest import au_column_name
 from lightning_modules.intensity_head import reported_intensity
 from lightning_modules.serving.model_card import CARD_FILE
+from datamodules.augmentation import Normalize
 from lightning_modules.serving.predictor import (CONFIG_FILE, AUPredictor, ModelConfigError, inference_copy,
                                                  read_config, saved_alignment)
 
@@ -215,6 +219,8 @@ class OnnxAUPredictor(AUPredictor):
         self.alignment = saved_alignment(config["alignment"], detection, source=source)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size, self.precision = batch_size, "32-true"
+        self.normalize = Normalize(self.mean, self.std)  # for the identity backbone, run in PyTorch
+        self.identity_net = None
         self.detector = FaceDetector(self.alignment, self.device)
         self._intensity = INTENSITIES in {o.name for o in session.get_outputs()}
 
@@ -267,15 +273,18 @@ class OnnxAUPredictor(AUPredictor):
         probs, decisions, intensities = self._run(crops, [*OUTPUTS, INTENSITIES])
         return probs, decisions, intensities
 
-    def classify_faces(self, crops: np.ndarray, embed: bool = False
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, None]:
-        """As :meth:`AUPredictor.classify_faces`, without embeddings: the exported graph answers
-        AUs only, so people are followed across frames by their boxes alone."""
+    def classify_faces(self, crops: np.ndarray, embed: bool | np.ndarray = False
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """As :meth:`AUPredictor.classify_faces`: the exported graph answers AUs only, so embeddings
+        come from the identity backbone (:meth:`use_identity_weights`) when there is one, and are
+        None otherwise (people are then followed across frames by their boxes alone)."""
+        intensities = None
         if self.has_intensity:
             probs, decisions, intensities = self.classify_intensity(crops)
-            return probs, decisions, intensities, None
-        probs, decisions = self.classify(crops)
-        return probs, decisions, None, None
+        else:
+            probs, decisions = self.classify(crops)
+        asked = bool(np.ndim(embed)) or bool(embed)
+        return probs, decisions, intensities, self.embed(crops, embed) if asked and self.identity_net is not None else None
 
     def _run(self, crops: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """The graph's ``names`` outputs over the crops, ``batch_size`` at a time, concatenated."""

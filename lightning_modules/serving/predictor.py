@@ -262,24 +262,31 @@ class AUPredictor:
         with the AU pass, so then every crop has one."""
         k, intensity = len(self.aus), self.has_intensity
         asked = bool(np.ndim(embed)) or bool(embed)  # a mask, even of none, asks for the embeddings' columns
-        wanted = np.asarray(embed, bool) if np.ndim(embed) else np.full(len(crops), asked)
+        wanted = embed if np.ndim(embed) else np.full(len(crops), asked)
         if not len(crops):
             return (np.zeros((0, k), np.float32), np.zeros((0, k), bool),
                     np.zeros((0, k), np.float32) if intensity else None, np.zeros((0, 0), np.float32) if asked else None)
-        identity = self.identity_net
-        if asked and identity is not None:
+        if asked and self.identity_net is not None:
             answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity))
-            embeddings = np.full((len(crops), 1), np.nan, np.float32)
-            if wanted.any():
-                found = self._in_batches(crops[wanted], lambda x: (torch.nn.functional.normalize(identity(x).float(), dim=1),))[0]
-                embeddings = np.full((len(crops), found.shape[1]), np.nan, np.float32)
-                embeddings[wanted] = found
-            answers.append(embeddings)
+            answers.append(self.embed(crops, wanted))
         else:
             answers = self._in_batches(crops, lambda x: self._inference_net.answer(x, intensity, asked))
         probs, decisions, rest = answers[0], answers[1], answers[2:]
         intensities = rest.pop(0) if intensity else None
         return probs, decisions, intensities, (rest[0] if asked else None)
+
+    @torch.inference_mode()
+    def embed(self, crops: np.ndarray, wanted: bool | np.ndarray = True) -> np.ndarray:
+        """Unit identity embeddings (N,D) of the crops ``wanted`` (a mask, or all) from the identity
+        backbone (:meth:`use_identity_weights`); rows of nan for the others."""
+        wanted = np.broadcast_to(np.asarray(wanted, bool), (len(crops),))
+        if not wanted.any():
+            return np.full((len(crops), 1), np.nan, np.float32)
+        identity = self.identity_net
+        found = self._in_batches(crops[wanted], lambda x: (torch.nn.functional.normalize(identity(x).float(), dim=1),))[0]
+        embeddings = np.full((len(crops), found.shape[1]), np.nan, np.float32)
+        embeddings[wanted] = found
+        return embeddings
 
     def _in_batches(self, crops: np.ndarray, answer) -> list[np.ndarray]:
         """``answer`` (the inference net's ``predict`` or ``predict_intensity``) over the crops,
