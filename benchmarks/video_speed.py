@@ -6,6 +6,7 @@ machine is shared: medians and their ratio). Reported for each: frames/s of the 
 alone, faces found, and the clips' IDF1 and AU F1, so that what the speed costs is in the same row.
 
     python benchmarks/video_speed.py --model runs/demo/.../best.ckpt [--identity_weights checkpoints/face_resnet18.pt]
+    python benchmarks/video_speed.py --model <au-detect export folder> --backend onnxruntime [--identity_weights ...]
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--detect_max_side", type=int, help="detection copy size (default: the model's)")
     parser.add_argument("--detect_every", type=int, default=10, help="N of the prior's run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="what runs the AU network")
     args = parser.parse_args(argv)
     from lightning_modules.serving.onnx_model import load_predictor
 
-    predictor = load_predictor(args.model, "cpu", detect_max_side=args.detect_max_side)
+    predictor = load_predictor(args.model, "cpu", args.backend, detect_max_side=args.detect_max_side)
     if args.identity_weights:
         predictor.use_identity_weights(args.identity_weights)
     settings = clip_settings(args)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "raw_f1": last["raw_f1"], "smooth_f1": last["smooth_f1"], "frames": last["frames"]}
     base, prior = rows[1], rows[args.detect_every]
     print(f"{base['frames']:.0f} frames of {args.clips} clips ({args.width}x{args.height}, {args.fps:g} fps, detection "
-          f"copies of {predictor.alignment.detect_max_side} px), {args.repeats} repeats, medians\n")
+          f"copies of {predictor.alignment.detect_max_side} px), AU network in {args.backend}, {args.repeats} repeats, "
+          "medians\n")
     print("| detection | predict frames/s | detection frames/s | faces | IDF1 | switches | AU F1 raw | AU F1 smoothed |")
     print("|---|---|---|---|---|---|---|---|")
     for every, r in rows.items():
