@@ -165,6 +165,7 @@ def test_predict_with_onnxruntime_writes_the_rows_of_torch(synthau, truth, predi
                     assert abs(float(a[f"AU{au}_intensity"]) - float(b[f"AU{au}_intensity"])) <= 1.5e-3
 
 
+@pytest.mark.slow
 def test_an_identity_backbone_tells_people_apart_beside_onnxruntime(predictor_folder, exported, test_crops, tmp_path):
     """``--identity_weights`` with the onnxruntime backend: the backbone runs in PyTorch beside the
     graph (the same embeddings as with torch, the masked crops only), so a video's rows are
