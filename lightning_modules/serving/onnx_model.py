@@ -42,8 +42,8 @@ from datamodules.io.manifest import au_column_name
 from lightning_modules.intensity_head import reported_intensity
 from lightning_modules.serving.model_card import CARD_FILE
 from datamodules.augmentation import Normalize
-from lightning_modules.serving.predictor import (CONFIG_FILE, AUPredictor, ModelConfigError, inference_copy,
-                                                 read_config, saved_alignment)
+from lightning_modules.serving.predictor import (CONFIG_FILE, AUPredictor, ModelConfigError, embeddings_asked,
+                                                 inference_copy, read_config, saved_alignment)
 
 ONNX_FILE = "au_net.onnx"
 Backend = Literal["torch", "onnxruntime"]  # what runs the AU network
@@ -283,8 +283,8 @@ class OnnxAUPredictor(AUPredictor):
             probs, decisions, intensities = self.classify_intensity(crops)
         else:
             probs, decisions = self.classify(crops)
-        asked = bool(np.ndim(embed)) or bool(embed)
-        return probs, decisions, intensities, self.embed(crops, embed) if asked and self.identity_net is not None else None
+        embedded = embeddings_asked(embed) and self.identity_net is not None
+        return probs, decisions, intensities, self.embed(crops, embed) if embedded else None
 
     def _run(self, crops: np.ndarray, names: list[str]) -> list[np.ndarray]:
         """The graph's ``names`` outputs over the crops, ``batch_size`` at a time, concatenated."""

@@ -261,7 +261,7 @@ class AUPredictor:
         only those go through it and the other rows are nan; the face branch's embedding comes
         with the AU pass, so then every crop has one."""
         k, intensity = len(self.aus), self.has_intensity
-        asked = bool(np.ndim(embed)) or bool(embed)  # a mask, even of none, asks for the embeddings' columns
+        asked = embeddings_asked(embed)
         wanted = embed if np.ndim(embed) else np.full(len(crops), asked)
         if not len(crops):
             return (np.zeros((0, k), np.float32), np.zeros((0, k), bool),
@@ -379,6 +379,12 @@ class AUPredictor:
     def detection_copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """The downscaled copy MTCNN runs on (made ahead, in decoding threads, by :func:`frames`)."""
         return detection_copy(image, self.alignment.detect_max_side)
+
+
+def embeddings_asked(embed: bool | np.ndarray) -> bool:
+    """Whether ``classify_faces``' ``embed`` asks for embeddings: True, or a mask of crops, even
+    one of none (the answer then has the embeddings' rows, nan where not embedded)."""
+    return bool(np.ndim(embed)) or bool(embed)
 
 
 def folded(backbone: torch.nn.Module, name: str) -> torch.nn.Module:
